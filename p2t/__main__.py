@@ -1,0 +1,5 @@
+import sys
+
+from p2t.cli import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""Argument checks for the public ops: clear ValueError / TypeError naming the argument.
+
+Shape, dtype and device checks are metadata-only and always run (they trace under
+torch.compile). Checks that read tensor values (segment ids in range, each segment one
+contiguous run) synchronise with the device; they run when ``validate=True`` (the default)
+and are skipped inside torch.compile traces and when the caller passes ``validate=False``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+SCALES = ("group", "batch", "none")
+NORMALIZE = ("paper", "sum")
+
+
+def tensor(name, t, *, dtypes=None, dims=None, kind=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = kind or ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {want}, got {str(t.dtype).replace('torch.', '')}")
+    if dims is not None and t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def floating(name, t, dims=None):
+    return tensor(name, t, dtypes=FLOAT_DTYPES, dims=dims, kind="float32, bfloat16, float16 or float64")
+
+
+def same_device(**named):
+    items = [(k, v) for k, v in named.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: move them to one device")
+
+
+def same_shape(name, t, ref_name, shape):
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (as {ref_name}), got {tuple(t.shape)}")
+
+
+def mask(name, m, shape):
+    if m is None:
+        return None
+    tensor(name, m, dtypes=(torch.bool,), kind="bool")
+    same_shape(name, m, "the token dimensions", shape)
+    return m
+
+
+def positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def finite(name, v, *, positive=False, nonnegative=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    if nonnegative and v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def choice(name, v, options):
+    if v not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
+    return options.index(v)
+
+
+def group(outcome_rewards, group_size):
+    floating("outcome_rewards", outcome_rewards, dims=(1,))
+    positive_int("group_size", group_size)
+    B = outcome_rewards.shape[0]
+    if B % group_size != 0:
+        raise ValueError(f"outcome_rewards has {B} rows, not a multiple of group_size={group_size}")
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def segment_values(segment_ids, num_segments, rows=None):
+    """Value checks: ids in [-1, S) and each segment one contiguous run inside one row.
+
+    ``rows`` is the number of sequences when ids are [B, N] flattened (a run may not cross rows).
+    """
+    if _tracing() or segment_ids.numel() == 0:
+        return
+    ids = segment_ids.reshape(-1)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < -1:
+        raise ValueError(f"segment_ids must be >= -1 (-1 marks tokens in no segment), found {lo}")
+    if hi >= num_segments:
+        raise ValueError(f"segment_ids contains {hi} but segment_rewards has only {num_segments} segments "
+                         f"(ids must be < {num_segments})")
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    if rows is not None and rows > 1:
+        starts.view(rows, -1)[:, 0] = True
+    run_ids = ids[starts & (ids >= 0)]
+    if run_ids.numel():
+        counts = torch.bincount(run_ids.long(), minlength=num_segments)
+        worst = int(counts.argmax())
+        if int(counts[worst]) > 1:
+            raise ValueError(f"segment {worst} is split over {int(counts[worst])} runs: each segment must be one "
+                             f"contiguous run of tokens inside one sequence (after masking)")
