@@ -99,7 +99,9 @@ def group_advantages(outcome_rewards, group_size, scale=0, eps=1e-6):
     var = (c * c).sum(1, keepdim=True) / max(n - 1, 1)
     zero = var == 0
     std = torch.where(zero, torch.zeros_like(var), torch.where(zero, torch.ones_like(var), var).sqrt())
-    return (centered / (std + eps)).reshape(B)
+    den = std + eps
+    # a zero std means every centred value is 0: the advantage is 0 (also with eps = 0, never 0/0)
+    return (centered / torch.where(den == 0, torch.ones_like(den), den)).reshape(B)
 
 
 def token_advantages(outcome_rewards, token_rewards, mask=None, group_size=1, alpha=0.1, scale=0, eps=1e-6):
@@ -195,6 +197,7 @@ def group_advantages_backward(grad_out, outcome_rewards, group_size, scale=0, ep
     zero = var == 0
     std = torch.where(zero, torch.zeros_like(var), torch.where(zero, torch.ones_like(var), var).sqrt())
     den = std + eps
+    den = torch.where(den == 0, torch.ones_like(den), den)
     d_o = (ga - ga.mean(1, keepdim=True)) / den
     d_sigma = -d_sigma_sum(ga * centered) / (den * den)
     safe = torch.where(zero, torch.ones_like(std), std)
