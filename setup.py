@@ -55,12 +55,12 @@ def extensions():
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp-simd", "-DNDEBUG" if not debug else "-UNDEBUG"]
+    cxx = opt + ["-fopenmp-simd", "-DNDEBUG" if not debug else "-UNDEBUG"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if _cuda_wanted():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension("p2t._C", sources + cu, include_dirs=[os.path.join(HERE, "csrc")] + _extra_cuda_includes(),
                               extra_compile_args={"cxx": cxx + ["-DP2T_WITH_CUDA"], "nvcc": nvcc},
                               py_limited_api=False)]

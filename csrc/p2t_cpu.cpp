@@ -1,0 +1,345 @@
+// C++ CPU kernels of the p2t ops (registered under TORCH_LIBRARY_IMPL(p2t, CPU, m)).
+//
+// attribution:  I_r = sum_d (embeds[r, d] - null[d]) * grad[r, d], fp32 accumulation (fp64 when all
+//               inputs are fp64), rows split over threads, the inner loop a SIMD reduction.
+// segments:     a segment is a maximal run of equal id >= 0 in the flattened token array (ids >= S count
+//               as -1). Threads take chunks of tokens; a chunk owns the runs that *start* inside it, so
+//               runs are never split and no atomics are needed. Per run: (standardise), / temperature,
+//               max, sum of exp, write r_i = c (R_s + omega R_s w_i) through an epilogue.
+// advantages:   A~ = A^_b + alpha r (0 where mask is False), A^ from group statistics on the host.
+// p2t_advantages runs the attribution into a [R] buffer and the segment pass with the advantage
+// epilogue: one read of grad/embeds, no [B, N, D] intermediate.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+
+namespace p2t {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// attribution
+// ------------------------------------------------------------------------------------------------
+template <typename g_t, typename e_t, typename acc_t>
+void attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
+                        const acc_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
+                        int64_t R, int64_t D) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (mask != nullptr && !mask[r]) {
+        out[r] = acc_t(0);
+        continue;
+      }
+      const g_t* gr = g + r * g_stride;
+      const e_t* er = e + r * e_stride;
+      acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) {
+        acc += (static_cast<acc_t>(er[d]) - nul[d]) * static_cast<acc_t>(gr[d]);
+      }
+      out[r] = acc;
+    }
+  });
+}
+
+// Writes I [R] (compute dtype) into `out`; grad/embeds [R, D] with unit stride on the last dim.
+void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, const at::Tensor& null_in,
+                      const bool* mask, at::Tensor& out) {
+  const auto cd = out.scalar_type();
+  auto grad = rows_unit_stride(as_compute(grad_in, cd));
+  auto embeds = rows_unit_stride(as_compute(embeds_in, cd));
+  auto nul = null_in.to(cd).contiguous();
+  const int64_t R = grad.size(0), D = grad.size(1);
+  if (R == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "p2t_attribution_grad", [&] {
+    using g_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embeds.scalar_type(), "p2t_attribution_embeds", [&] {
+      using e_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(cd, "p2t_attribution_acc", [&] {
+        using acc_t = scalar_t;
+        attribution_kernel<g_t, e_t, acc_t>(grad.data_ptr<g_t>(), grad.stride(0), embeds.data_ptr<e_t>(),
+                                            embeds.stride(0), nul.data_ptr<acc_t>(), mask, out.data_ptr<acc_t>(),
+                                            R, D);
+      });
+    });
+  });
+}
+
+at::Tensor token_attribution_cpu(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                                 const c10::optional<at::Tensor>& mask) {
+  check_float(grad, "grad");
+  check_float(embeds, "embeds");
+  check_float(null_embed, "null_embed");
+  TORCH_CHECK(grad.dim() == 2, "grad must be [R, D], got shape ", grad.sizes());
+  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad ", grad.sizes(), ", got ",
+              embeds.sizes());
+  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == grad.size(1), "null_embed must have shape [",
+              grad.size(1), "], got ", null_embed.sizes());
+  check_mask(mask, {grad.size(0)}, "mask");
+  auto out = at::empty({grad.size(0)}, grad.options().dtype(compute_dtype({grad, embeds, null_embed})));
+  at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
+  attribution_into(grad, embeds, null_embed, m.defined() ? m.data_ptr<bool>() : nullptr, out);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// segments
+// ------------------------------------------------------------------------------------------------
+struct SegmentOptions {
+  double omega, temperature;
+  bool standardize, normalize_sum;
+};
+
+// Effective id of token i: -1 when masked out, negative, or >= S.
+template <typename id_t>
+struct EffectiveIds {
+  const id_t* ids;
+  const bool* mask;
+  int64_t S;
+  inline int64_t operator()(int64_t i) const {
+    if (mask != nullptr && !mask[i]) return -1;
+    const int64_t s = static_cast<int64_t>(ids[i]);
+    return (s < 0 || s >= S) ? -1 : s;
+  }
+};
+
+// Calls epi(i, r_i, in_segment) once for every token i in [0, R).
+template <typename s_t, typename acc_t, typename Ids, typename Epi>
+void segment_kernel(const s_t* __restrict__ scores, const Ids& eff, const acc_t* __restrict__ rewards, int64_t R,
+                    const SegmentOptions& o, const Epi& epi) {
+  const acc_t omega = static_cast<acc_t>(o.omega);
+  const acc_t inv_t = static_cast<acc_t>(1.0 / o.temperature);
+  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    // a run that started in the previous chunk belongs to that chunk
+    if (i > 0) {
+      const int64_t prev = eff(i - 1);
+      while (i < end && prev >= 0 && eff(i) == prev) ++i;
+    }
+    while (i < end) {
+      const int64_t s = eff(i);
+      if (s < 0) {
+        epi(i, acc_t(0), false);
+        ++i;
+        continue;
+      }
+      int64_t j = i + 1;
+      while (j < R && eff(j) == s) ++j;
+      const int64_t n = j - i;
+      acc_t mean = 0, inv_std = 1;
+      bool constant = false;
+      if (o.standardize) {
+        for (int64_t k = i; k < j; ++k) mean += static_cast<acc_t>(scores[k]);
+        mean /= n;
+        acc_t var = 0;
+        for (int64_t k = i; k < j; ++k) {
+          const acc_t d = static_cast<acc_t>(scores[k]) - mean;
+          var += d * d;
+        }
+        var /= n;
+        const acc_t tol = static_cast<acc_t>(kZeroStdRtol) * std::abs(mean);
+        constant = var <= tol * tol;
+        inv_std = constant ? acc_t(0) : acc_t(1) / std::sqrt(var);
+      }
+      auto x = [&](int64_t k) -> acc_t {
+        const acc_t v = static_cast<acc_t>(scores[k]);
+        return (o.standardize ? (v - mean) * inv_std : v) * inv_t;
+      };
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t k = i; k < j; ++k) mx = std::max(mx, x(k));
+      acc_t den = 0;
+      for (int64_t k = i; k < j; ++k) den += std::exp(x(k) - mx);
+      const acc_t Rs = rewards[s];
+      const acc_t c = o.normalize_sum ? acc_t(1) / (static_cast<acc_t>(n) + omega) : acc_t(1);
+      const acc_t inv_den = acc_t(1) / den;
+      for (int64_t k = i; k < j; ++k) {
+        const acc_t w = std::exp(x(k) - mx) * inv_den;
+        epi(k, c * (Rs + omega * Rs * w), true);
+      }
+      i = j;
+    }
+  });
+}
+
+// Dispatches on scores dtype, id dtype and compute dtype; `body` gets (scores*, EffectiveIds, rewards*).
+template <typename acc_t, typename Body>
+void with_segments(const at::Tensor& scores, const at::Tensor& ids, const bool* mask, const at::Tensor& rewards,
+                   const Body& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "p2t_segment_scores", [&] {
+    using s_t = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "p2t_segment_ids", [&] {
+      EffectiveIds<index_t> eff{ids.data_ptr<index_t>(), mask, rewards.size(0)};
+      body(scores.data_ptr<s_t>(), eff, rewards.data_ptr<acc_t>());
+    });
+  });
+}
+
+at::Tensor segment_redistribute_cpu(const at::Tensor& scores_in, const at::Tensor& ids_in,
+                                    const at::Tensor& rewards_in, double omega, double temperature, bool standardize,
+                                    bool normalize_sum) {
+  check_float(scores_in, "scores");
+  check_index(ids_in, "segment_ids");
+  check_float(rewards_in, "segment_rewards");
+  TORCH_CHECK(scores_in.dim() == 1, "scores must be 1-D [R], got shape ", scores_in.sizes());
+  TORCH_CHECK(ids_in.sizes() == scores_in.sizes(), "segment_ids must have the shape of scores");
+  TORCH_CHECK(rewards_in.dim() == 1, "segment_rewards must be 1-D [S]");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  const auto cd = compute_dtype({scores_in, rewards_in});
+  auto scores = as_compute(scores_in, cd).contiguous();
+  auto ids = ids_in.contiguous();
+  auto rewards = rewards_in.to(cd).contiguous();
+  auto out = at::empty(scores.sizes(), scores.options().dtype(cd));
+  const int64_t R = scores.numel();
+  const SegmentOptions o{omega, temperature, standardize, normalize_sum};
+  AT_DISPATCH_FLOATING_TYPES(cd, "p2t_segment_acc", [&] {
+    using acc_t = scalar_t;
+    acc_t* po = out.data_ptr<acc_t>();
+    with_segments<acc_t>(scores, ids, nullptr, rewards, [&](auto* ps, const auto& eff, const acc_t* pr) {
+      segment_kernel(ps, eff, pr, R, o, [&](int64_t k, acc_t r, bool) { po[k] = r; });
+    });
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// advantages
+// ------------------------------------------------------------------------------------------------
+void token_advantages_into(const at::Tensor& outcome, const at::Tensor& token_rewards_in,
+                           const c10::optional<at::Tensor>& mask_in, int64_t group_size, double alpha, int64_t scale,
+                           double eps, at::Tensor& out) {
+  check_group(outcome, group_size, scale);
+  check_float(token_rewards_in, "token_rewards");
+  TORCH_CHECK(token_rewards_in.dim() == 2 && token_rewards_in.size(0) == outcome.size(0),
+              "token_rewards must be [B, N] with B = outcome_rewards.size(0), got ", token_rewards_in.sizes());
+  check_mask(mask_in, token_rewards_in.sizes(), "mask");
+  TORCH_CHECK(out.sizes() == token_rewards_in.sizes() && out.is_contiguous(),
+              "out must be a contiguous tensor of shape ", token_rewards_in.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
+  const auto adv = group_advantages_host(outcome, group_size, scale, eps);
+  const auto tr = token_rewards_in.contiguous();  // a no-op when tr is out (aliasing is elementwise-safe)
+  const auto mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const bool* pm = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t N = tr.size(1), total = tr.numel();
+  if (total == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tr.scalar_type(), "p2t_token_advantages", [&] {
+    using t_t = scalar_t;
+    const t_t* pt = tr.data_ptr<t_t>();
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "p2t_token_advantages_out", [&] {
+      scalar_t* po = out.data_ptr<scalar_t>();
+      at::parallel_for(0, total, 16384, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const double v = adv[k / N] + alpha * static_cast<double>(pt[k]);
+          po[k] = (pm != nullptr && !pm[k]) ? scalar_t(0) : static_cast<scalar_t>(v);
+        }
+      });
+    });
+  });
+}
+
+at::Tensor token_advantages_cpu(const at::Tensor& outcome, const at::Tensor& token_rewards,
+                                const c10::optional<at::Tensor>& mask, int64_t group_size, double alpha, int64_t scale,
+                                double eps) {
+  check_float(outcome, "outcome_rewards");
+  check_float(token_rewards, "token_rewards");
+  auto out = at::empty(token_rewards.sizes(),
+                       token_rewards.options().dtype(compute_dtype({outcome, token_rewards})));
+  token_advantages_into(outcome, token_rewards, mask, group_size, alpha, scale, eps, out);
+  return out;
+}
+
+void token_advantages_out_cpu(const at::Tensor& outcome, const at::Tensor& token_rewards,
+                              const c10::optional<at::Tensor>& mask, int64_t group_size, double alpha, int64_t scale,
+                              double eps, at::Tensor out) {
+  token_advantages_into(outcome, token_rewards, mask, group_size, alpha, scale, eps, out);
+}
+
+// ------------------------------------------------------------------------------------------------
+// fused pipeline
+// ------------------------------------------------------------------------------------------------
+void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                         const at::Tensor& ids_in, const at::Tensor& rewards_in, const at::Tensor& outcome,
+                         const c10::optional<at::Tensor>& mask_in, int64_t group_size, double omega, double alpha,
+                         double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
+                         at::Tensor& out) {
+  check_float(grad, "grad");
+  check_float(embeds, "embeds");
+  check_float(null_embed, "null_embed");
+  check_index(ids_in, "segment_ids");
+  check_float(rewards_in, "segment_rewards");
+  check_group(outcome, group_size, scale);
+  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
+  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad");
+  const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2);
+  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == D, "null_embed must have shape [", D, "]");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.size(1) == N, "segment_ids must be [B, N]");
+  TORCH_CHECK(outcome.size(0) == B, "outcome_rewards must have B = ", B, " rows");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_mask(mask_in, {B, N}, "mask");
+  TORCH_CHECK(out.sizes() == ids_in.sizes() && out.is_contiguous(), "out must be a contiguous [B, N] tensor");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
+  const int64_t R = B * N;
+  if (R == 0) return;
+  const auto cd = compute_dtype({grad, embeds, null_embed, rewards_in, outcome});
+  const auto mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const bool* pm = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  // attribution of every token (masked tokens are skipped: they get advantage 0 anyway)
+  auto scores = at::empty({R}, grad.options().dtype(cd));
+  attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, pm, scores);
+  const auto adv = group_advantages_host(outcome, group_size, scale, eps);
+  auto ids = ids_in.reshape({R}).contiguous();
+  auto rewards = rewards_in.to(cd).contiguous();
+  const SegmentOptions o{omega, temperature, standardize, normalize_sum};
+  AT_DISPATCH_FLOATING_TYPES(cd, "p2t_fused_acc", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "p2t_fused_out", [&] {
+      using o_t = scalar_t;
+      o_t* po = out.data_ptr<o_t>();
+      with_segments<acc_t>(scores, ids, pm, rewards, [&](auto* ps, const auto& eff, const acc_t* pr) {
+        segment_kernel(ps, eff, pr, R, o, [&](int64_t k, acc_t r, bool) {
+          po[k] = (pm != nullptr && !pm[k]) ? o_t(0)
+                                            : static_cast<o_t>(adv[k / N] + alpha * static_cast<double>(r));
+        });
+      });
+    });
+  });
+}
+
+at::Tensor p2t_advantages_cpu(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                              const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
+                              const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
+                              double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps) {
+  check_float(grad, "grad");
+  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
+  auto out = at::empty({grad.size(0), grad.size(1)},
+                       grad.options().dtype(compute_dtype({grad, embeds, null_embed, rewards, outcome})));
+  p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
+                      standardize, normalize_sum, scale, eps, out);
+  return out;
+}
+
+void p2t_advantages_out_cpu(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                            const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
+                            const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
+                            double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
+                            at::Tensor out) {
+  p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
+                      standardize, normalize_sum, scale, eps, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(p2t, CPU, m) {
+  m.impl("token_attribution", &token_attribution_cpu);
+  m.impl("segment_redistribute", &segment_redistribute_cpu);
+  m.impl("token_advantages", &token_advantages_cpu);
+  m.impl("token_advantages_out", &token_advantages_out_cpu);
+  m.impl("p2t_advantages", &p2t_advantages_cpu);
+  m.impl("p2t_advantages_out", &p2t_advantages_out_cpu);
+}
+
+}  // namespace p2t
