@@ -1,0 +1,177 @@
+"""Segment softmax redistribution r_i = R_s + omega * R_s * softmax_{j in s}(x_j / T)_i, fused with
+the GRPO token advantage A~ = A^_b + alpha * r when asked (p2t_advantages)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, _effective_ids, _group_advantage, _scatter_run_bounds, compute_dtype,
+                      next_pow2)
+
+ZERO_STD_RTOL = 1e-6  # as p2t.ops.reference: var <= (1e-6 |mean|)^2 counts as a constant segment
+
+
+@triton.jit(do_not_specialize=["R", "N", "S"])
+def _run_bounds_kernel(ids_ptr, mask_ptr, pos_ptr, R, N, S, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """pos[s] = first token of segment s's run, pos[S + s] = its last token + 1 (see _scatter_run_bounds)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _scatter_run_bounds(ids_ptr, mask_ptr, pos_ptr, offs, R, N, S, HAS_MASK)
+
+
+@triton.jit(do_not_specialize=["R", "N", "S", "B", "G", "n_chunks"])
+def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_ptr,
+                    R, N, S, B, G, n_chunks, omega, temperature, alpha, eps,
+                    HAS_MASK: tl.constexpr,  # masked tokens are in no segment (and get 0)
+                    HAS_ADV: tl.constexpr,  # write A^_b + alpha * r (p2t_advantages), else r
+                    STANDARDIZE: tl.constexpr, NORMALIZE_SUM: tl.constexpr, SCALE: tl.constexpr,
+                    BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Programs 0..S-1: one per segment s, over its run [pos[s], pos[S+s]) in BLOCK chunks:
+        x = scores (or (scores - mean_s) / std_s, population std, 0 for a constant segment) / T
+        w = exp(x - max_s x) / sum_s exp(x - max_s x)
+        r = R_s (1 + omega w)  [/ (n_s + omega) with NORMALIZE_SUM];  out = r  or  A^_b + alpha r
+    A segment with no tokens has stale bounds: they fail the check ``ids[pos[s]] == s`` and the
+    program does nothing. Programs S..S+B*n_chunks-1: one per (row b, FILL_BLOCK chunk), writing the
+    tokens in no segment: 0, or with HAS_ADV A^_b where mask is True and 0 where it is False."""
+    CD: tl.constexpr = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if pid < S:
+        s = pid
+        start = tl.load(pos_ptr + s)
+        end = tl.load(pos_ptr + S + s)
+        ok = (start >= 0) & (start < end) & (end <= R)
+        start = tl.where(ok, start, 0)
+        first = _effective_ids(ids_ptr, mask_ptr, start, ok, S, HAS_MASK)
+        end = tl.where(ok & (first == s), end, start)
+        # pass 1: count, sum and max of the scores
+        cnt = tl.zeros([BLOCK], CD)
+        tot = tl.zeros([BLOCK], CD)
+        mx = tl.full([BLOCK], float("-inf"), CD)
+        for k in range(start, end, BLOCK):
+            offs = k + tl.arange(0, BLOCK)
+            inb = offs < end
+            mine = _effective_ids(ids_ptr, mask_ptr, offs, inb, S, HAS_MASK) == s
+            x = tl.load(x_ptr + offs, mask=mine, other=0).to(CD)
+            cnt += tl.where(mine, 1, 0).to(CD)
+            tot += x
+            mx = tl.maximum(mx, tl.where(mine, x, float("-inf")))
+        n = tl.sum(cnt, 0)
+        xmax = tl.max(mx, 0)
+        mean = tl.sum(tot, 0) / tl.maximum(n, 1)
+        std = mean * 0 + 1
+        const = mean != mean  # False
+        if STANDARDIZE:
+            accv = tl.zeros([BLOCK], CD)
+            for k in range(start, end, BLOCK):
+                offs = k + tl.arange(0, BLOCK)
+                inb = offs < end
+                mine = _effective_ids(ids_ptr, mask_ptr, offs, inb, S, HAS_MASK) == s
+                d = tl.load(x_ptr + offs, mask=mine, other=0).to(CD) - mean
+                accv += tl.where(mine, d * d, 0)
+            var = tl.sum(accv, 0) / tl.maximum(n, 1)
+            const = var <= (ZERO_STD_RTOL * tl.abs(mean)) * (ZERO_STD_RTOL * tl.abs(mean))
+            std = tl.sqrt(tl.where(const, 1, var))
+            xmax = tl.where(const, 0, (xmax - mean) / std)
+        xmax = xmax / temperature
+        # pass 2: softmax denominator
+        accs = tl.zeros([BLOCK], CD)
+        for k in range(start, end, BLOCK):
+            offs = k + tl.arange(0, BLOCK)
+            inb = offs < end
+            mine = _effective_ids(ids_ptr, mask_ptr, offs, inb, S, HAS_MASK) == s
+            x = tl.load(x_ptr + offs, mask=mine, other=0).to(CD)
+            if STANDARDIZE:
+                x = tl.where(const, 0, (x - mean) / std)
+            x = x / temperature
+            accs += tl.where(mine, tl.exp(x - xmax), 0)
+        den = tl.sum(accs, 0)
+        rew = tl.load(rewards_ptr + s).to(CD)
+        scale_r = rew * 0 + 1
+        if NORMALIZE_SUM:
+            scale_r = 1 / (n + omega)
+        if HAS_ADV:
+            adv = _group_advantage(o_ptr, start // N, B, G, eps, CD, SCALE, BLOCK_G)
+        # pass 3: write
+        for k in range(start, end, BLOCK):
+            offs = k + tl.arange(0, BLOCK)
+            inb = offs < end
+            mine = _effective_ids(ids_ptr, mask_ptr, offs, inb, S, HAS_MASK) == s
+            x = tl.load(x_ptr + offs, mask=mine, other=0).to(CD)
+            if STANDARDIZE:
+                x = tl.where(const, 0, (x - mean) / std)
+            x = x / temperature
+            w = tl.exp(x - xmax) / den
+            r = rew + omega * rew * w
+            if NORMALIZE_SUM:
+                r = r * scale_r
+            if HAS_ADV:
+                r = adv + alpha * r
+            tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty), mask=mine)
+    else:
+        f = pid - S
+        b = f // n_chunks
+        c = f - b * n_chunks
+        col = c * FILL_BLOCK + tl.arange(0, FILL_BLOCK)
+        offs = b.to(tl.int64) * N + col
+        inb = col < N
+        sid = _effective_ids(ids_ptr, mask_ptr, offs, inb, S, HAS_MASK)
+        fill = tl.zeros([FILL_BLOCK], CD)
+        if HAS_ADV:
+            adv = _group_advantage(o_ptr, b, B, G, eps, CD, SCALE, BLOCK_G)
+            keep = inb
+            if HAS_MASK:
+                keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+            fill = tl.where(keep, adv + fill, 0)
+        tl.store(out_ptr + offs, fill.to(out_ptr.dtype.element_ty), mask=inb & (sid < 0))
+
+
+def group_block(group_size: int, B: int, scale: int) -> int:
+    """Tile of the group-statistics loops: the group (or the batch, scale 1), 16..1024 values."""
+    return min(max(next_pow2(max(group_size, B if scale == 1 else 1)), 16), 1024)
+
+
+def segment_blocks():
+    """(BLOCK, FILL_BLOCK, num_warps) of the segment kernel: segments are ~100 tokens."""
+    return (256, 4096, 4) if INTERPRET else (128, 1024, 4)
+
+
+def launch_segment(x, ids, mask, rewards, outcome, pos, out, B, N, group_size, omega, temperature, alpha,
+                   standardize, normalize_sum, scale, eps):
+    """Run the segment kernel over x [B*N] (run bounds already in pos [2S]); rows of N tokens."""
+    R = x.shape[0]
+    S = rewards.shape[0]
+    if R == 0:
+        return out
+    block, fill_block, warps = segment_blocks()
+    n_chunks = triton.cdiv(N, fill_block)
+    grid = (S + B * n_chunks,)
+    has_adv = outcome is not None
+    _segment_kernel[grid](
+        x, ids, mask if mask is not None else ids, rewards, outcome if has_adv else rewards, pos, out,
+        R, N, S, B, group_size, n_chunks, float(omega), float(temperature), float(alpha), float(eps),
+        HAS_MASK=mask is not None, HAS_ADV=has_adv, STANDARDIZE=bool(standardize),
+        NORMALIZE_SUM=bool(normalize_sum), SCALE=int(scale),
+        BLOCK=block, FILL_BLOCK=fill_block, BLOCK_G=group_block(group_size, B, scale),
+        num_warps=warps)
+    return out
+
+
+def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segment_rewards: torch.Tensor,
+                         omega: float, temperature: float, standardize: bool, normalize_sum: bool) -> torch.Tensor:
+    """scores [R] (any float dtype), segment_ids int32/int64 [R] (ids outside [0, S) are in no segment),
+    segment_rewards [S] -> [R] float32 (float64 when scores and rewards are float64). Two launches:
+    run bounds, then the segment kernel; no host synchronisation."""
+    cd = compute_dtype(scores, segment_rewards)
+    x = scores.to(cd).contiguous()
+    ids = segment_ids.contiguous()
+    rewards = segment_rewards.contiguous()
+    R, S = x.shape[0], rewards.shape[0]
+    out = torch.empty(R, device=x.device, dtype=cd)
+    if R == 0:
+        return out
+    pos = torch.empty(2 * max(S, 1), device=x.device, dtype=torch.int32)
+    if S > 0:
+        block = 4096 if INTERPRET else 1024
+        _run_bounds_kernel[(triton.cdiv(R, block),)](ids, ids, pos, R, R, S, HAS_MASK=False, BLOCK=block)
+    return launch_segment(x, ids, None, rewards, None, pos, out, 1, R, 1, omega, temperature, 0.0, standardize,
+                          normalize_sum, 2, 0.0)
