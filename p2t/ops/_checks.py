@@ -7,8 +7,6 @@ and are skipped inside torch.compile traces and when the caller passes ``validat
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -65,7 +63,7 @@ def finite(name, v, *, positive=False, nonnegative=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v):
+    if v != v or abs(v) == float("inf"):  # (math.isfinite does not trace under torch.compile)
         raise ValueError(f"{name} must be finite, got {v}")
     if positive and v <= 0:
         raise ValueError(f"{name} must be > 0, got {v}")

@@ -1,0 +1,485 @@
+"""Every backend of every public op vs the reference vs a float64 oracle; gradients; degenerate cases.
+
+Backends join by registration (conftest.backend_device_params): C++ on CPU, Triton under the
+interpreter without a GPU, CUDA and Triton on a GPU.
+"""
+import math
+
+import pytest
+import torch
+
+import p2t
+from p2t.ops import reference as ref
+from conftest import assert_close_to_oracle, backend_device_params, max_err_report
+
+BACKENDS = backend_device_params()
+FUSED = backend_device_params(include_reference=False)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_segments(B, N, *, device="cpu", empty_rows=(), gen=None, max_len=9):
+    """Random contiguous segments per row: lengths 1..max_len (one-token ones included), -1 gaps,
+    rows in ``empty_rows`` without any segment. Returns (ids [B, N] int64, S)."""
+    gen = gen or torch.Generator().manual_seed(7)
+    ids = torch.full((B, N), -1, dtype=torch.long)
+    s = 0
+    for b in range(B):
+        if b in empty_rows:
+            continue
+        i = int(torch.randint(0, 3, (1,), generator=gen))
+        while i < N:
+            n = int(torch.randint(1, max_len + 1, (1,), generator=gen))
+            ids[b, i:i + n] = s
+            s += 1
+            i += n + int(torch.randint(0, 3, (1,), generator=gen))
+    return ids.to(device), s
+
+
+def loop_oracle(scores, ids, rewards, omega, temperature, standardize, normalize_sum):
+    """Independent float64 oracle by explicit loops over segments (checks the reference too)."""
+    x = scores.double().reshape(-1).tolist()
+    flat = ids.reshape(-1).tolist()
+    out = [0.0] * len(x)
+    for s in range(rewards.numel()):
+        pos = [i for i, v in enumerate(flat) if v == s]
+        if not pos:
+            continue
+        v = [x[i] for i in pos]
+        if standardize:
+            m = sum(v) / len(v)
+            sd = math.sqrt(sum((a - m) ** 2 for a in v) / len(v))
+            v = [0.0 if sd <= 1e-6 * abs(m) else (a - m) / sd for a in v]
+        v = [a / temperature for a in v]
+        mx = max(v)
+        e = [math.exp(a - mx) for a in v]
+        Rs = float(rewards[s])
+        c = 1.0 / (len(v) + omega) if normalize_sum else 1.0
+        for i, ei in zip(pos, e):
+            out[i] = c * (Rs + omega * Rs * ei / sum(e))
+    return torch.tensor(out, dtype=torch.float64).reshape(scores.shape)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# token_attribution
+# ------------------------------------------------------------------------------------------------ #
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("g_dtype,e_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_token_attribution_vs_oracle(backend, device, g_dtype, e_dtype, layout):
+    shape = (3, 37, 300) if layout == "padded" else (97, 300)
+    g64 = torch.randn(shape, dtype=torch.float64)
+    e64 = torch.randn(shape, dtype=torch.float64)
+    n64 = torch.randn(shape[-1], dtype=torch.float64)
+    mask = torch.rand(shape[:-1]) > 0.25
+    g, e, n = g64.to(g_dtype), e64.to(e_dtype), n64.to(e_dtype)
+    oracle = ((e64 - n64) * g64).sum(-1) * mask
+    dev = lambda t: t.to(device)  # noqa: E731
+    out = p2t.token_attribution(dev(g), dev(e), dev(n), mask=dev(mask), backend=backend).cpu()
+    ref_out = p2t.token_attribution(g, e, n, mask=mask, backend="reference")
+    assert out.dtype == torch.float32
+    assert (out[~mask] == 0).all()
+    assert_close_to_oracle(out, ref_out, oracle, floor=2e-5 * (1 + oracle.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_token_attribution_noncontiguous_and_odd_d(backend, device):
+    base_g = torch.randn(5, 2, 13, 2 * 131, device=device)
+    base_e = torch.randn(13, 5, 131, device=device)
+    g = base_g[:, 1, :, ::2]  # last-dim stride 2
+    e = base_e.transpose(0, 1)  # [5, 13, 131], rows not contiguous
+    n = torch.randn(131, device=device)
+    oracle = ((e.double() - n.double()) * g.double()).sum(-1)
+    out = p2t.token_attribution(g, e, n, backend=backend)
+    assert out.shape == (5, 13)
+    torch.testing.assert_close(out.double(), oracle, rtol=1e-5, atol=1e-4, msg=lambda m: max_err_report(out, oracle))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_token_attribution_empty(backend, device):
+    g = torch.randn(2, 0, 17, device=device)
+    assert p2t.token_attribution(g, g, torch.randn(17, device=device), backend=backend).shape == (2, 0)
+    g = torch.randn(0, 17, device=device)
+    assert p2t.token_attribution(g, g, torch.randn(17, device=device), backend=backend).shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# segment_redistribute
+# ------------------------------------------------------------------------------------------------ #
+def test_reference_matches_loop_oracle():
+    ids, S = make_segments(4, 29, empty_rows=(2,))
+    scores = torch.randn(4, 29, dtype=torch.float64)
+    scores[0, ids[0] == 0] = 0.37  # a constant segment
+    R = torch.rand(S, dtype=torch.float64)
+    for st in (False, True):
+        for ns in (False, True):
+            got = ref.segment_redistribute(scores.reshape(-1), ids.reshape(-1), R, 0.6, 0.7, st, ns)
+            want = loop_oracle(scores, ids, R, 0.6, 0.7, st, ns)
+            torch.testing.assert_close(got.reshape(4, 29), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("normalize", ["paper", "sum"])
+def test_segment_redistribute_vs_oracle(backend, device, dtype, standardize, normalize):
+    B, N = 5, 41
+    ids, S = make_segments(B, N, empty_rows=(3,))
+    s64 = torch.randn(B, N, dtype=torch.float64) * 2
+    s64[0, ids[0] == ids[0][ids[0] >= 0][0]] = 1.5  # one constant segment (zero std)
+    R64 = torch.rand(S, dtype=torch.float64) * 2 - 0.5
+    T = 0.7
+    scores, R = s64.to(dtype), R64.float()
+    oracle = loop_oracle(s64, ids, R64, 0.6, T, standardize, normalize == "sum")
+    out = p2t.segment_redistribute(scores.to(device), ids.to(device), R.to(device), omega=0.6, temperature=T,
+                                   standardize=standardize, normalize=normalize, backend=backend).cpu()
+    ref_out = p2t.segment_redistribute(scores, ids, R, omega=0.6, temperature=T, standardize=standardize,
+                                       normalize=normalize, backend="reference")
+    assert out.dtype == torch.float32 and out.shape == (B, N)
+    assert (out[ids < 0] == 0).all()
+    assert_close_to_oracle(out, ref_out, oracle, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_segment_redistribute_packed_int32(backend, device, id_dtype):
+    ids, S = make_segments(1, 203)
+    ids = ids.reshape(-1).to(id_dtype)
+    scores = torch.randn(203)
+    R = torch.rand(S)
+    oracle = loop_oracle(scores, ids.long(), R.double(), 0.6, 1.0, False, False)
+    out = p2t.segment_redistribute(scores.to(device), ids.to(device), R.to(device), backend=backend).cpu()
+    torch.testing.assert_close(out.double(), oracle, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_segment_sum_normalisation_and_one_token_segments(backend, device):
+    # token rewards of a segment sum to R_s with normalize="sum"; a one-token segment gets R_s(1+w)/(1+w)=R_s
+    ids = torch.tensor([[0, 0, 0, -1, 1, -1, 2, 2], [3, -1, -1, -1, -1, -1, -1, -1]], device=device)
+    R = torch.tensor([0.9, 0.3, -0.4, 0.25], device=device)
+    scores = torch.randn(2, 8, device=device)
+    out = p2t.segment_redistribute(scores, ids, R, normalize="sum", backend=backend).cpu()
+    sums = torch.zeros(4).index_add_(0, ids.cpu()[ids.cpu() >= 0], out[ids.cpu() >= 0])
+    torch.testing.assert_close(sums, R.cpu(), rtol=1e-6, atol=1e-6)
+    paper = p2t.segment_redistribute(scores, ids, R, omega=0.6, backend=backend).cpu()
+    torch.testing.assert_close(paper[0, 4], torch.tensor(0.3 * 1.6))  # one token: w = 1
+    torch.testing.assert_close(paper[1, 0], torch.tensor(0.25 * 1.6))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_segment_empty(backend, device):
+    out = p2t.segment_redistribute(torch.randn(0, device=device), torch.zeros(0, dtype=torch.long, device=device),
+                                   torch.rand(0, device=device), backend=backend)
+    assert out.shape == (0,)
+    ids = torch.full((3, 5), -1, device=device)
+    out = p2t.segment_redistribute(torch.randn(3, 5, device=device), ids, torch.rand(0, device=device), backend=backend)
+    assert (out == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ #
+# group / token advantages
+# ------------------------------------------------------------------------------------------------ #
+def test_group_advantages_values():
+    o = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    a = p2t.group_advantages(o, 4, eps=0.0)
+    g = o[:4]
+    torch.testing.assert_close(a[:4], (g - g.mean()) / g.std())
+    assert (a[4:] == 0).all()  # zero std -> 0
+    torch.testing.assert_close(p2t.group_advantages(o, 4, scale="none")[:4], g - g.mean())
+    b = p2t.group_advantages(o, 4, scale="batch", eps=0.0)
+    torch.testing.assert_close(b[:4], (g - g.mean()) / o.std())
+    assert (p2t.group_advantages(o, 1) == 0).all() and (p2t.group_advantages(o, 1, eps=0.0) == 0).all()
+    assert (p2t.group_advantages(o[:1], 1, scale="batch", eps=0.0) == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("group_size", [1, 3])
+@pytest.mark.parametrize("tr_dtype", [torch.float32, torch.bfloat16])
+def test_token_advantages_vs_oracle(backend, device, scale, group_size, tr_dtype):
+    B, N = 6, 23
+    o = torch.rand(B)
+    o[3:6] = 0.4  # a constant group (zero std) when group_size = 3
+    tr = torch.randn(B, N).to(tr_dtype)
+    mask = torch.rand(B, N) > 0.3
+    mask[1] = False  # an all-masked row
+    a_hat = ref.group_advantages(o.double(), group_size, ["group", "batch", "none"].index(scale), 1e-6)
+    oracle = (a_hat[:, None] + 0.3 * tr.double()) * mask
+    out = p2t.token_advantages(o.to(device), tr.to(device), group_size=group_size, alpha=0.3, mask=mask.to(device),
+                               scale=scale, backend=backend).cpu()
+    ref_out = p2t.token_advantages(o, tr, group_size=group_size, alpha=0.3, mask=mask, scale=scale,
+                                   backend="reference")
+    assert (out[1] == 0).all()
+    assert_close_to_oracle(out, ref_out, oracle, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("alias", [False, True])
+def test_token_advantages_out(backend, device, alias):
+    o = torch.rand(4, device=device)
+    tr = torch.randn(4, 9, device=device)
+    want = p2t.token_advantages(o, tr, group_size=2, alpha=0.5, backend="reference")
+    out = tr if alias else torch.full((4, 9), float("nan"), device=device)
+    got = p2t.token_advantages(o, tr, group_size=2, alpha=0.5, out=out, backend=backend)
+    assert got is out
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# p2t_advantages (fused)
+# ------------------------------------------------------------------------------------------------ #
+def _pipeline_inputs(B=6, N=33, D=70, dtype=torch.float32, device="cpu"):
+    ids, S = make_segments(B, N, empty_rows=(4,))
+    g64, e64 = torch.randn(B, N, D, dtype=torch.float64) * 0.1, torch.randn(B, N, D, dtype=torch.float64)
+    n64 = torch.randn(D, dtype=torch.float64) * 0.1
+    R = torch.rand(S, dtype=torch.float64)
+    o = torch.randint(0, 2, (B,)).double()
+    lengths = torch.randint(N // 2, N + 1, (B,))
+    lengths[B - 1] = 0  # an empty response (all masked)
+    mask = torch.arange(N)[None, :] < lengths[:, None]
+    ids = torch.where(mask, ids, -1)
+    return dict(g64=g64, e64=e64, n64=n64, ids=ids, R=R, o=o, mask=mask, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("standardize,normalize,temperature", [(False, "paper", 1.0), (True, "sum", 0.5)])
+def test_p2t_advantages_vs_oracle(backend, device, dtype, standardize, normalize, temperature):
+    x = _pipeline_inputs(dtype=dtype)
+    kw = dict(group_size=3, omega=0.6, alpha=0.7, temperature=temperature, standardize=standardize,
+              normalize=normalize, scale="group")
+    oracle = ref.p2t_advantages(x["g64"], x["e64"], x["n64"], x["ids"], x["R"], x["o"], x["mask"], 3, 0.6, 0.7,
+                                temperature, standardize, normalize == "sum", 0, 1e-6)
+    args = [t.to(dtype) for t in (x["g64"], x["e64"], x["n64"])] + [x["ids"], x["R"].float(), x["o"].float()]
+    out = p2t.p2t_advantages(*[a.to(device) for a in args], mask=x["mask"].to(device), backend=backend, **kw).cpu()
+    ref_out = p2t.p2t_advantages(*args, mask=x["mask"], backend="reference", **kw)
+    assert out.dtype == torch.float32
+    assert (out[~x["mask"]] == 0).all()
+    assert_close_to_oracle(out, ref_out, oracle, floor=2e-5)
+    # tokens in no segment but unmasked get exactly A^_b
+    a_hat = ref.group_advantages(x["o"].float(), 3, 0, 1e-6)
+    free = x["mask"] & (x["ids"] < 0)
+    torch.testing.assert_close(out[free], a_hat[:, None].expand_as(out)[free])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_p2t_advantages_out_poisoned(backend, device):
+    x = _pipeline_inputs()
+    args = [t.float().to(device) for t in (x["g64"], x["e64"], x["n64"])] + [
+        x["ids"].to(device), x["R"].float().to(device), x["o"].float().to(device)]
+    out = torch.full(x["ids"].shape, float("nan"), device=device)
+    got = p2t.p2t_advantages(*args, group_size=2, mask=x["mask"].to(device), out=out, backend=backend)
+    want = p2t.p2t_advantages(*args, group_size=2, mask=x["mask"].to(device), backend="reference")
+    assert got is out
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_p2t_advantages_group_size_one_and_constant_rewards(backend, device):
+    x = _pipeline_inputs()
+    args = [t.float().to(device) for t in (x["g64"], x["e64"], x["n64"])] + [x["ids"].to(device),
+                                                                              x["R"].float().to(device)]
+    const = torch.full((6,), 0.5, device=device)
+    out = p2t.p2t_advantages(*args, const, group_size=3, alpha=0.0, backend=backend)
+    assert (out == 0).all()  # zero std in every group, no token term
+    out1 = p2t.p2t_advantages(*args, torch.rand(6, device=device), group_size=1, alpha=1.0, backend=backend)
+    tr = p2t.segment_redistribute(p2t.token_attribution(*args[:3]), args[3], args[4], backend="reference")
+    torch.testing.assert_close(out1, tr, rtol=1e-5, atol=1e-5)  # group size 1: A^ = 0
+
+
+# ------------------------------------------------------------------------------------------------ #
+# gradients
+# ------------------------------------------------------------------------------------------------ #
+def _grads(fn, inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    w = torch.randn_like(out)
+    return torch.autograd.grad((out * w).sum(), inputs, allow_unused=True), w
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradients_match_reference_autograd(backend, device):
+    """Every backend's registered backward vs autograd through the reference's plain torch ops."""
+    x = _pipeline_inputs(B=4, N=19, D=23)
+    g, e, n = (x[k].float().to(device) for k in ("g64", "e64", "n64"))
+    ids, mask = x["ids"][:4].to(device), x["mask"][:4].to(device)
+    S = x["R"].numel()
+    R, o = x["R"].float().to(device), x["o"][:4].float().to(device)
+    cases = {
+        "token_attribution": (lambda g_, e_, n_: p2t.token_attribution(g_, e_, n_, mask=mask, backend=backend),
+                              lambda g_, e_, n_: ref.token_attribution(g_, e_, n_, mask), [g, e, n]),
+        "segment_redistribute": (
+            lambda s_, r_: p2t.segment_redistribute(s_, ids, r_, standardize=True, normalize="sum", temperature=0.8,
+                                                    backend=backend),
+            lambda s_, r_: ref.segment_redistribute(s_.reshape(-1), ids.reshape(-1), r_, 0.6, 0.8, True,
+                                                    True).reshape(s_.shape),
+            [torch.randn(4, 19, device=device), R]),
+        "token_advantages": (
+            lambda o_, t_: p2t.token_advantages(o_, t_, group_size=2, alpha=0.4, mask=mask, backend=backend),
+            lambda o_, t_: ref.token_advantages(o_, t_, mask, 2, 0.4, 0, 1e-6),
+            [o, torch.randn(4, 19, device=device)]),
+        "p2t_advantages": (
+            lambda g_, e_, n_, r_, o_: p2t.p2t_advantages(g_, e_, n_, ids, r_, o_, group_size=2, mask=mask,
+                                                          standardize=True, backend=backend),
+            lambda g_, e_, n_, r_, o_: ref.p2t_advantages(g_, e_, n_, ids, r_, o_, mask, 2, 0.6, 0.1, 1.0, True,
+                                                          False, 0, 1e-6),
+            [g, e, n, R, o]),
+    }
+    assert S > 0
+    for name, (fused, plain, inputs) in cases.items():
+        torch.manual_seed(0)
+        got, _ = _grads(fused, inputs)
+        torch.manual_seed(0)
+        want, _ = _grads(plain, inputs)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a is not None, f"{name}: no gradient for input {i}"
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} input {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in p2t.available_backends("cpu")])
+def test_gradcheck_float64(backend):
+    x = _pipeline_inputs(B=2, N=7, D=5)
+    ids, mask = x["ids"][:2], x["mask"][:2]
+    ids[0, :3], ids[0, 3:] = 0, -1
+    ids[1, :2], ids[1, 2:5], ids[1, 5:] = 1, 2, -1
+    mask = torch.ones_like(mask)
+    d = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    g, e, n, R, o = d(2, 7, 5), d(2, 7, 5), d(5), d(3), d(2)
+    sc = d(2, 7)
+    f = dict(backend=backend)
+    assert torch.autograd.gradcheck(lambda a, b, c: p2t.token_attribution(a, b, c, **f), (g, e, n))
+    for st in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda s_, r_: p2t.segment_redistribute(s_, ids, r_, standardize=st, normalize="sum", **f), (sc, R))
+    for scale in ("group", "batch", "none"):
+        assert torch.autograd.gradcheck(
+            lambda o_, t_: p2t.token_advantages(o_, t_, group_size=2, alpha=0.3, scale=scale, **f), (o, sc))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, r_, o_: p2t.p2t_advantages(a, b, c, ids, r_, o_, group_size=2, mask=mask, standardize=True,
+                                                   **f), (g, e, n, R, o))
+
+
+# ------------------------------------------------------------------------------------------------ #
+# registration: opcheck, torch.compile
+# ------------------------------------------------------------------------------------------------ #
+def _namespaces():
+    out = []
+    if "cpu" in p2t.available_backends():
+        out.append(("p2t", "cpu"))
+    if "triton" in p2t.available_backends():
+        out.append(("p2t_triton", "cuda" if torch.cuda.is_available() else "cpu"))
+    if "cuda" in p2t.available_backends():
+        out.append(("p2t", "cuda"))
+    return out
+
+
+@pytest.mark.parametrize("ns,device", _namespaces())
+def test_opcheck(ns, device):
+    ops = getattr(torch.ops, ns)
+    x = _pipeline_inputs(B=4, N=11, D=9)
+    g, e, n = (x[k].float().to(device) for k in ("g64", "e64", "n64"))
+    ids, mask = x["ids"][:4].to(device), x["mask"][:4].to(device)
+    R, o = x["R"].float().to(device), x["o"][:4].float().to(device)
+    req = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    tr = torch.randn(4, 11, device=device)
+    cases = [
+        (ops.token_attribution, (req(g.reshape(44, 9)), req(e.reshape(44, 9)), req(n), mask.reshape(44))),
+        (ops.segment_redistribute, (req(tr.reshape(44)), ids.reshape(44), req(R), 0.6, 0.9, True, False)),
+        (ops.token_advantages, (req(o), req(tr), mask, 2, 0.3, 0, 1e-6)),
+        (ops.token_advantages_out, (o, tr, mask, 2, 0.3, 1, 1e-6, torch.empty(4, 11, device=device))),
+        (ops.p2t_advantages, (req(g), req(e), req(n), ids, req(R), req(o), mask, 2, 0.6, 0.1, 1.0, False, True, 0,
+                              1e-6)),
+        (ops.p2t_advantages_out, (g, e, n, ids, R, o, mask, 2, 0.6, 0.1, 1.0, False, True, 2, 1e-6,
+                                  torch.empty(4, 11, device=device))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif("cpu" not in p2t.available_backends(), reason="C++ extension not built")
+def test_torch_compile_fullgraph_dynamic():
+    torch._dynamo.reset()
+
+    def step(g, e, n, ids, R, o, mask):
+        return p2t.p2t_advantages(g, e, n, ids, R, o, group_size=2, mask=mask, validate=False, backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for N in (13, 17):
+        x = _pipeline_inputs(B=4, N=N, D=8)
+        args = [x["g64"][:4].float(), x["e64"][:4].float(), x["n64"].float(), x["ids"][:4], x["R"].float(),
+                x["o"][:4].float(), x["mask"][:4]]
+        torch.testing.assert_close(compiled(*args), step(*args), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# bad input
+# ------------------------------------------------------------------------------------------------ #
+def _bad_cases():
+    g = torch.randn(2, 5, 4)
+    ids = torch.tensor([[0, 0, 1, -1, -1], [2, 2, 2, -1, -1]])
+    R, o = torch.rand(3), torch.rand(2)
+    n = torch.randn(4)
+    ok = dict(group_size=2)
+    return [
+        ("embeds", ValueError, lambda: p2t.token_attribution(g, torch.randn(2, 5, 3), n)),
+        ("null_embed", ValueError, lambda: p2t.token_attribution(g, g, torch.randn(5))),
+        ("grad", TypeError, lambda: p2t.token_attribution(g.long(), g, n)),
+        ("grad", TypeError, lambda: p2t.token_attribution(g.numpy(), g, n)),
+        ("mask", TypeError, lambda: p2t.token_attribution(g, g, n, mask=torch.ones(2, 5))),
+        ("mask", ValueError, lambda: p2t.token_attribution(g, g, n, mask=torch.ones(2, 4, dtype=torch.bool))),
+        ("scores", TypeError, lambda: p2t.segment_redistribute(ids, ids, R)),
+        ("segment_ids", TypeError, lambda: p2t.segment_redistribute(g[..., 0], ids.float(), R)),
+        ("segment_ids", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids[:, :4], R)),
+        ("segment_rewards", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R[:2])),
+        ("segment_ids", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids - 2, R)),
+        ("split", ValueError, lambda: p2t.segment_redistribute(g[..., 0], torch.tensor([[0, 1, 0, -1, -1],
+                                                                                        [2, 2, 2, -1, -1]]), R)),
+        ("split", ValueError, lambda: p2t.segment_redistribute(g[..., 0], torch.tensor([[0, 0, 1, 1, 2],
+                                                                                        [2, -1, -1, -1, -1]]), R)),
+        ("temperature", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, temperature=0.0)),
+        ("normalize", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, normalize="mean")),
+        ("omega", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, omega=float("nan"))),
+        ("group_size", ValueError, lambda: p2t.group_advantages(torch.rand(5), 2)),
+        ("group_size", ValueError, lambda: p2t.group_advantages(torch.rand(4), 0)),
+        ("scale", ValueError, lambda: p2t.group_advantages(torch.rand(4), 2, scale="std")),
+        ("token_rewards", ValueError, lambda: p2t.token_advantages(o, torch.randn(3, 5), **ok)),
+        ("out", ValueError, lambda: p2t.token_advantages(o, torch.randn(2, 5), out=torch.empty(2, 4), **ok)),
+        ("outcome_rewards", ValueError, lambda: p2t.p2t_advantages(g, g, n, ids, R, torch.rand(4), **ok)),
+        ("backend", ValueError, lambda: p2t.token_attribution(g, g, n, backend="fast")),
+        ("group_size", ValueError, lambda: p2t.p2t_advantages(g, g, n, ids, R, o, group_size=3)),
+        ("scale", ValueError, lambda: p2t.p2t_advantages(g, g, n, ids, R, o, scale="seq", **ok)),
+        ("split", ValueError, lambda: p2t.p2t_advantages(
+            g, g, n, ids, R, o, mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool), **ok)),
+    ]
+
+
+@pytest.mark.parametrize("arg,exc,call", _bad_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_names_argument(arg, exc, call):
+    with pytest.raises(exc, match=arg):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_devices_rejected():
+    g = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="embeds"):
+        p2t.token_attribution(g, g.cuda(), torch.randn(4))
+
+
+def test_mixed_devices_rejected_meta():
+    g = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="embeds"):
+        p2t.token_attribution(g, g.to("meta"), torch.randn(4))
+
+
+def test_unavailable_backend_says_how_to_get_it():
+    missing = [b for b in ("cuda", "triton", "cpu") if b not in p2t.available_backends()]
+    g = torch.randn(2, 3, 4)
+    for b in missing:
+        with pytest.raises(RuntimeError, match="To get it"):
+            p2t.token_attribution(g, g, torch.randn(4), backend=b)
+    if "cuda" in p2t.available_backends() or "cpu" in p2t.available_backends():
+        wrong = "cuda" if "cpu" in p2t.available_backends("cpu") and "cuda" in p2t.available_backends() else None
+        if wrong:
+            with pytest.raises(ValueError, match="runs on"):
+                p2t.token_attribution(g, g, torch.randn(4), backend=wrong)
