@@ -487,6 +487,11 @@ def providers(device: str, compile_modes: Sequence[str] = COMPILE_PROVIDERS, int
 
 
 def _compiled(fn, dynamic: bool):
+    # backward mode replays one recorded graph (retain_graph=True), which donated buffers forbid
+    try:
+        torch._functorch.config.donated_buffer = False
+    except AttributeError:  # pragma: no cover - older torch
+        pass
     return torch.compile(fn, dynamic=dynamic, fullgraph=False)
 
 
@@ -609,7 +614,8 @@ def run_suite(cases: list, device: str, provs: Optional[Sequence[str]] = None, *
     copy_gbps, crow = copy_row(device, env, rep_ms=rep_ms, warmup_ms=warmup_ms)
     if log:
         log(f"device {env['gpu']}; torch {env['torch']}, triton {env['triton']}, p2t {env['version']} "
-            f"({env['commit']}); copy bandwidth {copy_gbps:.1f} GB/s; providers: {', '.join(provs)}")
+            f"({env['commit']}); copy bandwidth {copy_gbps:.1f} GB/s; providers: {', '.join(provs)}"
+            + (f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if device == "cpu" else ""))
     rows = [crow]
     writer = _CsvAppender(csv_path) if csv_path else None
     if writer:
