@@ -1,0 +1,20 @@
+"""PRM attribution engine: prompt/response text -> per-token attributions, segment ids and step rewards.
+
+``P2TScorer`` wraps a process reward model (a step classifier, a value head, an LM judge or a reward
+function of your own) and returns a :class:`ScoredBatch` whose ``scores``, ``segment_ids`` and
+``segment_rewards`` go straight into :func:`p2t.segment_redistribute` / :func:`p2t.p2t_advantages`.
+"""
+from __future__ import annotations
+
+from .scorer import (KINDS, METHODS, NULLS, PRESETS, AttributionWarning, P2TScorer, PRMView,  # noqa: F401
+                     ScoredBatch)
+
+__all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "KINDS", "METHODS", "NULLS", "PRESETS",
+           "MiniLMStepReward"]
+
+
+def __getattr__(name):
+    if name == "MiniLMStepReward":
+        from .minilm import MiniLMStepReward
+        return MiniLMStepReward
+    raise AttributeError(f"module 'p2t.attribution' has no attribute {name!r}")

@@ -1,0 +1,175 @@
+"""Text-side helpers of the attribution engine: step splitting, token character offsets, and the
+overlap-weighted map from PRM tokens onto policy tokens.
+
+Everything here is plain Python on token ids and character spans ``(start, end)`` (end exclusive);
+no tensors, no model. Tokenizers are duck-typed: ``encode(text, add_special_tokens=False)`` and
+``decode(ids)`` are enough; a fast tokenizer's ``offset_mapping`` is used when it is available.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+Span = Tuple[int, int]
+StepSplit = Union[str, None, Callable[[str], List[Span]]]
+
+
+def split_steps(text: str, split: StepSplit) -> List[Span]:
+    """Character spans of the steps of ``text``.
+
+    ``split`` is the text between steps (``"\\n\\n"``: blank lines, ``"\\n"``: one step per line),
+    ``None`` (the whole text is one step) or a callable returning the spans itself. Leading and
+    trailing whitespace is trimmed from each step; steps that are empty or only whitespace are dropped.
+    """
+    if callable(split):
+        spans = [(int(a), int(b)) for a, b in split(text)]
+    else:
+        if split is not None and (not isinstance(split, str) or not split):
+            raise ValueError(f"step_split must be a non-empty string, None or a callable, got {split!r}")
+        spans, pos = [], 0
+        while True:
+            j = -1 if split is None else text.find(split, pos)
+            end = len(text) if j < 0 else j
+            spans.append((pos, end))
+            if j < 0:
+                break
+            pos = j + len(split)
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    try:
+        return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    except TypeError:  # tokenizers of the user's own with a smaller decode signature
+        return tokenizer.decode(list(ids))
+
+
+def _contiguous(spans: List[Optional[Span]], lo: int, hi: int) -> List[Span]:
+    """Close the gaps between consecutive spans (a gap joins the token after it, as byte-level BPE puts
+    a leading space in the next token) so that the spans tile ``[lo, hi)``. ``None`` spans (special
+    tokens) become empty spans at the current position."""
+    out: List[Span] = []
+    pos = lo
+    last = max((i for i, s in enumerate(spans) if s is not None and s[1] > s[0]), default=-1)
+    for i, s in enumerate(spans):
+        if s is None or s[1] <= s[0]:
+            out.append((pos, pos))
+            continue
+        a, b = pos, min(max(s[1], pos), hi)  # a gap before a token joins it
+        if i == last:
+            b = hi
+        out.append((a, b))
+        pos = b
+    return out
+
+
+def encode_with_offsets(tokenizer, text: str) -> Tuple[List[int], List[Span]]:
+    """Token ids of ``text`` (no special tokens) and their character spans, tiling ``[0, len(text))``."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        spans = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+        return ids, _contiguous(spans, 0, len(text))
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    decoded, spans = offsets_from_ids(tokenizer, ids)
+    if decoded != text:  # lossy tokenizer (unknown characters): spread the spans proportionally
+        scale = len(text) / max(len(decoded), 1)
+        spans = [(int(round(a * scale)), int(round(b * scale))) for a, b in spans]
+    return ids, _contiguous(spans, 0, len(text))
+
+
+def offsets_from_ids(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> Tuple[str, List[Span]]:
+    """Decoded text of ``ids`` (special tokens skipped) and each token's character span in it.
+
+    Fast path: when ``text`` re-encodes to exactly ``ids`` with a fast tokenizer, its offset mapping
+    is used. Otherwise tokens are decoded one at a time (exact for tokenizers whose pieces concatenate,
+    such as character-level ones), and as a last resort by decoding growing prefixes.
+    """
+    ids = list(ids)
+    if text is not None and getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == ids:
+            return text, _contiguous([(int(a), int(b)) for a, b in enc["offset_mapping"]], 0, len(text))
+    full = _decode(tokenizer, ids)
+    pieces = [_decode(tokenizer, [t]) for t in ids]
+    if "".join(pieces) == full:
+        spans, pos = [], 0
+        for p in pieces:
+            spans.append((pos, pos + len(p)))
+            pos += len(p)
+        return full, _contiguous(spans, 0, len(full))
+    spans: List[Optional[Span]] = []
+    committed, pending = 0, 0
+    for i in range(len(ids)):
+        cur = _decode(tokenizer, ids[:i + 1])
+        pending += 1
+        if cur.endswith("\ufffd") and i + 1 < len(ids):
+            continue  # a partial multi-byte character: the following token completes it
+        end = len(cur)
+        spans.extend([(committed, end)] * pending)
+        committed, pending = end, 0
+    return full, _contiguous(spans, 0, len(full))
+
+
+def overlap(a: Span, b: Span) -> int:
+    return max(0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span]) -> List[int]:
+    """For each token, the step (index into ``steps``) it overlaps most, or -1 when it overlaps none.
+    A token without text (empty span) lying strictly inside a step joins it. Spans are sorted, so each
+    step's tokens form one contiguous run."""
+    out, k = [], 0
+    for span in token_spans:
+        while k < len(steps) and steps[k][1] <= span[0]:
+            k += 1
+        if span[0] == span[1]:  # no text (a special token): it joins the step it lies strictly inside
+            inside = k < len(steps) and steps[k][0] < span[0] < steps[k][1]
+            out.append(k if inside else -1)
+            continue
+        best, best_ov = -1, 0
+        j = k
+        while j < len(steps) and steps[j][0] < span[1]:
+            ov = overlap(span, steps[j])
+            if ov > best_ov:
+                best, best_ov = j, ov
+            j += 1
+        out.append(best)
+    return out
+
+
+def overlap_map(src: Sequence[Span], dst: Sequence[Span]) -> List[Tuple[int, int, float]]:
+    """Triplets ``(src_index, dst_index, weight)``: each source token's mass split over the
+    destination tokens in proportion to the characters they share. Weights of a source token sum to 1
+    (a source token sharing no character goes whole to the destination token at its position), so
+    attribution mass is preserved exactly."""
+    out: List[Tuple[int, int, float]] = []
+    if not dst:
+        return out
+    starts = [s[0] for s in dst]
+    j0 = 0
+    for i, s in enumerate(src):
+        while j0 < len(dst) and dst[j0][1] <= s[0] and dst[j0][1] > dst[j0][0]:
+            j0 += 1
+        parts, total = [], 0
+        j = j0
+        while j < len(dst) and dst[j][0] < s[1]:
+            ov = overlap(s, dst[j])
+            if ov:
+                parts.append((j, ov))
+                total += ov
+            j += 1
+        if total == 0:
+            import bisect
+            j = min(max(bisect.bisect_right(starts, s[0]) - 1, 0), len(dst) - 1)
+            out.append((i, j, 1.0))
+        else:
+            out.extend((i, j, ov / total) for j, ov in parts)
+    return out
