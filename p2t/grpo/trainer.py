@@ -1,0 +1,462 @@
+"""The lean GRPO loop with outcome, process or P2T token advantages.
+
+One update:
+  1. take ``prompts_per_update`` prompts, sample ``group_size`` responses each with HF ``generate``;
+  2. outcome rewards from the user's ``fn(prompts, responses, **columns) -> list[float]``;
+  3. (process, p2t) step rewards and per-token attributions from :class:`p2t.P2TScorer`;
+  4. token advantages (:mod:`p2t.grpo.advantages`, through the p2t ops);
+  5. ``num_iterations`` passes of the clipped surrogate over the batch (old log-probs stored when > 1),
+     ``gradient_accumulation_steps`` micro-batches per optimiser step, gradient clipping.
+
+Each update's prompts and sampling noise are seeded from (seed, update index), so a run resumed from a
+checkpoint continues exactly as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import advantages as adv_mod
+from . import loss as loss_mod
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import GRPOConfig
+from .metrics import MetricsLog, plot_curves
+
+RewardFn = Callable[..., List[float]]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions and everything the loss needs."""
+    prompts: List[str]
+    responses: List[str]
+    columns: Dict[str, list]
+    input_ids: torch.Tensor         # [B, P + N] left-padded prompt + completion
+    attention_mask: torch.Tensor    # [B, P + N]
+    prompt_len: int                 # P
+    completion_mask: torch.Tensor   # [B, N] completion tokens up to and including EOS
+    outcome_rewards: torch.Tensor   # [B]
+    advantages: torch.Tensor        # [B, N]
+    token_rewards: torch.Tensor     # [B, N]
+    scored: Any = None              # the P2TScorer batch (process, p2t)
+    segment_ids: Optional[torch.Tensor] = None  # [B, N] aligned to the completion
+    token_scores: Optional[torch.Tensor] = None     # [B, N] attributions aligned to the completion
+    segment_rewards: Optional[torch.Tensor] = None  # [S]
+    old_logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+
+
+def _import_fn(spec: str) -> Callable:
+    if ":" not in spec:
+        raise ValueError(f"reward must look like 'module:function', got {spec!r}")
+    mod, name = spec.split(":", 1)
+    return getattr(importlib.import_module(mod), name)
+
+
+def _read_jsonl(path: str) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows or any("prompt" not in r for r in rows):
+        raise ValueError(f"{path}: every line must be a JSON object with a 'prompt'")
+    return rows
+
+
+def fill_step_holes(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Tokens with id -1 lying between two tokens of the same step join that step.
+
+    Such holes are tokens with no text of their own (a special token sampled mid-line): the PRM never
+    sees them, so they carry no attribution, but the step must stay one contiguous run for the
+    redistribution; they get the step's share like any token with zero attribution."""
+    B, N = segment_ids.shape
+    pos = torch.arange(N).expand(B, N)
+    valid = segment_ids >= 0
+    last = torch.where(valid, pos, torch.full_like(pos, -1)).cummax(-1).values
+    nxt = torch.where(valid, pos, torch.full_like(pos, N)).flip(-1).cummin(-1).values.flip(-1)
+    prev_id = torch.where(last >= 0, segment_ids.gather(1, last.clamp(min=0)), torch.full_like(pos, -1))
+    next_id = torch.where(nxt < N, segment_ids.gather(1, nxt.clamp(max=N - 1)), torch.full_like(pos, -2))
+    hole = ~valid & (prev_id == next_id)
+    return torch.where(hole, prev_id, segment_ids)
+
+
+class LabPrompts:
+    """The lab's prompt source: fresh addition chains per update, never one of the evaluation prompts."""
+
+    def __init__(self, seed: int, eval_prompts: Sequence[str]):
+        self.seed = seed
+        self.held_out = set(eval_prompts)
+
+    def __call__(self, update: int, n: int) -> List[dict]:
+        from .lab import task
+        rng = random.Random(self.seed * 1_000_003 + update)
+        out = []
+        while len(out) < n:
+            p = task.sample_problem(rng)
+            if p.prompt not in self.held_out:
+                out.append({"prompt": p.prompt, "answer": p.answer})
+        return out
+
+
+class DatasetPrompts:
+    """Rows of a JSONL file, reshuffled every epoch from (seed, epoch)."""
+
+    def __init__(self, rows: List[dict], seed: int):
+        self.rows, self.seed = rows, seed
+
+    def __call__(self, update: int, n: int) -> List[dict]:
+        out, k = [], update * n
+        while len(out) < n:
+            epoch, i = divmod(k, len(self.rows))
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            out.append(self.rows[order[i]])
+            k += 1
+        return out
+
+
+class GRPOTrainer:
+    """GRPO on a HF causal LM with outcome / process / P2T token advantages.
+
+    Args:
+        config: the settings (:class:`GRPOConfig`).
+        policy, tokenizer: a loaded causal LM and its tokenizer (default: loaded from ``config.policy``,
+            or the lab's SFT policy).
+        scorer: a :class:`p2t.P2TScorer` (default: built from ``config.prm``, or the lab's PRM).
+        reward_fn: outcome reward ``fn(prompts, responses, **columns) -> list[float]``.
+        prompt_source: ``fn(update, n) -> list of {"prompt": ..., other columns}``.
+        eval_rows: evaluation prompts (rows like the above).
+    """
+
+    def __init__(self, config: GRPOConfig, *, policy=None, tokenizer=None, scorer=None,
+                 reward_fn: Optional[RewardFn] = None, prompt_source=None, eval_rows: Optional[List[dict]] = None,
+                 log: Optional[Callable[[str], None]] = None):
+        config.validate()
+        self.config = c = config
+        self.log = log or (lambda s: None)
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto"
+                                   else c.device)
+        if c.bf16 and self.device.type != "cuda":
+            raise ValueError("bf16=True needs a GPU (device cuda)")
+        lab_paths = None
+        if policy is None and c.uses_lab:
+            from .lab.models import ensure_lab
+            lab_paths = ensure_lab(c.lab, c.lab_cache, log=self.log)
+        if policy is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            path = c.policy or lab_paths["policy"]
+            policy = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=c.trust_remote_code)
+            if tokenizer is None and c.uses_lab:
+                from .lab.tokenizer import CharTokenizer
+                tokenizer = CharTokenizer.from_pretrained(path)
+            elif tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=c.trust_remote_code)
+        if tokenizer is None:
+            raise ValueError("a policy passed as a model needs its tokenizer")
+        self.policy = policy.to(self.device)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if c.mode != "outcome" and scorer is None:
+            if c.prm is None and lab_paths is None:
+                raise ValueError(f"mode={c.mode!r} needs a process reward model: pass scorer= or set prm "
+                                 "(an HF id or a local path), or use mode='outcome'")
+            from p2t.attribution import P2TScorer
+            prm_path = c.prm or lab_paths["prm"]
+            scorer = P2TScorer.from_pretrained(prm_path, kind=c.prm_kind, device=self.device,
+                                               **self._scorer_options(tokenizer))
+        self.scorer = scorer
+        if reward_fn is None:
+            if c.reward is not None:
+                reward_fn = _import_fn(c.reward)
+            elif c.uses_lab:
+                from .lab.task import outcome_reward as reward_fn
+            else:
+                raise ValueError("set reward='module:function' (the outcome reward)")
+        self.reward_fn = reward_fn
+        if eval_rows is None:
+            if c.eval_data:
+                eval_rows = _read_jsonl(c.eval_data)
+            elif c.uses_lab:
+                from .lab import task
+                eval_rows = [{"prompt": p.prompt, "answer": p.answer} for p in task.problems(c.eval_seed, c.eval_prompts)]
+            else:
+                eval_rows = []
+        self.eval_rows = eval_rows[:c.eval_prompts]
+        if prompt_source is None:
+            if c.train_data:
+                prompt_source = DatasetPrompts(_read_jsonl(c.train_data), c.seed)
+            else:
+                prompt_source = LabPrompts(c.seed, [r["prompt"] for r in self.eval_rows])
+        self.prompt_source = prompt_source
+        self.ref_model = None
+        if c.beta > 0:  # frozen copy of the starting policy; nothing is loaded when beta == 0
+            self.ref_model = copy.deepcopy(self.policy).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.learning_rate,
+                                           betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay)
+        self.update = 0          # completed updates
+        self.last_rollout: Optional[Rollout] = None
+        self.history: List[dict] = []
+
+    def _scorer_options(self, policy_tokenizer) -> dict:
+        """P2TScorer options: the kind's conventions unless the config overrides them. The lab's PRM reads
+        ``BOS prompt step\\n step\\n ...`` and shares the policy's tokenizer (identity token mapping)."""
+        c = self.config
+        opts = {}
+        if c.uses_lab and c.prm is None:
+            opts = dict(tokenizer=policy_tokenizer, step_separator="\n", step_split="\n",
+                        template="{prompt}{response}")
+        else:
+            opts["policy_tokenizer"] = policy_tokenizer
+        for key, value in (("step_separator", c.step_separator), ("step_split", c.step_split),
+                           ("template", c.prm_template)):
+            if value is not None:
+                opts[key] = value
+        return opts
+
+    # ------------------------------------------------------------------ sampling
+    def _generate(self, prompts: List[str], num_samples: int, temperature: float, seed: int):
+        """Sampled completions: (input_ids, attention_mask, prompt_len, completion_mask, response texts)."""
+        tok = self.tokenizer
+        expanded = [p for p in prompts for _ in range(num_samples)]
+        enc = tok(expanded, return_tensors="pt", padding=True).to(self.device)
+        P = enc["input_ids"].shape[1]
+        self.policy.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            with torch.no_grad(), self._autocast():
+                out = self.policy.generate(**enc, do_sample=True, temperature=temperature, top_p=self.config.top_p,
+                                           top_k=0, max_new_tokens=self.config.max_new_tokens,
+                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        comp = out[:, P:]
+        is_eos = comp == tok.eos_token_id
+        # completion tokens: everything up to and including the first EOS
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+        cmask = ~after_eos
+        ids_wo_eos = [[t for t, m, e in zip(r, mr, er) if m and not e] for r, mr, er in
+                      zip(comp.tolist(), cmask.tolist(), is_eos.tolist())]
+        responses = tok.batch_decode(ids_wo_eos, skip_special_tokens=True)
+        attn = torch.cat([enc["attention_mask"], cmask.long()], dim=1)
+        return out, attn, P, cmask, responses, ids_wo_eos, expanded
+
+    def _autocast(self):
+        if self.config.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ log-probs
+    def _logps(self, model, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+        """Log-probabilities ``[B, N]`` of the completion tokens (logits divided by the sampling temperature)."""
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self._autocast():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits
+        logits = logits[:, prompt_len - 1:-1].float() / self.config.temperature
+        target = input_ids[:, prompt_len:]
+        return torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+    # ------------------------------------------------------------------ rollout
+    def rollout(self, update: int) -> Rollout:
+        c = self.config
+        rows = self.prompt_source(update, c.prompts_per_update)
+        prompts = [r["prompt"] for r in rows]
+        ids, attn, P, cmask, responses, resp_ids, expanded = self._generate(
+            prompts, c.group_size, c.temperature, seed=c.seed * 1_000_003 + update)
+        columns = {k: [r[k] for r in rows for _ in range(c.group_size)] for k in rows[0] if k != "prompt"}
+        o = torch.tensor(self.reward_fn(expanded, responses, **columns), dtype=torch.float32, device=self.device)
+        if o.shape != (len(expanded),):
+            raise ValueError(f"the reward function returned {tuple(o.shape)} values for {len(expanded)} responses")
+        B, N = cmask.shape
+        scored = scores = seg = seg_rewards = None
+        if c.mode != "outcome":
+            scored, scores, seg, seg_rewards = self._score(expanded, responses, resp_ids, N)
+        adv, tr = adv_mod.compute_advantages(
+            c.mode, o, cmask, group_size=c.group_size, alpha=c.alpha, scale=c.scale_rewards, scores=scores,
+            segment_ids=seg, segment_rewards=seg_rewards, omega=c.omega, temperature=c.attr_temperature,
+            standardize=c.standardize, normalize=c.normalize)
+        r = Rollout(expanded, responses, columns, ids, attn, P, cmask, o, adv, tr, scored, seg, scores, seg_rewards)
+        with torch.no_grad():
+            if c.num_iterations > 1:
+                r.old_logp = self._logps(self.policy, ids, attn, P)
+            if self.ref_model is not None:
+                r.ref_logp = self._logps(self.ref_model, ids, attn, P)
+        return r
+
+    def _score(self, prompts, responses, resp_ids, N):
+        """Scorer output aligned to the completion columns: (batch, scores, segment_ids, segment_rewards).
+
+        Empty responses are not sent to the PRM (they have no step): their tokens get no step."""
+        B = len(prompts)
+        keep = [i for i in range(B) if responses[i].strip()]
+        scores = torch.zeros(B, N, dtype=torch.float32)
+        seg = torch.full((B, N), -1, dtype=torch.long)
+        if not keep:
+            return None, scores.to(self.device), seg.to(self.device), torch.zeros(0, device=self.device)
+        batch = self.scorer.score([prompts[i] for i in keep], [responses[i] for i in keep],
+                                  method=self.config.attribution_method,
+                                  response_token_ids=[resp_ids[i] for i in keep])
+        s, g = batch.scores.detach().float().cpu(), batch.segment_ids.cpu().long()
+        n = min(N, s.shape[1])
+        scores[keep, :n] = s[:, :n]
+        seg[keep, :n] = g[:, :n]
+        seg = fill_step_holes(seg)
+        return batch, scores.to(self.device), seg.to(self.device), batch.segment_rewards.detach().float().to(self.device)
+
+    # ------------------------------------------------------------------ optimisation
+    def compute_loss(self, r: Rollout, rows: slice, num_items_in_batch: int):
+        """Loss of one micro-batch (rows of the rollout) and its statistics."""
+        c = self.config
+        mask = r.completion_mask[rows]
+        logp = self._logps(self.policy, r.input_ids[rows], r.attention_mask[rows], r.prompt_len)
+        old = r.old_logp[rows] if r.old_logp is not None else logp.detach()
+        ref = r.ref_logp[rows] if r.ref_logp is not None else None
+        per_tok, parts = loss_mod.per_token_loss(logp, old, r.advantages[rows], epsilon=c.epsilon,
+                                                 epsilon_high=c.clip_high, beta=c.beta, ref_logp=ref)
+        loss = loss_mod.aggregate(per_tok, mask, c.loss_type, max_completion_length=c.max_new_tokens,
+                                  gradient_accumulation_steps=c.gradient_accumulation_steps,
+                                  num_items_in_batch=num_items_in_batch)
+        m = mask.float()
+        stats = {"clip_ratio": float((parts["clipped"].float() * m).sum() / m.sum().clamp(min=1)),
+                 "kl": float((parts["kl"] * m).sum() / m.sum().clamp(min=1)) if "kl" in parts else 0.0}
+        return loss, stats
+
+    def optimize(self, r: Rollout) -> Dict[str, float]:
+        c = self.config
+        B = r.input_ids.shape[0]
+        mb = B // c.gradient_accumulation_steps
+        n_items = int(r.completion_mask.sum())
+        self.policy.train()
+        losses, clips, kls, norms = [], [], [], []
+        for _ in range(c.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for k in range(c.gradient_accumulation_steps):
+                loss, st = self.compute_loss(r, slice(k * mb, (k + 1) * mb), n_items)
+                loss.backward()
+                losses.append(loss.item())
+                clips.append(st["clip_ratio"])
+                kls.append(st["kl"])
+            norms.append(float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)))
+            self.optimizer.step()
+        self.policy.eval()
+        per_pass = c.gradient_accumulation_steps
+        return {"loss": sum(losses[:per_pass]),  # the first pass's batch loss (ratio 1 there)
+                "clip_ratio": sum(clips) / len(clips), "kl": sum(kls) / len(kls), "grad_norm": norms[0]}
+
+    def step(self) -> Dict[str, Any]:
+        """One full update; returns its metrics."""
+        t0 = time.time()
+        update = self.update
+        r = self.rollout(update)
+        self.last_rollout = r
+        t_roll = time.time() - t0
+        opt = self.optimize(r)
+        self.update += 1
+        c = self.config
+        lengths = r.completion_mask.sum(-1).float()
+        rec = {"update": self.update, "mode": c.mode, "reward": r.outcome_rewards.mean().item(),
+               "accuracy": (r.outcome_rewards >= 1.0).float().mean().item(),
+               "completion_length": lengths.mean().item(), **opt,
+               "rollout_s": round(t_roll, 3), "update_s": round(time.time() - t0, 3)}
+        if r.segment_ids is not None:
+            seg_r = r.segment_rewards
+            rec["step_reward"] = seg_r.mean().item() if seg_r.numel() else 0.0
+            rec.update(adv_mod.attribution_stats(r.token_scores, r.segment_ids, temperature=c.attr_temperature,
+                                                 standardize=c.standardize))
+        if c.uses_lab:
+            from .lab import task
+            labels = [l for p, s in zip(r.prompts, r.responses) for l in task.step_labels(task.parse_prompt(p), s)]
+            rec["step_accuracy"] = sum(labels) / max(len(labels), 1)
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Sampled accuracy (and mean reward) on the evaluation prompts, with a fixed sampling seed."""
+        c = self.config
+        if not self.eval_rows:
+            return {}
+        prompts = [r["prompt"] for r in self.eval_rows]
+        _, _, _, _, responses, _, expanded = self._generate(prompts, c.eval_samples_per_prompt, c.eval_temperature,
+                                                            seed=c.eval_seed)
+        cols = {k: [r[k] for r in self.eval_rows for _ in range(c.eval_samples_per_prompt)]
+                for k in self.eval_rows[0] if k != "prompt"}
+        rew = self.reward_fn(expanded, responses, **cols)
+        return {"eval_accuracy": sum(x >= 1.0 for x in rew) / len(rew), "eval_reward": sum(rew) / len(rew)}
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.config.output_dir, "checkpoint.pt")
+
+    def save(self):
+        save_checkpoint(self.checkpoint_path, {
+            "update": self.update, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "config": self.config.to_dict()})
+
+    def load(self, path: Optional[str] = None) -> bool:
+        path = path or self.checkpoint_path
+        if not os.path.exists(path):
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.update = int(state["update"])
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> List[dict]:
+        c = self.config
+        os.makedirs(c.output_dir, exist_ok=True)
+        c.save(os.path.join(c.output_dir, "config.json"))
+        metrics = MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"))
+        if c.resume and self.load():
+            self.log(f"resumed from {self.checkpoint_path} after update {self.update}")
+            metrics.truncate(self.update)
+        else:
+            metrics.truncate(-1)
+        if self.update == 0 and c.eval_every:
+            rec = {"update": 0, "mode": c.mode, **self.evaluate()}
+            metrics.write(rec)
+        bar = None
+        if c.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=c.num_updates, initial=self.update, desc=f"grpo[{c.mode}]", dynamic_ncols=True)
+        last_eval = None
+        while self.update < c.num_updates:
+            rec = self.step()
+            if c.eval_every and (self.update % c.eval_every == 0 or self.update == c.num_updates):
+                rec.update(self.evaluate())
+                last_eval = rec.get("eval_accuracy")
+            metrics.write(rec)
+            self.history.append(rec)
+            if c.save_every and (self.update % c.save_every == 0 or self.update == c.num_updates):
+                self.save()
+            if bar is not None:
+                post = {"reward": f"{rec['reward']:.3f}", "acc": f"{rec['accuracy']:.3f}"}
+                if last_eval is not None:
+                    post["eval_acc"] = f"{last_eval:.3f}"
+                bar.set_postfix(post)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        records = metrics.read()
+        try:
+            plot_curves({c.mode: [records]}, os.path.join(c.output_dir, "curves.png"))
+        except ImportError as e:  # matplotlib is optional
+            self.log(f"no plot: {e}")
+        return records
+
+    def save_pretrained(self, path: str):
+        self.policy.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
