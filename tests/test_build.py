@@ -51,3 +51,16 @@ def test_imports_without_extension_and_falls_back_to_reference():
         print("ok")
     """, TRITON_INTERPRET="0")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_readme_example_runs():
+    import re
+
+    import torch
+
+    src = open(os.path.join(ROOT, "README.md")).read()
+    code = re.search(r"```python\n(.*?)```", src, re.S).group(1)
+    ns = {}
+    exec(code, ns)
+    torch.testing.assert_close(ns["A"], ns["A_fused"], rtol=1e-5, atol=1e-5)
+    assert ns["A"].shape == (8, 512) and ns["A"].std() > 0
