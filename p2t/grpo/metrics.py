@@ -63,7 +63,8 @@ def plot_curves(runs: Dict[str, List[List[dict]]], path: str, title: Optional[st
         ax.set_xlabel("update")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
