@@ -403,12 +403,18 @@ def test_torch_compile_fullgraph_dynamic():
     def step(g, e, n, ids, R, o, mask):
         return p2t.p2t_advantages(g, e, n, ids, R, o, group_size=2, mask=mask, validate=False, backend="cpu")
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
-    for N in (13, 17):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")  # fake-tensor tracing of fwd and bwd graphs
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for N in (13, 17, 29):  # new lengths (and segment counts) must not recompile
         x = _pipeline_inputs(B=4, N=N, D=8)
         args = [x["g64"][:4].float(), x["e64"][:4].float(), x["n64"].float(), x["ids"][:4], x["R"].float(),
                 x["o"][:4].float(), x["mask"][:4]]
         torch.testing.assert_close(compiled(*args), step(*args), rtol=1e-5, atol=1e-6)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[-1] == frames[0], f"graphs compiled after each call: {frames}"
 
 
 # ------------------------------------------------------------------------------------------------ #
