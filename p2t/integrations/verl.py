@@ -1,0 +1,269 @@
+"""verl integration: the ``"p2t"`` advantage estimator and the ``"p2t"`` reward manager.
+
+verl hands an advantage estimator one ``(B, T)`` tensor, ``token_level_rewards``, plus
+``response_mask`` and ``index`` (the uid of each row's prompt group). The P2T reward manager
+therefore writes both parts of the P2T advantage into that one tensor:
+
+* the outcome reward ``o_b`` at the last response token (where verl's own reward managers put it),
+* ``alpha * r_i`` on every other response token (``r_i``: the P2T token rewards; ``R_s`` of the
+  token's step with ``mode="process"``).
+
+The estimator reads them back and returns ``A~[b, i] = A^_b + alpha * r_i`` with ``A^_b`` the GRPO
+advantage of ``o_b`` within its uid group (unbiased std, ``algorithm.norm_adv_by_std_in_grpo``
+honoured), 0 outside ``response_mask``. The last token gets ``A^_b`` (its own token reward, usually
+that of an EOS token, which is in no step, is not carried). With ``algorithm.use_kl_in_reward=True``
+the per-token KL penalty verl subtracts lands in the token part, i.e. directly in the advantage.
+
+Importing this module registers both under the name ``"p2t"``; the ``verl.plugins`` entry point of
+the p2t package imports it when verl starts, so ``algorithm.adv_estimator=p2t`` and
+``reward.reward_manager.name=p2t`` work without code changes. Options of the reward manager come
+from ``reward.reward_kwargs`` (``prm``, ``prm_kind``, ``mode``, ``alpha``, ``omega``, ``temperature``,
+``standardize``, ``normalize``, ``method``; any other key goes to ``P2TScorer.from_pretrained``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..ops import token_advantages
+from ._common import P2TOptions, check_scorer, last_valid_index, token_rewards
+
+try:
+    from verl.trainer.ppo import core_algos as _core_algos
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("p2t.integrations.verl needs verl: pip install verl") from e
+
+__all__ = ["compute_p2t_advantage", "split_token_level_rewards", "group_index", "p2t_reward_rows",
+           "P2TRewardManager", "register"]
+
+NAME = "p2t"
+
+
+def group_index(index) -> torch.Tensor:
+    """Dense group ids ``[B]`` (0, 1, ... in order of first appearance) from verl's ``index`` (uids of
+    any hashable type, groups need not be contiguous)."""
+    if index is None:
+        raise ValueError("index is required: the uid of each row's prompt group (verl passes "
+                         "data.non_tensor_batch['uid'])")
+    seen: Dict[Any, int] = {}
+    ids = [seen.setdefault(u.item() if isinstance(u, np.generic) else u, len(seen)) for u in np.asarray(index,
+                                                                                                     dtype=object)]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def split_token_level_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor):
+    """``(outcome [B], token part [B, T])`` from the layout the P2T reward manager writes: the outcome at
+    the last response token, ``alpha * r_i`` on the others. Rows with no response token get outcome 0."""
+    last = last_valid_index(response_mask)
+    has = last >= 0
+    safe = last.clamp(min=0).unsqueeze(1)
+    outcome = token_level_rewards.float().gather(1, safe).squeeze(1) * has
+    token = token_level_rewards.float().scatter(1, safe, 0.0)
+    return outcome, token
+
+
+def _grouped_sequence_advantages(outcome: torch.Tensor, gid: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
+    """GRPO advantages for groups of any sizes (p2t's semantics: unbiased std, group size 1 gives 0)."""
+    n = int(gid.max().item()) + 1 if gid.numel() else 0
+    o = outcome.double()
+    cnt = torch.zeros(n, dtype=torch.float64, device=o.device).index_add_(0, gid, torch.ones_like(o))
+    mean = torch.zeros_like(cnt).index_add_(0, gid, o) / cnt
+    dev = o - mean[gid]
+    var = torch.zeros_like(cnt).index_add_(0, gid, dev * dev) / (cnt - 1).clamp(min=1)
+    adv = dev if scale == "none" else dev / (var.sqrt()[gid] + eps)
+    return torch.where(cnt[gid] > 1, adv, torch.zeros_like(adv)).float()
+
+
+def compute_p2t_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index=None,
+                          config=None, epsilon: float = 1e-6, norm_adv_by_std_in_grpo: Optional[bool] = None,
+                          **kwargs) -> tuple:
+    """verl advantage estimator ``"p2t"``: ``A~[b, i] = A^_b + alpha * r_i``.
+
+    Args:
+        token_level_rewards: float ``[B, T]`` as the P2T reward manager writes it (outcome at the last
+            response token, ``alpha * r_i`` elsewhere).
+        response_mask: ``[B, T]``, 1 on response tokens.
+        index: ``[B]`` uids of the prompt groups (any order; groups need not be contiguous).
+        config: verl's algorithm config; ``norm_adv_by_std_in_grpo`` is read from it (default True).
+        epsilon: added to the group std.
+    Returns:
+        ``(advantages, returns)``, both the float32 ``[B, T]`` token advantages.
+    """
+    if not isinstance(token_level_rewards, torch.Tensor) or token_level_rewards.dim() != 2:
+        raise ValueError(f"token_level_rewards must be a [B, T] tensor, got "
+                         f"{getattr(token_level_rewards, 'shape', type(token_level_rewards).__name__)}")
+    if not isinstance(response_mask, torch.Tensor) or response_mask.shape != token_level_rewards.shape:
+        raise ValueError(f"response_mask must be a tensor of shape {tuple(token_level_rewards.shape)}, got "
+                         f"{getattr(response_mask, 'shape', type(response_mask).__name__)}")
+    B = token_level_rewards.shape[0]
+    gid = group_index(index).to(token_level_rewards.device)
+    if gid.numel() != B:
+        raise ValueError(f"index has {gid.numel()} entries but token_level_rewards has {B} rows")
+    if norm_adv_by_std_in_grpo is None:
+        norm_adv_by_std_in_grpo = True if config is None else bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
+    scale = "group" if norm_adv_by_std_in_grpo else "none"
+    mask = response_mask.bool()
+    with torch.no_grad():
+        outcome, token = split_token_level_rewards(token_level_rewards, mask)
+        counts = torch.bincount(gid)
+        if B and bool((counts == counts[0]).all()):
+            # equal-sized groups (the usual rollout.n): sort rows so groups are contiguous, one fused call
+            G = int(counts[0].item())
+            perm = torch.argsort(gid, stable=True)
+            adv_sorted = token_advantages(outcome[perm], token[perm], group_size=G, alpha=1.0, mask=mask[perm],
+                                          scale=scale, eps=epsilon)
+            adv = torch.empty_like(adv_sorted)
+            adv[perm] = adv_sorted
+        else:
+            seq = _grouped_sequence_advantages(outcome, gid, scale, epsilon)
+            adv = torch.where(mask, seq.unsqueeze(1) + token, torch.zeros_like(token))
+    return adv, adv
+
+
+def _cfg_get(config, key, default):
+    if hasattr(config, "get"):
+        try:
+            return config.get(key, default)
+        except Exception:  # noqa: BLE001 - dataclass configs without a dict interface
+            pass
+    return getattr(config, key, default)
+
+
+def p2t_reward_rows(scorer, prompts: Sequence[Any], responses: Sequence[str], response_ids: Sequence[Sequence[int]],
+                    outcome_rewards: Sequence[float], *, length: int, options: P2TOptions) -> torch.Tensor:
+    """The ``[B, length]`` reward tensor in the estimator's layout, for a batch of responses:
+    ``alpha * r_i`` on the response tokens, the outcome reward on each response's last token."""
+    if len(outcome_rewards) != len(response_ids):
+        raise ValueError(f"outcome_rewards has {len(outcome_rewards)} entries but response_ids has "
+                         f"{len(response_ids)}")
+    rows = options.alpha * token_rewards(scorer, prompts, responses, response_ids, length=length, options=options)
+    for b, ids in enumerate(response_ids):
+        if len(ids):
+            rows[b, len(ids) - 1] = float(outcome_rewards[b])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward manager (verl's reward loop): outcome reward from verl's compute_score, token rewards from the PRM.
+
+_OPTION_KEYS = ("mode", "alpha", "omega", "temperature", "standardize", "normalize", "method", "score_kwargs",
+                "backend")
+
+
+def _reward_kwargs(config) -> Dict[str, Any]:
+    if config is None:
+        return {}
+    reward = _cfg_get(config, "reward", None)
+    kw = _cfg_get(reward, "reward_kwargs", None) if reward is not None else None
+    if kw is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+        if OmegaConf.is_config(kw):
+            kw = OmegaConf.to_container(kw, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(kw)
+
+
+from verl.experimental.reward_loop.reward_manager import NaiveRewardManager as _NaiveRewardManager  # noqa: E402
+from verl.experimental.reward_loop.reward_manager import register as _register_reward_manager  # noqa: E402
+
+
+class P2TRewardManager(_NaiveRewardManager):
+    """verl reward-loop manager ``"p2t"``: the outcome reward of verl's naive manager (``compute_score``)
+    on the last response token and ``alpha * r_i`` from a :class:`p2t.P2TScorer` on the others.
+
+    ``run_single`` returns the whole row as ``reward_score`` and :meth:`assemble_rm_scores` lays the rows
+    into ``rm_scores``. The PRM is loaded once per worker process from ``reward.reward_kwargs.prm``
+    (a path or id, ``prm_kind`` for its kind), or passed as ``scorer=``. Token rewards need the reward
+    loop's batch scoring (``rm_scores`` built by ``assemble_rm_scores``); scoring inside the agent loop
+    keeps one number per sequence.
+    """
+
+    _shared_scorer = None
+
+    def __init__(self, config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None,
+                 scorer=None, **options):
+        super().__init__(config, tokenizer, compute_score, reward_router_address=reward_router_address,
+                         reward_model_tokenizer=reward_model_tokenizer)
+        kw = _reward_kwargs(config)
+        kw.update(options)
+        opts = {k: kw.pop(k) for k in _OPTION_KEYS if k in kw}
+        self.p2t_options = P2TOptions(**opts)
+        prm = kw.pop("prm", None)
+        prm_kind = kw.pop("prm_kind", "step_classifier")
+        if scorer is None and self.p2t_options.mode != "outcome":
+            if type(self)._shared_scorer is None:
+                if prm is None:
+                    raise ValueError("the p2t reward manager needs a PRM: set reward.reward_kwargs.prm to a path or id "
+                                     "(and reward.reward_kwargs.prm_kind), or pass scorer=")
+                from ..attribution import P2TScorer
+                type(self)._shared_scorer = P2TScorer.from_pretrained(prm, kind=prm_kind, policy_tokenizer=tokenizer,
+                                                                      **kw)
+            scorer = type(self)._shared_scorer
+        check_scorer(scorer, self.p2t_options.mode)
+        self.p2t_scorer = scorer
+
+    async def run_single(self, data) -> dict:
+        result = await super().run_single(data)
+        outcome = float(result["reward_score"])
+        item = data[-1:][0]
+        response_ids = item.batch["responses"]
+        n = int(item.batch["attention_mask"][-response_ids.shape[-1]:].sum().item())
+        ids = response_ids[:n].tolist()
+        prompt = self._prompt(item)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        row = await self.loop.run_in_executor(None, lambda: p2t_reward_rows(
+            self.p2t_scorer, [prompt], [text], [ids], [outcome], length=max(n, 1), options=self.p2t_options))
+        result["reward_score"] = row[0, :n].tolist()
+        result.setdefault("reward_extra_info", {})["p2t_outcome"] = outcome
+        return result
+
+    def _prompt(self, item):
+        raw = item.non_tensor_batch.get("raw_prompt", None)
+        if raw is not None:
+            return list(raw) if not isinstance(raw, str) else raw
+        prompt_ids = item.batch["prompts"]
+        n = int(item.batch["attention_mask"][:prompt_ids.shape[-1]].sum().item())
+        return self.tokenizer.decode(prompt_ids[prompt_ids.shape[-1] - n:], skip_special_tokens=True)
+
+    @classmethod
+    def assemble_rm_scores(cls, data, scores) -> torch.Tensor:
+        """``rm_scores [B, T]`` from per-sample rows (lists from :meth:`run_single`) or plain floats (put on
+        the last response token, as verl does)."""
+        prompt_length = data.batch["prompts"].size(1)
+        valid = data.batch["attention_mask"][:, prompt_length:].sum(dim=1)
+        rm = torch.zeros_like(data.batch["responses"], dtype=torch.float32)
+        for b, s in enumerate(scores):
+            n = int(valid[b].item())
+            if isinstance(s, (list, tuple, np.ndarray, torch.Tensor)):
+                row = torch.as_tensor(np.asarray(s, dtype=np.float32))
+                if row.numel() != n:
+                    raise ValueError(f"reward row {b} has {row.numel()} values for {n} response tokens")
+                rm[b, :n] = row.to(rm.device)
+            elif n > 0:
+                rm[b, n - 1] = float(s)
+        return rm
+
+
+def register() -> None:
+    """Register the estimator and the reward manager under ``"p2t"`` (idempotent)."""
+    existing = _core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME)
+    if existing is None or getattr(existing, "__qualname__", None) != compute_p2t_advantage.__qualname__ or \
+            getattr(existing, "__module__", None) != compute_p2t_advantage.__module__:
+        _core_algos.register_adv_est(NAME)(compute_p2t_advantage)
+    else:
+        _core_algos.ADV_ESTIMATOR_REGISTRY[NAME] = compute_p2t_advantage
+    from verl.experimental.reward_loop.reward_manager import registry as _rm_registry
+    old = _rm_registry.REWARD_MANAGER.get(NAME)
+    if old is not None and (old.__module__, old.__qualname__) == (P2TRewardManager.__module__,
+                                                                  P2TRewardManager.__qualname__):
+        _rm_registry.REWARD_MANAGER[NAME] = P2TRewardManager
+    else:
+        _register_reward_manager(NAME)(P2TRewardManager)
+
+
+register()

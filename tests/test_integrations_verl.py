@@ -1,0 +1,232 @@
+"""The "p2t" advantage estimator and reward manager against the real verl package (CPU)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import p2t
+
+pytest.importorskip("verl.trainer.ppo.core_algos")
+pytest.importorskip("verl.experimental.reward_loop.reward_manager")
+
+from verl.trainer.ppo import core_algos  # noqa: E402
+
+from p2t.integrations import verl as pv  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _layout(outcome, token, lengths, T):
+    """The reward manager's layout: token part on the response, outcome on the last response token."""
+    B = len(lengths)
+    rew = torch.zeros(B, T)
+    mask = torch.zeros(B, T)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        rew[b, :n] = token[b, :n]
+        if n:
+            rew[b, n - 1] = outcome[b]
+    return rew, mask
+
+
+def _loop_reference(outcome, token, lengths, index, T, norm=True, eps=1e-6):
+    """Per-group loop in float64: A^ (unbiased std; group of one -> 0) + token part, last token carries A^ only."""
+    B = len(lengths)
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    groups = {}
+    for b, u in enumerate(index):
+        groups.setdefault(u, []).append(b)
+    for rows in groups.values():
+        # a row with no response token carries no outcome (0, as in verl's sum over tokens)
+        o = torch.tensor([float(outcome[b]) if lengths[b] else 0.0 for b in rows], dtype=torch.float64)
+        for k, b in enumerate(rows):
+            if len(rows) == 1:
+                a = 0.0
+            elif norm:
+                a = (o[k] - o.mean()) / (o.std() + eps)
+            else:
+                a = o[k] - o.mean()
+            n = lengths[b]
+            adv[b, :n] = a + token[b, :n].double()
+            if n:
+                adv[b, n - 1] = a
+    return adv.float()
+
+
+@pytest.mark.parametrize("sizes", ["equal", "unequal"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_estimator_groups_by_uid_not_by_position(sizes, norm):
+    g = torch.Generator().manual_seed(3)
+    if sizes == "equal":   # 4 groups of 3, rows interleaved
+        index = np.array(["u%d" % (i % 4) for i in range(12)], dtype=object)
+    else:                  # sizes 4, 2, 5, 1 (a group of one), shuffled
+        index = np.array(["a"] * 4 + ["b"] * 2 + ["c"] * 5 + ["d"], dtype=object)
+        index = index[torch.randperm(12, generator=g).numpy()]
+    B, T = 12, 9
+    lengths = torch.randint(0, T + 1, (B,), generator=g).tolist()
+    lengths[0], lengths[1] = T, 0          # a full row and an empty row
+    outcome = torch.randint(0, 3, (B,), generator=g).float()
+    token = 0.1 * torch.randn(B, T, generator=g)
+    rew, mask = _layout(outcome, token, lengths, T)
+    cfg = core_algos.AlgoConfig(norm_adv_by_std_in_grpo=norm)
+    fn = core_algos.get_adv_estimator_fn("p2t")
+    assert fn is pv.compute_p2t_advantage
+    adv, ret = fn(token_level_rewards=rew, response_mask=mask, index=index, config=cfg)
+    want = _loop_reference(outcome, token, lengths, list(index), T, norm=norm)
+    torch.testing.assert_close(adv, want, rtol=1e-5, atol=1e-5)
+    assert ret is adv and adv.dtype == torch.float32
+    assert (adv[mask == 0] == 0).all()
+
+
+def test_estimator_equals_verl_grpo_without_token_rewards():
+    g = torch.Generator().manual_seed(0)
+    B, T = 8, 6
+    index = np.array([3, 1, 3, 2, 1, 2, 3, 1], dtype=object)   # sizes 3, 3, 2
+    lengths = [6, 3, 5, 1, 6, 2, 4, 6]
+    outcome = torch.randn(B, generator=g)
+    rew, mask = _layout(outcome, torch.zeros(B, T), lengths, T)
+    ours, _ = pv.compute_p2t_advantage(rew, mask, index=index)
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(rew.clone(), mask, index)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    ours, _ = pv.compute_p2t_advantage(rew, mask, index=index, config={"norm_adv_by_std_in_grpo": False})
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(rew.clone(), mask, index, norm_adv_by_std_in_grpo=False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_estimator_bad_input():
+    rew, mask = torch.zeros(4, 3), torch.ones(4, 3)
+    with pytest.raises(ValueError, match="index"):
+        pv.compute_p2t_advantage(rew, mask, index=None)
+    with pytest.raises(ValueError, match="index"):
+        pv.compute_p2t_advantage(rew, mask, index=np.array([0, 0, 1]))
+    with pytest.raises(ValueError, match="response_mask"):
+        pv.compute_p2t_advantage(rew, torch.ones(4, 2), index=np.array([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="token_level_rewards"):
+        pv.compute_p2t_advantage(torch.zeros(4), torch.ones(4), index=np.array([0, 0, 1, 1]))
+
+
+class StandInScorer:
+    """The attributes of P2TScorer.score's batch; one step per two tokens, scores from the token ids."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, prompts, responses, *, method="taylor", response_token_ids=None):
+        ids = response_token_ids
+        B, N = len(ids), max(len(x) for x in ids)
+
+        class Batch:
+            pass
+        out = Batch()
+        out.scores = torch.zeros(B, N)
+        out.segment_ids = torch.full((B, N), -1, dtype=torch.int64)
+        out.response_mask = torch.zeros(B, N, dtype=torch.bool)
+        R, s = [], 0
+        for b, x in enumerate(ids):
+            t = torch.tensor(x, dtype=torch.float32)
+            out.scores[b, :len(x)] = torch.cos(t)
+            out.response_mask[b, :len(x)] = True
+            for k in range(0, len(x), 2):
+                out.segment_ids[b, k:k + 2] = s
+                R.append(float(torch.sigmoid(t[k:k + 2].mean() / 100)))
+                s += 1
+        out.segment_rewards = torch.tensor(R)
+        self.calls.append((list(prompts), list(responses), [list(x) for x in ids], out))
+        return out
+
+
+class CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True, **kw):
+        return "".join(chr(97 + (int(i) % 26)) for i in ids if int(i) != 0)
+
+
+def test_reward_manager_to_estimator_end_to_end():
+    """verl's reward-loop classes: run_single per sample -> assemble_rm_scores -> the "p2t" estimator."""
+    from omegaconf import OmegaConf
+    from verl import DataProto
+    from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
+
+    cls = get_reward_manager_cls("p2t")
+    assert cls is pv.P2TRewardManager
+    config = OmegaConf.create({"reward": {"reward_kwargs": {"alpha": 0.5, "omega": 0.6, "temperature": 2.0}}})
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw):
+        return float(len(solution_str) % 3)
+
+    scorer = StandInScorer()
+    rm = cls(config, CharTokenizer(), compute_score, scorer=scorer)
+    assert rm.p2t_options.alpha == 0.5 and rm.p2t_options.temperature == 2.0
+
+    g = torch.Generator().manual_seed(1)
+    B, P, T = 6, 3, 7
+    prompts = torch.randint(1, 50, (B, P), generator=g)
+    responses = torch.randint(1, 50, (B, T), generator=g)
+    lengths = [7, 4, 1, 6, 3, 5]
+    attn = torch.zeros(B, P + T, dtype=torch.int64)
+    attn[:, :P] = 1
+    for b, n in enumerate(lengths):
+        attn[b, P:P + n] = 1
+        responses[b, n:] = 0
+    data = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "attention_mask": attn,
+                 "input_ids": torch.cat([prompts, responses], 1)},
+        non_tensors={"data_source": np.array(["toy"] * B, dtype=object),
+                     "reward_model": np.array([{"ground_truth": "x"}] * B, dtype=object),
+                     "uid": np.array(["p", "q", "p", "q", "p", "q"], dtype=object)})
+    outs = [rm.loop.run_until_complete(rm.run_single(data[i:i + 1])) for i in range(B)]
+    rm_scores = cls.assemble_rm_scores(data, [o["reward_score"] for o in outs])
+    assert rm_scores.shape == (B, T)
+    mask = attn[:, P:].float()
+    adv, _ = core_algos.get_adv_estimator_fn("p2t")(token_level_rewards=rm_scores, response_mask=mask,
+                                                     index=data.non_tensor_batch["uid"], config=None)
+
+    # the same from the scorer's outputs with the public ops
+    outcome = torch.tensor([float(len(CharTokenizer().decode(responses[b, :n].tolist())) % 3)
+                            for b, n in enumerate(lengths)])
+    r = torch.zeros(B, T)
+    for b, (_, _, ids, batch) in enumerate(scorer.calls):
+        assert ids[0] == responses[b, :lengths[b]].tolist()
+        r[b, :lengths[b]] = p2t.segment_redistribute(batch.scores, batch.segment_ids, batch.segment_rewards,
+                                                     omega=0.6, temperature=2.0)[0]
+    for b, n in enumerate(lengths):
+        r[b, n - 1] = 0.0           # the last token carries the outcome
+    perm = torch.tensor([0, 2, 4, 1, 3, 5])   # uid groups p and q made contiguous
+    want = torch.empty(B, T)
+    want[perm] = p2t.token_advantages(outcome[perm], r[perm], group_size=3, alpha=0.5, mask=mask[perm].bool())
+    torch.testing.assert_close(adv, want, rtol=1e-5, atol=1e-6)
+    assert adv[0][mask[0].bool()].std() > 1e-4          # token-level, not one number per sequence
+    # plain float scores (other managers) still go to the last token
+    plain = cls.assemble_rm_scores(data, [1.0] * B)
+    assert plain.sum().item() == B and all(plain[b, n - 1] == 1.0 for b, n in enumerate(lengths))
+
+
+def test_reward_manager_needs_a_prm():
+    from omegaconf import OmegaConf
+    with pytest.raises(ValueError, match="prm"):
+        pv.P2TRewardManager(OmegaConf.create({"reward": {}}), CharTokenizer(), None)
+    with pytest.raises(ValueError, match="mode"):
+        pv.P2TRewardManager(OmegaConf.create({"reward": {"reward_kwargs": {"mode": "x"}}}), CharTokenizer(), None,
+                            scorer=StandInScorer())
+
+
+def test_verl_plugins_entry_point_registers_p2t(tmp_path):
+    """`import verl` loads the `verl.plugins` entry point of the p2t package: "p2t" is then known."""
+    dist = tmp_path / "p2t_entry-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: p2t-entry\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[verl.plugins]\np2t = p2t.integrations.verl\n")
+    code = textwrap.dedent("""
+        import verl
+        from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+        from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
+        print(get_adv_estimator_fn("p2t").__module__, get_reward_manager_cls("p2t").__name__)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO, os.environ.get("PYTHONPATH", "")]))
+    env.pop("VERL_USE_EXTERNAL_PLUGINS", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-2:] == ["p2t.integrations.verl", "P2TRewardManager"]
