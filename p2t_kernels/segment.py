@@ -82,7 +82,7 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
             x = tl.load(x_ptr + offs, mask=mine, other=0).to(CD)
             if STANDARDIZE:
                 x = tl.where(const, 0, (x - mean) / std)
-            x = x / temperature
+            x = tl.where(mine, x / temperature, xmax)  # no exp overflow in unused lanes
             accs += tl.where(mine, tl.exp(x - xmax), 0)
         den = tl.sum(accs, 0)
         rew = tl.load(rewards_ptr + s).to(CD)
@@ -99,7 +99,7 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
             x = tl.load(x_ptr + offs, mask=mine, other=0).to(CD)
             if STANDARDIZE:
                 x = tl.where(const, 0, (x - mean) / std)
-            x = x / temperature
+            x = tl.where(mine, x / temperature, xmax)
             w = tl.exp(x - xmax) / den
             r = rew + omega * rew * w
             if NORMALIZE_SUM:

@@ -1,0 +1,345 @@
+"""Tests specific to the GPU backends ("triton" from p2t_kernels, "cuda" from csrc/cuda): the paths
+the generic suite (test_ops.py) does not reach — multi-block segments and rows, stale run bounds,
+vector vs scalar loads, mixed dtypes, direct op calls, no recompilation for a new length — and, on a
+GPU, the cuda and triton backends against the reference and a float64 oracle at larger shapes.
+
+Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET=1 must be set before
+triton is first imported. tests/conftest.py sets it; the lines below do the same when this module is
+imported on its own.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import p2t  # noqa: E402
+from p2t.ops import reference as ref  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _params():
+    out = []
+    if "triton" in p2t.available_backends("cpu"):
+        out.append(pytest.param("triton", "cpu", id="triton-cpu"))
+    if torch.cuda.is_available():
+        for name in ("triton", "cuda"):
+            if name in p2t.available_backends("cuda"):
+                out.append(pytest.param(name, "cuda", id=f"{name}-cuda"))
+    return out or [pytest.param(None, None, marks=pytest.mark.skip(reason="no GPU backend can run here"))]
+
+
+GPU_BACKENDS = _params()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check(out, ref_out, oracle, floor=1e-5):
+    """out vs the float64 oracle: at most 2x the reference backend's own error + a small floor."""
+    assert out.shape == oracle.shape, (out.shape, oracle.shape)
+    assert torch.isfinite(out).all(), "non-finite output"
+    err, ref_err = _err(out, oracle), _err(ref_out, oracle)
+    scale = max(1.0, oracle.abs().max().item()) if oracle.numel() else 1.0
+    assert err <= 2 * ref_err + floor * scale, f"err {err:.3g} vs reference err {ref_err:.3g} (floor {floor:.1g})"
+
+
+def segments(B, N, lengths, gaps=1, first=0, device="cpu", skip_rows=()):
+    """ids [B, N]: per row, runs of the given lengths (cycled) separated by ``gaps`` tokens with -1."""
+    ids = torch.full((B, N), -1, dtype=torch.long)
+    s, k = 0, 0
+    for b in range(B):
+        if b in skip_rows:
+            continue
+        i = first
+        while i < N:
+            n = lengths[k % len(lengths)]
+            k += 1
+            ids[b, i:i + n] = s
+            s += 1
+            i += n + gaps
+    return ids.to(device), s
+
+
+def pipeline(B, N, D, lengths, device, dtype=torch.float32, seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    ids, S = segments(B, N, lengths, **kw)
+    g = torch.randn(B, N, D, generator=gen).to(device, dtype)
+    e = torch.randn(B, N, D, generator=gen).to(device, dtype)
+    n = (0.1 * torch.randn(D, generator=gen)).to(device, dtype)
+    R = torch.randn(S, generator=gen).to(device)
+    o = torch.randn(B, generator=gen).to(device)
+    return g, e, n, ids.to(device), R, o
+
+
+def oracle_p2t(g, e, n, ids, R, o, mask, G, **kw):
+    args = dict(omega=0.6, alpha=0.1, temperature=1.0, standardize=False, normalize_sum=False, scale=0, eps=1e-6)
+    args.update(kw)
+    return ref.p2t_advantages(g.double(), e.double(), n.double(), ids, R.double(), o.double(), mask, G,
+                              args["omega"], args["alpha"], args["temperature"], args["standardize"],
+                              args["normalize_sum"], args["scale"], args["eps"])
+
+
+# ------------------------------------------------------------------------------------------------ #
+# attribution: vector and scalar paths, mixed dtypes, offsets
+# ------------------------------------------------------------------------------------------------ #
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32, torch.float16),
+                                    (torch.float16, torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float16, torch.bfloat16),
+                                    (torch.float64, torch.float64, torch.float64),
+                                    (torch.float64, torch.float32, torch.float64)])
+@pytest.mark.parametrize("D", [256, 300, 37])
+def test_attribution_mixed_dtypes(backend, device, dtypes, D):
+    gd, ed, nd = dtypes
+    gen = torch.Generator().manual_seed(D)
+    g = torch.randn(3, 37, D, generator=gen).to(device, gd)
+    e = torch.randn(3, 37, D, generator=gen).to(device, ed)
+    n = torch.randn(D, generator=gen).to(device, nd)
+    mask = (torch.rand(3, 37, generator=gen) > 0.3).to(device)
+    out = p2t.token_attribution(g, e, n, mask=mask, backend=backend)
+    want_dtype = torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32
+    assert out.dtype == want_dtype
+    oracle = ref.token_attribution(g.double(), e.double(), n.double(), mask)
+    check(out, p2t.token_attribution(g, e, n, mask=mask, backend="reference"), oracle)
+    assert (out[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_attribution_misaligned_and_strided_rows(backend, device):
+    """Views whose base is 1 element off (no 16-byte loads), rows with padding, a transposed copy."""
+    D = 64
+    base = torch.randn(2 * 29 * D + 1, device=device, dtype=torch.bfloat16)
+    g = base[1:].view(2, 29, D)  # misaligned by 2 bytes
+    big = torch.randn(2, 29, D + 8, device=device, dtype=torch.bfloat16)
+    e = big[..., 3:3 + D]  # row stride D + 8, misaligned start
+    n = torch.randn(D + 1, device=device)[1:]
+    t = torch.randn(D, 2, 29, device=device).permute(1, 2, 0)  # last dim strided
+    oracle = ref.token_attribution(g.double(), e.double(), n.double())
+    check(p2t.token_attribution(g, e, n, backend=backend), p2t.token_attribution(g, e, n, backend="reference"),
+          oracle)
+    oracle = ref.token_attribution(g.double(), t.double(), n.double())
+    check(p2t.token_attribution(g, t, n, backend=backend), p2t.token_attribution(g, t, n, backend="reference"),
+          oracle)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# segments: long runs (several blocks), long rows (several fill chunks), stale bounds, ids >= S
+# ------------------------------------------------------------------------------------------------ #
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("standardize,normalize,temperature", [(False, "paper", 0.7), (True, "sum", 1.3)])
+def test_segment_long_runs_and_rows(backend, device, standardize, normalize, temperature):
+    # rows of 4500 tokens (> the fill chunk), runs of 1..700 tokens (> the segment block)
+    ids, S = segments(2, 4500, [700, 1, 3, 261, 1, 513], gaps=2, first=1, device=device)
+    scores = 3 * torch.randn(2, 4500, device=device)
+    scores[0, 705:708] = 0.25  # a constant 3-token segment: zero std
+    R = torch.randn(S, device=device)
+    kw = dict(omega=0.6, temperature=temperature, standardize=standardize, normalize=normalize)
+    out = p2t.segment_redistribute(scores, ids, R, backend=backend, **kw)
+    oracle = ref.segment_redistribute(scores.double().reshape(-1), ids.reshape(-1), R.double(), 0.6, temperature,
+                                      standardize, normalize == "sum").reshape(2, 4500)
+    check(out, p2t.segment_redistribute(scores, ids, R, backend="reference", **kw), oracle)
+    assert (out[ids < 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_segment_stale_bounds_and_out_of_range_ids(backend, device):
+    """A second call where most segments have no token (their run bounds are stale memory of the
+    first call) and some ids are >= S (treated like -1 when validation is off)."""
+    ids, S = segments(3, 57, [4, 1, 7], device=device)
+    R = torch.randn(S, device=device)
+    x = torch.randn(3, 57, device=device)
+    p2t.segment_redistribute(x, ids, R, backend=backend)
+    ids2 = ids.clone()
+    ids2[ids2 % 3 != 0] = -1  # two thirds of the segments vanish
+    ids2[2, 40:45] = S + 5  # out of range
+    out = p2t.segment_redistribute(x, ids2, R, backend=backend, validate=False)
+    ids_ref = torch.where(ids2 >= S, torch.full_like(ids2, -1), ids2)
+    oracle = ref.segment_redistribute(x.double().reshape(-1), ids_ref.reshape(-1), R.double()).reshape(3, 57)
+    check(out, ref.segment_redistribute(x.reshape(-1), ids_ref.reshape(-1), R).reshape(3, 57), oracle)
+    assert (out[2, 40:45] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_segment_extreme_scores_no_overflow(backend, device):
+    """Softmax shift by the segment max: scores of 1e4 in one segment and -1e4 in the next."""
+    ids, S = segments(1, 40, [5, 6], device=device)
+    x = torch.where(ids % 2 == 0, 1e4, -1e4).float() + torch.randn(1, 40, device=device)
+    R = torch.randn(S, device=device)
+    out = p2t.segment_redistribute(x, ids, R, temperature=0.1, backend=backend)
+    oracle = ref.segment_redistribute(x.double().reshape(-1), ids.reshape(-1), R.double(), 0.6, 0.1).reshape(1, 40)
+    check(out, ref.segment_redistribute(x.reshape(-1), ids.reshape(-1), R, 0.6, 0.1).reshape(1, 40), oracle)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# the fused pipeline
+# ------------------------------------------------------------------------------------------------ #
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("scale", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_p2t_masks_and_scales(backend, device, scale, dtype):
+    B, N, D = 6, 45, 40
+    g, e, n, ids, R, o = pipeline(B, N, D, [1, 5, 9, 2], device, dtype, skip_rows=(4,))
+    o[2:4] = 0.5  # a constant group: zero std
+    mask = torch.ones(B, N, dtype=torch.bool, device=device)
+    mask[1, 30:] = False  # padding that cuts a segment short
+    mask[3] = False  # all masked
+    kw = dict(group_size=2, omega=0.6, alpha=0.3, temperature=0.8, standardize=scale == 1,
+              normalize="sum" if scale == 2 else "paper", scale=("group", "batch", "none")[scale], mask=mask)
+    out = torch.full((B, N), float("nan"), device=device)
+    got = p2t.p2t_advantages(g, e, n, ids, R, o, backend=backend, out=out, **kw)
+    assert got is out
+    oracle = oracle_p2t(g, e, n, ids, R, o, mask, 2, alpha=0.3, temperature=0.8, standardize=scale == 1,
+                        normalize_sum=scale == 2, scale=scale)
+    check(out, p2t.p2t_advantages(g, e, n, ids, R, o, backend="reference", **kw), oracle)
+    assert (out[~mask] == 0).all()
+    adv = ref.group_advantages(o.double(), 2, scale)
+    free = (ids < 0) & mask
+    torch.testing.assert_close(out[free].double(), adv[:, None].expand(B, N)[free], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_p2t_float64_and_float32_out(backend, device):
+    g, e, n, ids, R, o = pipeline(4, 33, 17, [3, 8], device, torch.float64)
+    R, o = R.double(), o.double()
+    full = p2t.p2t_advantages(g, e, n, ids, R, o, group_size=4, backend=backend)
+    assert full.dtype == torch.float64
+    oracle = oracle_p2t(g, e, n, ids, R, o, None, 4)
+    assert _err(full, oracle) < 1e-12
+    out32 = torch.full((4, 33), float("nan"), device=device)
+    p2t.p2t_advantages(g, e, n, ids, R, o, group_size=4, backend=backend, out=out32)
+    assert _err(out32, oracle) < 1e-6
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_p2t_long_rows(backend, device):
+    """Rows longer than a fill chunk and a segment longer than a block, group size 1."""
+    g, e, n, ids, R, o = pipeline(2, 4200, 8, [600, 1, 17], device, first=2)
+    out = p2t.p2t_advantages(g, e, n, ids, R, o, group_size=1, backend=backend, standardize=True)
+    oracle = oracle_p2t(g, e, n, ids, R, o, None, 1, standardize=True)
+    check(out, p2t.p2t_advantages(g, e, n, ids, R, o, group_size=1, backend="reference", standardize=True), oracle)
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_token_advantages_alias_and_batch_scale(backend, device):
+    B, N = 8, 29
+    o = torch.randn(B, device=device)
+    tr = torch.randn(B, N, device=device)
+    mask = torch.rand(B, N, device=device) > 0.25
+    want = ref.token_advantages(o.double(), tr.double(), mask, 4, 0.2, 1, 1e-6)
+    out = p2t.token_advantages(o, tr, group_size=4, alpha=0.2, mask=mask, scale="batch", out=tr, backend=backend)
+    assert out is tr
+    assert _err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_gradients_through_backend(backend, device):
+    g, e, n, ids, R, o = pipeline(4, 19, 11, [2, 6, 1], device)
+    mask = torch.ones(4, 19, dtype=torch.bool, device=device)
+    mask[2, 10:] = False
+    grads = []
+    for bk in (backend, "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (g, e, n, R, o)]
+        out = p2t.p2t_advantages(leaves[0], leaves[1], leaves[2], ids, leaves[3], leaves[4], group_size=2, mask=mask,
+                                 standardize=True, backend=bk)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
+        grads.append(torch.autograd.grad((out * w).sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# registration and compilation
+# ------------------------------------------------------------------------------------------------ #
+@pytest.mark.skipif("triton" not in p2t.available_backends(), reason="triton backend not available")
+def test_triton_schemas_match_the_p2t_ops():
+    import p2t.ops._triton as tr
+    if "cpu" not in p2t.available_backends():
+        pytest.skip("p2t._C not built: no p2t schemas to compare with")
+    for name in tr.SCHEMAS:
+        a = str(getattr(torch.ops.p2t_triton, name).default._schema).split("::", 1)[1]
+        b = str(getattr(torch.ops.p2t, name).default._schema).split("::", 1)[1]
+        assert a == b, (a, b)
+
+
+def _kernels():
+    from p2t_kernels.advantages import _token_advantages_kernel
+    from p2t_kernels.attribution import _attribution_kernel
+    from p2t_kernels.segment import _run_bounds_kernel, _segment_kernel
+    return {"attribution": (_attribution_kernel, {"R", "N", "S"}), "segment": (_segment_kernel, {"R", "N", "S", "B"}),
+            "bounds": (_run_bounds_kernel, {"R", "N", "S"}), "advantages": (_token_advantages_kernel, {"N", "B"})}
+
+
+@pytest.mark.skipif("triton" not in p2t.available_backends(), reason="triton backend not available")
+def test_lengths_not_specialised():
+    for name, (k, lengths) in _kernels().items():
+        dns = k.kwargs.get("do_not_specialize") if INTERPRET else k.do_not_specialize
+        names = {k.arg_names[i] if isinstance(i, int) else i for i in dns}
+        assert lengths <= names, (name, lengths - names)
+
+
+def _cache_size(kernel, device):
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:
+        return sum(len(v[0]) for v in caches.values())
+    return sum(len(v) for v in kernel.cache.values())  # older triton
+
+
+@needs_cuda
+@pytest.mark.skipif("triton" not in p2t.available_backends("cuda"), reason="triton backend not available")
+def test_new_length_does_not_recompile():
+    ks = _kernels()
+    def run(N):
+        g, e, n, ids, R, o = pipeline(4, N, 64, [3, 11], "cuda", torch.bfloat16)
+        p2t.p2t_advantages(g, e, n, ids, R, o, group_size=2, backend="triton")
+        p2t.segment_redistribute(g[..., 0].float(), ids, R, backend="triton")
+        p2t.token_advantages(o, g[..., 0].float(), group_size=2, backend="triton")
+    run(100)
+    before = {k: _cache_size(v[0], "cuda") for k, v in ks.items()}
+    run(137)
+    run(1031)
+    after = {k: _cache_size(v[0], "cuda") for k, v in ks.items()}
+    assert before == after, (before, after)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# on a GPU: cuda and triton vs the reference at larger shapes, direct-call checks
+# ------------------------------------------------------------------------------------------------ #
+@needs_cuda
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if b in p2t.available_backends("cuda")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_large_vs_reference(backend, dtype):
+    B, N, D = 8, 1000, 1536
+    g, e, n, ids, R, o = pipeline(B, N, D, [7, 31, 1, 120, 64], "cuda", dtype, first=5)
+    mask = torch.ones(B, N, dtype=torch.bool, device="cuda")
+    mask[:, 900:] = False
+    attr = p2t.token_attribution(g, e, n, mask=mask, backend=backend)
+    check(attr, p2t.token_attribution(g, e, n, mask=mask, backend="reference"),
+          ref.token_attribution(g.double(), e.double(), n.double(), mask))
+    out = torch.full((B, N), float("nan"), device="cuda")
+    p2t.p2t_advantages(g, e, n, ids, R, o, group_size=4, mask=mask, out=out, backend=backend)
+    check(out, p2t.p2t_advantages(g, e, n, ids, R, o, group_size=4, mask=mask, backend="reference"),
+          oracle_p2t(g, e, n, ids, R, o, mask, 4))
+    # packed layout, odd D
+    gp, ep = g[:, :, :1531].reshape(-1, 1531), e[:, :, :1531].reshape(-1, 1531)
+    check(p2t.token_attribution(gp, ep, n[:1531], backend=backend),
+          p2t.token_attribution(gp, ep, n[:1531], backend="reference"),
+          ref.token_attribution(gp.double(), ep.double(), n[:1531].double()))
+
+
+@needs_cuda
+@pytest.mark.skipif("cuda" not in p2t.available_backends("cuda"), reason="CUDA kernels not built")
+def test_cuda_ops_direct_checks():
+    g = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="null_embed"):
+        torch.ops.p2t.token_attribution(g, g, torch.zeros(9, device="cuda"), None)
+    with pytest.raises(RuntimeError, match="embeds"):
+        torch.ops.p2t.token_attribution(g, g.cpu(), torch.zeros(8, device="cuda"), None)
+    with pytest.raises(RuntimeError, match="group_size"):
+        torch.ops.p2t.token_advantages(torch.randn(3, device="cuda"), g[:3], None, 2, 0.1, 0, 1e-6)
