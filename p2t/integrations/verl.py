@@ -131,6 +131,20 @@ def _cfg_get(config, key, default):
     return getattr(config, key, default)
 
 
+def _register_estimator() -> None:
+    existing = _core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME)
+    if existing is not None and (getattr(existing, "__module__", None), getattr(existing, "__qualname__", None)) == \
+            (compute_p2t_advantage.__module__, compute_p2t_advantage.__qualname__):
+        _core_algos.ADV_ESTIMATOR_REGISTRY[NAME] = compute_p2t_advantage   # this module imported again
+    else:
+        _core_algos.register_adv_est(NAME)(compute_p2t_advantage)        # raises if another "p2t" exists
+
+
+# registered before the reward manager's imports, so the estimator is usable even where verl's reward loop
+# cannot be imported
+_register_estimator()
+
+
 def p2t_reward_rows(scorer, prompts: Sequence[Any], responses: Sequence[str], response_ids: Sequence[Sequence[int]],
                     outcome_rewards: Sequence[float], *, length: int, options: P2TOptions) -> torch.Tensor:
     """The ``[B, length]`` reward tensor in the estimator's layout, for a batch of responses:
@@ -249,14 +263,7 @@ class P2TRewardManager(_NaiveRewardManager):
         return rm
 
 
-def register() -> None:
-    """Register the estimator and the reward manager under ``"p2t"`` (idempotent)."""
-    existing = _core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME)
-    if existing is None or getattr(existing, "__qualname__", None) != compute_p2t_advantage.__qualname__ or \
-            getattr(existing, "__module__", None) != compute_p2t_advantage.__module__:
-        _core_algos.register_adv_est(NAME)(compute_p2t_advantage)
-    else:
-        _core_algos.ADV_ESTIMATOR_REGISTRY[NAME] = compute_p2t_advantage
+def _register_reward_manager_cls() -> None:
     from verl.experimental.reward_loop.reward_manager import registry as _rm_registry
     old = _rm_registry.REWARD_MANAGER.get(NAME)
     if old is not None and (old.__module__, old.__qualname__) == (P2TRewardManager.__module__,
@@ -266,4 +273,10 @@ def register() -> None:
         _register_reward_manager(NAME)(P2TRewardManager)
 
 
-register()
+def register() -> None:
+    """Register the estimator and the reward manager under ``"p2t"`` (done on import; idempotent)."""
+    _register_estimator()
+    _register_reward_manager_cls()
+
+
+_register_reward_manager_cls()
