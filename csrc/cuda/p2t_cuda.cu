@@ -1,0 +1,580 @@
+// CUDA kernels of the p2t ops (registered under TORCH_LIBRARY_IMPL(p2t, CUDA, m)); they mirror the
+// Triton kernels of p2t_kernels/ one for one.
+//
+// attribution:  I_r = sum_d (embeds[r, d] - null[d]) * grad[r, d]; one warp per row, 16-byte vector loads
+//               when D, the row strides and the base pointers allow it (scalar loads otherwise), fp32
+//               accumulation (fp64 when every input is fp64), warp-shuffle reduction.
+// segments:     a segment is a maximal run of equal id >= 0 inside one row of the flat token array (ids
+//               >= S and masked tokens count as -1). A bounds pass stores each run's first and past-the-end
+//               token in pos[2S]; then one block per segment runs over [pos[s], pos[S+s]): (standardise),
+//               / temperature, max, sum of exp, write r_i = R_s (1 + omega w_i) [/ (n_s + omega)], or
+//               A^_b + alpha r_i. Extra blocks, one per (row, chunk), write the tokens in no segment.
+//               Stale bounds of a segment without tokens fail the check ids[pos[s]] == s: no memset.
+// advantages:   A^_b from the outcome rewards of b's group (or the batch) on the device, per block.
+// p2t_advantages: the attribution kernel also stores the run bounds, then the segment kernel with the
+//               advantage epilogue: two launches, no host synchronisation, no [B, N, D] intermediate.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "common.h"
+
+namespace p2t {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kAttrWarps = 8;      // rows (one per warp) per attribution block
+constexpr int kSegThreads = 128;   // threads of a segment / fill / advantage block
+constexpr int kFillChunk = 1024;   // tokens per fill or advantage block
+constexpr int kBoundsThreads = 256;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum / max over the whole block; every thread of the block must call it, and gets the result.
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T shm[kWarp];
+  v = warp_sum(v);
+  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
+  __syncthreads();  // the previous call's reads of shm are done
+  if (lane == 0) shm[wid] = v;
+  __syncthreads();
+  T r = shm[0];
+  for (int i = 1; i < nw; ++i) r += shm[i];
+  return r;
+}
+
+template <typename T>
+__device__ T block_max(T v) {
+  __shared__ T shm[kWarp];
+  v = warp_max(v);
+  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
+  __syncthreads();
+  if (lane == 0) shm[wid] = v;
+  __syncthreads();
+  T r = shm[0];
+  for (int i = 1; i < nw; ++i) r = max(r, shm[i]);
+  return r;
+}
+
+// Segment ids as the kernels see them: -1 outside [0, S) and where the mask is False.
+struct Ids {
+  const void* ids;
+  bool is64;
+  const bool* mask;  // nullptr: no mask
+  int64_t S;
+  __device__ __forceinline__ int64_t operator()(int64_t i) const {
+    const int64_t s = is64 ? static_cast<const int64_t*>(ids)[i] : static_cast<int64_t>(static_cast<const int32_t*>(ids)[i]);
+    if (s < 0 || s >= S) return -1;
+    if (mask != nullptr && !mask[i]) return -1;
+    return s;
+  }
+};
+
+// pos[s] = first token of the run of s, pos[S + s] = its last token + 1, for token i of the flat [R]
+// array made of rows of N tokens (a run never crosses a row boundary).
+__device__ __forceinline__ void scatter_run_bounds(const Ids& ids, int32_t* pos, int64_t i, int64_t R, int64_t N) {
+  const int64_t s = ids(i);
+  if (s < 0) return;
+  const int64_t prv = (i % N != 0) ? ids(i - 1) : -1;
+  const int64_t nxt = (i + 1 < R && (i + 1) % N != 0) ? ids(i + 1) : -1;
+  if (prv != s) pos[s] = static_cast<int32_t>(i);
+  if (nxt != s) pos[ids.S + s] = static_cast<int32_t>(i + 1);
+}
+
+// A^_b of GRPO (block-wide): (o_b - mean_g) / (std + eps), std the unbiased std of the group (scale 0)
+// or the batch (scale 1), 0 when its variance is 0 or there is one value; scale 2: o_b - mean_g.
+template <typename acc_t>
+__device__ acc_t group_advantage(const acc_t* o, int64_t b, int64_t B, int64_t G, int64_t scale, acc_t eps) {
+  const int64_t g0 = (b / G) * G;
+  acc_t t = 0;
+  for (int64_t i = threadIdx.x; i < G; i += blockDim.x) t += o[g0 + i];
+  const acc_t mean_g = block_sum(t) / static_cast<acc_t>(G);
+  const acc_t centered = o[b] - mean_g;
+  if (scale == kNone) return centered;
+  int64_t lo = g0, n = G;
+  acc_t mean = mean_g;
+  if (scale == kBatch) {
+    lo = 0;
+    n = B;
+    acc_t tb = 0;
+    for (int64_t i = threadIdx.x; i < B; i += blockDim.x) tb += o[i];
+    mean = block_sum(tb) / static_cast<acc_t>(B);
+  }
+  acc_t v = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const acc_t c = o[lo + i] - mean;
+    v += c * c;
+  }
+  const acc_t var = block_sum(v) / static_cast<acc_t>(n > 1 ? n - 1 : 1);
+  const acc_t sd = var == acc_t(0) ? acc_t(0) : sqrt(var);
+  return centered / (sd + eps);
+}
+
+// ------------------------------------------------------------------------------------------------
+// attribution
+// ------------------------------------------------------------------------------------------------
+// One warp per row r: out[r] = sum_d (e[r, d] - nul[d]) * g[r, d]. VEC > 1: every pointer and row start is
+// aligned to VEC elements and D % VEC == 0. With ids.ids != nullptr (p2t_advantages) lane 0 also stores
+// the run bounds of token r, and the mask is left to the segment kernel.
+template <typename g_t, typename e_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kAttrWarps * kWarp)
+attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
+                   const acc_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
+                   int64_t R, int64_t D, Ids ids, int32_t* __restrict__ pos, int64_t N) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kAttrWarps + threadIdx.x / kWarp;
+  if (r >= R) return;  // whole warps leave together: the shuffles below see full warps
+  const g_t* gr = g + r * g_stride;
+  const e_t* er = e + r * e_stride;
+  acc_t acc = 0;
+  if constexpr (VEC > 1) {
+#pragma unroll 2
+    for (int64_t d = static_cast<int64_t>(lane) * VEC; d < D; d += kWarp * VEC) {
+      const auto gv = *reinterpret_cast<const Vec<g_t, VEC>*>(gr + d);
+      const auto ev = *reinterpret_cast<const Vec<e_t, VEC>*>(er + d);
+      const auto nv = *reinterpret_cast<const Vec<acc_t, VEC>*>(nul + d);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        acc += (static_cast<acc_t>(ev.v[k]) - nv.v[k]) * static_cast<acc_t>(gv.v[k]);
+      }
+    }
+  } else {
+    for (int64_t d = lane; d < D; d += kWarp) {
+      acc += (static_cast<acc_t>(er[d]) - nul[d]) * static_cast<acc_t>(gr[d]);
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) {
+    if (ids.ids != nullptr) {
+      out[r] = acc;
+      scatter_run_bounds(ids, pos, r, R, N);
+    } else {
+      out[r] = (mask != nullptr && !mask[r]) ? acc_t(0) : acc;
+    }
+  }
+}
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
+template <typename F>
+void dispatch_reduced(at::ScalarType st, const char* name, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16 here, got ", st);
+  }
+}
+
+template <typename g_t, typename e_t, typename acc_t>
+void launch_attribution(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& nul, const bool* mask,
+                        at::Tensor& out, const Ids& ids, int32_t* pos, int64_t N) {
+  const int64_t R = grad.size(0), D = grad.size(1);
+  const int64_t blocks = (R + kAttrWarps - 1) / kAttrWarps;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "grad has too many rows: ", R);
+  constexpr int kBytes = sizeof(g_t) > sizeof(e_t) ? sizeof(g_t) : sizeof(e_t);
+  constexpr int VEC = 16 / kBytes;
+  const g_t* gp = grad.data_ptr<g_t>();
+  const e_t* ep = embeds.data_ptr<e_t>();
+  const acc_t* np = nul.data_ptr<acc_t>();
+  const bool vec_ok = D % VEC == 0 && grad.stride(0) % VEC == 0 && embeds.stride(0) % VEC == 0 &&
+                      aligned(gp, VEC * sizeof(g_t)) && aligned(ep, VEC * sizeof(e_t)) &&
+                      aligned(np, VEC * sizeof(acc_t));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (vec_ok) {
+    attribution_kernel<g_t, e_t, acc_t, VEC><<<blocks, kAttrWarps * kWarp, 0, stream>>>(
+        gp, grad.stride(0), ep, embeds.stride(0), np, mask, out.data_ptr<acc_t>(), R, D, ids, pos, N);
+  } else {
+    attribution_kernel<g_t, e_t, acc_t, 1><<<blocks, kAttrWarps * kWarp, 0, stream>>>(
+        gp, grad.stride(0), ep, embeds.stride(0), np, mask, out.data_ptr<acc_t>(), R, D, ids, pos, N);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out [R] (compute dtype) = attribution of grad/embeds [R, D]; with ids given, also the run bounds in pos.
+// Compute dtype float64 means every input is float64; for float32, float64 inputs are read as float32
+// (as_compute), so the kernels see float32 / bfloat16 / float16 only.
+void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, const at::Tensor& null_in,
+                      const bool* mask, at::Tensor& out, const Ids& ids, int32_t* pos, int64_t N) {
+  const auto cd = out.scalar_type();
+  auto grad = rows_unit_stride(as_compute(grad_in, cd));
+  auto embeds = rows_unit_stride(as_compute(embeds_in, cd));
+  auto nul = null_in.to(cd).contiguous();
+  if (grad.size(0) == 0) return;
+  if (cd == at::kDouble) {
+    launch_attribution<double, double, double>(grad, embeds, nul, mask, out, ids, pos, N);
+    return;
+  }
+  dispatch_reduced(grad.scalar_type(), "grad", [&](auto g_tag) {
+    dispatch_reduced(embeds.scalar_type(), "embeds", [&](auto e_tag) {
+      launch_attribution<decltype(g_tag), decltype(e_tag), float>(grad, embeds, nul, mask, out, ids, pos, N);
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// segments
+// ------------------------------------------------------------------------------------------------
+__global__ void run_bounds_kernel(Ids ids, int32_t* __restrict__ pos, int64_t R, int64_t N) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < R) scatter_run_bounds(ids, pos, i, R, N);
+}
+
+struct SegParams {
+  int64_t R, N, S, B, G, n_chunks, scale;
+  double omega, temperature, alpha, eps;
+  bool standardize, normalize_sum, has_adv;
+};
+
+// Blocks 0..S-1: segment s over its run (see the file comment); blocks S..: one per (row b, chunk of
+// kFillChunk tokens), writing the tokens in no segment (0, or A^_b / 0 by mask with has_adv).
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kSegThreads)
+segment_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__ rewards,
+               const acc_t* __restrict__ outcome, const int32_t* __restrict__ pos, out_t* __restrict__ out,
+               SegParams p) {
+  const int64_t blk = blockIdx.x;
+  const acc_t omega = p.omega, temperature = p.temperature, alpha = p.alpha, eps = p.eps;
+  if (blk < p.S) {
+    const int64_t s = blk;
+    int64_t start = pos[s], end = pos[p.S + s];
+    const bool ok = start >= 0 && start < end && end <= p.R && ids(start) == s;
+    if (!ok) return;  // uniform over the block
+    // pass 1: count, sum, max
+    acc_t cnt = 0, tot = 0, mx = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+      if (ids(i) != s) continue;
+      const acc_t v = x[i];
+      cnt += 1;
+      tot += v;
+      mx = max(mx, v);
+    }
+    const acc_t n = block_sum(cnt);
+    const acc_t mean = block_sum(tot) / max(n, acc_t(1));
+    acc_t xmax = block_max(mx);
+    bool cnst = false;
+    acc_t sd = 1;
+    if (p.standardize) {
+      acc_t v2 = 0;
+      for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+        if (ids(i) != s) continue;
+        const acc_t d = x[i] - mean;
+        v2 += d * d;
+      }
+      const acc_t var = block_sum(v2) / max(n, acc_t(1));
+      const acc_t lim = acc_t(kZeroStdRtol) * abs(mean);
+      cnst = var <= lim * lim;
+      sd = cnst ? acc_t(1) : sqrt(var);
+      xmax = cnst ? acc_t(0) : (xmax - mean) / sd;
+    }
+    xmax = xmax / temperature;
+    auto xs = [&](acc_t v) -> acc_t {
+      if (p.standardize) v = cnst ? acc_t(0) : (v - mean) / sd;
+      return v / temperature;
+    };
+    // pass 2: softmax denominator
+    acc_t se = 0;
+    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+      if (ids(i) != s) continue;
+      se += exp(xs(x[i]) - xmax);
+    }
+    const acc_t den = block_sum(se);
+    const acc_t rew = rewards[s];
+    const acc_t c = p.normalize_sum ? acc_t(1) / (n + omega) : acc_t(1);
+    acc_t adv = 0;
+    if (p.has_adv) adv = group_advantage(outcome, start / p.N, p.B, p.G, p.scale, eps);
+    // pass 3: write
+    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+      if (ids(i) != s) continue;
+      const acc_t w = exp(xs(x[i]) - xmax) / den;
+      acc_t r = rew + omega * rew * w;
+      if (p.normalize_sum) r = r * c;
+      if (p.has_adv) r = adv + alpha * r;
+      out[i] = static_cast<out_t>(r);
+    }
+  } else {
+    const int64_t f = blk - p.S;
+    const int64_t b = f / p.n_chunks, chunk = f % p.n_chunks;
+    acc_t adv = 0;
+    if (p.has_adv) adv = group_advantage(outcome, b, p.B, p.G, p.scale, eps);
+    const int64_t c0 = chunk * kFillChunk;
+    const int64_t c1 = min(c0 + static_cast<int64_t>(kFillChunk), p.N);
+    for (int64_t col = c0 + threadIdx.x; col < c1; col += blockDim.x) {
+      const int64_t i = b * p.N + col;
+      if (ids(i) >= 0) continue;
+      acc_t v = 0;
+      if (p.has_adv && (ids.mask == nullptr || ids.mask[i])) v = adv;
+      out[i] = static_cast<out_t>(v);
+    }
+  }
+}
+
+// The segment stage over x [B*N] (compute dtype), run bounds already in pos; out [B*N].
+void launch_segment(const at::Tensor& x, const Ids& ids, const at::Tensor& rewards, const at::Tensor* outcome,
+                    const at::Tensor& pos, at::Tensor& out, SegParams p) {
+  if (p.R == 0) return;
+  p.n_chunks = (p.N + kFillChunk - 1) / kFillChunk;
+  const int64_t blocks = p.S + p.B * p.n_chunks;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "too many segments or tokens");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "p2t_segment_acc", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "p2t_segment_out", [&] {
+      using out_t = scalar_t;
+      segment_kernel<acc_t, out_t><<<blocks, kSegThreads, 0, stream>>>(
+          x.data_ptr<acc_t>(), ids, rewards.data_ptr<acc_t>(),
+          outcome != nullptr ? outcome->data_ptr<acc_t>() : nullptr, pos.data_ptr<int32_t>(),
+          out.data_ptr<out_t>(), p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+}
+
+Ids make_ids(const at::Tensor& ids, const at::Tensor* mask, int64_t S) {
+  return Ids{ids.data_ptr(), ids.scalar_type() == at::kLong, mask != nullptr ? mask->data_ptr<bool>() : nullptr, S};
+}
+
+// ------------------------------------------------------------------------------------------------
+// ops
+// ------------------------------------------------------------------------------------------------
+at::Tensor token_attribution_cuda(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                                  const c10::optional<at::Tensor>& mask) {
+  check_float(grad, "grad");
+  check_float(embeds, "embeds");
+  check_float(null_embed, "null_embed");
+  TORCH_CHECK(grad.dim() == 2, "grad must be [R, D], got shape ", grad.sizes());
+  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad ", grad.sizes(), ", got ",
+              embeds.sizes());
+  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == grad.size(1), "null_embed must have shape [",
+              grad.size(1), "], got ", null_embed.sizes());
+  check_mask(mask, {grad.size(0)}, "mask");
+  check_cuda(embeds, grad, "embeds");
+  check_cuda(null_embed, grad, "null_embed");
+  if (mask.has_value()) check_cuda(*mask, grad, "mask");
+  c10::cuda::CUDAGuard guard(grad.device());
+  auto out = at::empty({grad.size(0)}, grad.options().dtype(compute_dtype({grad, embeds, null_embed})));
+  at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
+  attribution_into(grad, embeds, null_embed, m.defined() ? m.data_ptr<bool>() : nullptr, out,
+                   Ids{nullptr, false, nullptr, 0}, nullptr, 1);
+  return out;
+}
+
+at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tensor& ids_in,
+                                     const at::Tensor& rewards_in, double omega, double temperature,
+                                     bool standardize, bool normalize_sum) {
+  check_float(scores_in, "scores");
+  check_index(ids_in, "segment_ids");
+  check_float(rewards_in, "segment_rewards");
+  TORCH_CHECK(scores_in.dim() == 1, "scores must be 1-D [R], got shape ", scores_in.sizes());
+  TORCH_CHECK(ids_in.sizes() == scores_in.sizes(), "segment_ids must have the shape of scores");
+  TORCH_CHECK(rewards_in.dim() == 1, "segment_rewards must be 1-D [S]");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_cuda(ids_in, scores_in, "segment_ids");
+  check_cuda(rewards_in, scores_in, "segment_rewards");
+  c10::cuda::CUDAGuard guard(scores_in.device());
+  const auto cd = compute_dtype({scores_in, rewards_in});
+  auto x = scores_in.to(cd).contiguous();
+  auto ids = ids_in.contiguous();
+  auto rewards = rewards_in.to(cd).contiguous();
+  const int64_t R = x.size(0), S = rewards.size(0);
+  TORCH_CHECK(R < std::numeric_limits<int32_t>::max(), "scores has too many tokens: ", R);
+  auto out = at::empty({R}, x.options());
+  if (R == 0) return out;
+  auto pos = at::empty({2 * std::max<int64_t>(S, 1)}, x.options().dtype(at::kInt));
+  const Ids id = make_ids(ids, nullptr, S);
+  if (S > 0) {
+    run_bounds_kernel<<<(R + kBoundsThreads - 1) / kBoundsThreads, kBoundsThreads, 0,
+                        at::cuda::getCurrentCUDAStream()>>>(id, pos.data_ptr<int32_t>(), R, R);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false};
+  launch_segment(x, id, rewards, nullptr, pos, out, p);
+  return out;
+}
+
+// One block per (row b, chunk): A^_b block-wide, then out[b, i] = A^_b + alpha tr[b, i] (0 where ~mask).
+// Each element is read before it is written by the same thread: out may alias tr.
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kSegThreads)
+token_advantages_kernel(const acc_t* __restrict__ o, const acc_t* tr, const bool* __restrict__ mask, out_t* out,
+                        int64_t B, int64_t N, int64_t G, int64_t n_chunks, int64_t scale, double alpha_d,
+                        double eps_d) {
+  const int64_t b = blockIdx.x / n_chunks, chunk = blockIdx.x % n_chunks;
+  const acc_t alpha = alpha_d;
+  const acc_t adv = group_advantage(o, b, B, G, scale, static_cast<acc_t>(eps_d));
+  const int64_t c0 = chunk * kFillChunk;
+  const int64_t c1 = min(c0 + static_cast<int64_t>(kFillChunk), N);
+  for (int64_t col = c0 + threadIdx.x; col < c1; col += blockDim.x) {
+    const int64_t i = b * N + col;
+    const acc_t v = adv + alpha * tr[i];
+    out[i] = static_cast<out_t>((mask != nullptr && !mask[i]) ? acc_t(0) : v);
+  }
+}
+
+void token_advantages_into(const at::Tensor& outcome_in, const at::Tensor& tr_in,
+                           const c10::optional<at::Tensor>& mask, int64_t group_size, double alpha, int64_t scale,
+                           double eps, at::Tensor& out) {
+  check_float(outcome_in, "outcome_rewards");
+  check_float(tr_in, "token_rewards");
+  check_group(outcome_in, group_size, scale);
+  TORCH_CHECK(tr_in.dim() == 2 && tr_in.size(0) == outcome_in.size(0),
+              "token_rewards must be [B, N] with B = outcome_rewards.size(0), got ", tr_in.sizes());
+  TORCH_CHECK(out.sizes() == tr_in.sizes() && out.is_contiguous(), "out must be a contiguous tensor of shape ",
+              tr_in.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
+  check_mask(mask, tr_in.sizes(), "mask");
+  check_cuda(outcome_in, tr_in, "outcome_rewards");
+  check_cuda(out, tr_in, "out");
+  if (mask.has_value()) check_cuda(*mask, tr_in, "mask");
+  c10::cuda::CUDAGuard guard(tr_in.device());
+  const auto cd = compute_dtype({outcome_in, tr_in});
+  auto o = outcome_in.to(cd).contiguous();
+  auto tr = tr_in.to(cd).contiguous();  // no copy when already contiguous in cd (out may alias it)
+  const int64_t B = tr.size(0), N = tr.size(1);
+  if (B == 0 || N == 0) return;
+  at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const int64_t n_chunks = (N + kFillChunk - 1) / kFillChunk;
+  TORCH_CHECK(B * n_chunks <= std::numeric_limits<int32_t>::max(), "token_rewards is too large");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(cd, "p2t_token_advantages_acc", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "p2t_token_advantages_out", [&] {
+      using out_t = scalar_t;
+      token_advantages_kernel<acc_t, out_t><<<B * n_chunks, kSegThreads, 0, stream>>>(
+          o.data_ptr<acc_t>(), tr.data_ptr<acc_t>(), m.defined() ? m.data_ptr<bool>() : nullptr,
+          out.data_ptr<out_t>(), B, N, group_size, n_chunks, scale, alpha, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor token_advantages_cuda(const at::Tensor& outcome, const at::Tensor& token_rewards,
+                                 const c10::optional<at::Tensor>& mask, int64_t group_size, double alpha,
+                                 int64_t scale, double eps) {
+  check_float(outcome, "outcome_rewards");
+  check_float(token_rewards, "token_rewards");
+  auto out = at::empty(token_rewards.sizes(), token_rewards.options().dtype(compute_dtype({outcome, token_rewards})));
+  token_advantages_into(outcome, token_rewards, mask, group_size, alpha, scale, eps, out);
+  return out;
+}
+
+void token_advantages_out_cuda(const at::Tensor& outcome, const at::Tensor& token_rewards,
+                               const c10::optional<at::Tensor>& mask, int64_t group_size, double alpha,
+                               int64_t scale, double eps, at::Tensor out) {
+  token_advantages_into(outcome, token_rewards, mask, group_size, alpha, scale, eps, out);
+}
+
+void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                         const at::Tensor& ids_in, const at::Tensor& rewards_in, const at::Tensor& outcome_in,
+                         const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
+                         double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
+                         at::Tensor& out) {
+  check_float(grad, "grad");
+  check_float(embeds, "embeds");
+  check_float(null_embed, "null_embed");
+  check_index(ids_in, "segment_ids");
+  check_float(rewards_in, "segment_rewards");
+  check_float(outcome_in, "outcome_rewards");
+  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
+  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad");
+  const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2), R = B * N;
+  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == D, "null_embed must have shape [", D, "]");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.size(1) == N, "segment_ids must be [B, N]");
+  TORCH_CHECK(rewards_in.dim() == 1, "segment_rewards must be 1-D [S]");
+  check_group(outcome_in, group_size, scale);
+  TORCH_CHECK(outcome_in.size(0) == B, "outcome_rewards must have B = ", B, " rows");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_mask(mask, {B, N}, "mask");
+  TORCH_CHECK(out.sizes() == ids_in.sizes() && out.is_contiguous(), "out must be a contiguous [B, N] tensor");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
+  TORCH_CHECK(R < std::numeric_limits<int32_t>::max(), "too many tokens: ", R);
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&embeds, "embeds"}, {&null_embed, "null_embed"},
+                         {&ids_in, "segment_ids"}, {&rewards_in, "segment_rewards"}, {&outcome_in, "outcome_rewards"},
+                         {&out, "out"}}) {
+    check_cuda(*t, grad, name);
+  }
+  if (mask.has_value()) check_cuda(*mask, grad, "mask");
+  c10::cuda::CUDAGuard guard(grad.device());
+  if (R == 0) return;
+  const auto cd = compute_dtype({grad, embeds, null_embed, rewards_in, outcome_in});
+  auto ids = ids_in.contiguous();
+  at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
+  auto rewards = rewards_in.to(cd).contiguous();
+  auto outcome = outcome_in.to(cd).contiguous();
+  const int64_t S = rewards.size(0);
+  auto scores = at::empty({R}, grad.options().dtype(cd));
+  auto pos = at::empty({2 * std::max<int64_t>(S, 1)}, grad.options().dtype(at::kInt));
+  const Ids id = make_ids(ids, m.defined() ? &m : nullptr, S);
+  // reshape: a view for the usual contiguous layouts; rows_unit_stride inside copies only when needed
+  attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, nullptr, scores, id,
+                   pos.data_ptr<int32_t>(), N);
+  SegParams p{R, N, S, B, group_size, 0, scale, omega, temperature, alpha, eps, standardize, normalize_sum, true};
+  auto flat = out.view({R});
+  launch_segment(scores, id, rewards, &outcome, pos, flat, p);
+}
+
+at::Tensor p2t_advantages_cuda(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                               const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
+                               const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
+                               double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps) {
+  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
+  check_float(embeds, "embeds");
+  check_float(null_embed, "null_embed");
+  check_float(rewards, "segment_rewards");
+  check_float(outcome, "outcome_rewards");
+  auto out = at::empty({grad.size(0), grad.size(1)},
+                       grad.options().dtype(compute_dtype({grad, embeds, null_embed, rewards, outcome})));
+  p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
+                      standardize, normalize_sum, scale, eps, out);
+  return out;
+}
+
+void p2t_advantages_out_cuda(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                             const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
+                             const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
+                             double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
+                             at::Tensor out) {
+  p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
+                      standardize, normalize_sum, scale, eps, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(p2t, CUDA, m) {
+  m.impl("token_attribution", &token_attribution_cuda);
+  m.impl("segment_redistribute", &segment_redistribute_cuda);
+  m.impl("token_advantages", &token_advantages_cuda);
+  m.impl("token_advantages_out", &token_advantages_out_cuda);
+  m.impl("p2t_advantages", &p2t_advantages_cuda);
+  m.impl("p2t_advantages_out", &p2t_advantages_out_cuda);
+}
+
+}  // namespace p2t
