@@ -315,3 +315,36 @@ def test_cli_train_end_to_end(tmp_path, cache, capsys):
     assert "eval_accuracy" in lines[0] and "eval_accuracy" in lines[2]
     for name in ("curves.png", "checkpoint.pt", "config.json", "summary.json", "policy/config.json"):
         assert (out / name).exists(), name
+
+
+# ---------------------------------------------------------------- compare
+def test_compare_summary_and_table():
+    from p2t.cli.compare import auc, summarise, table
+    import numpy as np
+    assert auc(np.array([0.0, 10.0, 20.0]), np.array([0.0, 1.0, 1.0])) == pytest.approx(0.75)
+    mk = lambda ys: [{"update": 10 * i, "eval_accuracy": y} for i, y in enumerate(ys)]  # noqa: E731
+    runs = {"outcome": [mk([0.2, 0.3, 0.4]), mk([0.2, 0.4, 0.6])],
+            "p2t": [mk([0.2, 0.5, 0.6]), mk([0.2, 0.5, 0.5])]}
+    s = summarise(runs)
+    assert s["outcome"]["final"] == [0.4, 0.6] and s["outcome"]["updates_to_outcome_final"] == 20
+    assert s["p2t"]["updates_to_outcome_final"] == 10  # outcome ends at 0.5 on average; p2t is there at 10
+    assert s["p2t"]["auc"][0] == pytest.approx((0.35 + 0.55) / 2)
+    md = table(s, "settings")
+    assert "| p2t | 0.200 | 0.550 ± 0.050 |" in md
+
+
+def test_cli_compare_end_to_end(tmp_path, cache, capsys):
+    from p2t.cli import main
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--modes", "outcome,p2t-std", "--seeds", "1", "--jobs", "2", "--output-dir", str(out), "--",
+               "--num-updates", "1", "--prompts-per-update", "2", "--group-size", "2", "--max-new-tokens", "8",
+               "--eval-every", "1", "--eval-prompts", "2", "--eval-samples-per-prompt", "2",
+               "--lab-cache", str(cache), "--lab.hidden-size", "32", "--lab.num-layers", "1", "--lab.num-heads", "2",
+               "--lab.intermediate-size", "64", "--lab.sft-steps", "2", "--lab.sft-batch-size", "16",
+               "--lab.prm-steps", "2", "--lab.prm-batch-size", "16", "--lab.prm-samples", "16"])
+    assert rc == 0, capsys.readouterr().err
+    for name in ("compare.png", "compare.md", "compare.json"):
+        assert (out / name).exists(), name
+    cfg = json.load(open(out / "p2t-std-seed0" / "config.json"))
+    assert cfg["standardize"] is True and cfg["attr_temperature"] == 0.5 and cfg["mode"] == "p2t"
+    assert "| outcome |" in (out / "compare.md").read_text()
