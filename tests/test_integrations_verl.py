@@ -230,3 +230,23 @@ def test_verl_plugins_entry_point_registers_p2t(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[-2:] == ["p2t.integrations.verl", "P2TRewardManager"]
+
+
+def test_reward_routing_is_checked_against_verls_own_config():
+    """verl's default config computes rewards inside the agent loop (one float per sequence): a clear error;
+    the colocated reward-model settings route the rows through assemble_rm_scores."""
+    import verl
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), "trainer", "config",
+                                      "_generated_ppo_trainer.yaml"))
+    with pytest.raises(ValueError, match="reward.reward_model.enable=True"):
+        pv.P2TRewardManager(cfg, CharTokenizer(), None, scorer=StandInScorer())
+    cfg.reward.reward_model.enable = True
+    with pytest.raises(ValueError, match="custom_reward_function.path"):
+        pv.check_reward_routing(cfg)
+    cfg.reward.custom_reward_function.path = "my_reward.py"
+    cfg.reward.reward_model.model_path = "/nonexistent/prm"
+    pv.check_reward_routing(cfg)
+    rm = pv.P2TRewardManager(cfg, CharTokenizer(), None, scorer=StandInScorer())
+    assert rm.p2t_options.mode == "p2t"

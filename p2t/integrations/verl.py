@@ -19,6 +19,8 @@ the p2t package imports it when verl starts, so ``algorithm.adv_estimator=p2t`` 
 ``reward.reward_manager.name=p2t`` work without code changes. Options of the reward manager come
 from ``reward.reward_kwargs`` (``prm``, ``prm_kind``, ``mode``, ``alpha``, ``omega``, ``temperature``,
 ``standardize``, ``normalize``, ``method``; any other key goes to ``P2TScorer.from_pretrained``).
+verl passes per-token rewards on only from its reward loop's batch pass (see
+:func:`check_reward_routing` for the settings); the estimator reads the layout above whoever writes it.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("p2t.integrations.verl needs verl: pip install verl") from e
 
 __all__ = ["compute_p2t_advantage", "split_token_level_rewards", "group_index", "p2t_reward_rows",
-           "P2TRewardManager", "register"]
+           "P2TRewardManager", "check_reward_routing", "register"]
 
 NAME = "p2t"
 
@@ -186,21 +188,52 @@ from verl.experimental.reward_loop.reward_manager import NaiveRewardManager as _
 from verl.experimental.reward_loop.reward_manager import register as _register_reward_manager  # noqa: E402
 
 
+def check_reward_routing(config) -> None:
+    """Raise unless verl will build ``rm_scores`` with :meth:`P2TRewardManager.assemble_rm_scores`.
+
+    verl computes rewards in one of two places. Inside the agent loop (its default: no colocated reward
+    model), each trajectory's reward is one float written on the last token, so per-token rows cannot get
+    through. In the reward loop's batch pass (``RewardLoopManager.compute_rm_score``, used when
+    ``reward.reward_model.enable=True`` without a separate resource pool), the manager class lays the rows
+    out itself; the manager's ``run_single`` is called there when ``reward.custom_reward_function.path``
+    is set (otherwise verl sends the sample to its own reward model server).
+    A config without a ``reward.reward_model`` section (direct use, tests) is not checked.
+    """
+    reward = _cfg_get(config, "reward", None) if config is not None else None
+    rm = _cfg_get(reward, "reward_model", None) if reward is not None else None
+    if rm is None:
+        return
+    crf = _cfg_get(reward, "custom_reward_function", None)
+    problems = []
+    if not bool(_cfg_get(rm, "enable", False)):
+        problems.append("reward.reward_model.enable=True")
+    if bool(_cfg_get(rm, "enable_resource_pool", False)):
+        problems.append("reward.reward_model.enable_resource_pool=False")
+    if crf is None or _cfg_get(crf, "path", None) is None:
+        problems.append("reward.custom_reward_function.path=<file with your outcome compute_score>")
+    if problems:
+        raise ValueError(
+            "the p2t reward manager writes one reward per token, which verl passes on only from the reward "
+            "loop's batch pass, not from rewards computed inside the agent loop (one float per sequence). "
+            "Set " + ", ".join(problems) + " (reward.reward_model.model_path: the PRM).")
+
+
 class P2TRewardManager(_NaiveRewardManager):
     """verl reward-loop manager ``"p2t"``: the outcome reward of verl's naive manager (``compute_score``)
     on the last response token and ``alpha * r_i`` from a :class:`p2t.P2TScorer` on the others.
 
     ``run_single`` returns the whole row as ``reward_score`` and :meth:`assemble_rm_scores` lays the rows
     into ``rm_scores``. The PRM is loaded once per worker process from ``reward.reward_kwargs.prm``
-    (a path or id, ``prm_kind`` for its kind), or passed as ``scorer=``. Token rewards need the reward
-    loop's batch scoring (``rm_scores`` built by ``assemble_rm_scores``); scoring inside the agent loop
-    keeps one number per sequence.
+    (default ``reward.reward_model.model_path``; ``prm_kind`` for its kind), or passed as ``scorer=``.
+    The rows reach ``rm_scores`` only through the reward loop's batch pass: see
+    :func:`check_reward_routing`, which the constructor runs on verl's config.
     """
 
     _shared_scorer = None
 
     def __init__(self, config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None,
                  scorer=None, **options):
+        check_reward_routing(config)
         super().__init__(config, tokenizer, compute_score, reward_router_address=reward_router_address,
                          reward_model_tokenizer=reward_model_tokenizer)
         kw = _reward_kwargs(config)
@@ -208,12 +241,16 @@ class P2TRewardManager(_NaiveRewardManager):
         opts = {k: kw.pop(k) for k in _OPTION_KEYS if k in kw}
         self.p2t_options = P2TOptions(**opts)
         prm = kw.pop("prm", None)
+        if prm is None and config is not None:   # default: verl's reward model path
+            rm = _cfg_get(_cfg_get(config, "reward", None) or {}, "reward_model", None)
+            prm = _cfg_get(rm, "model_path", None) if rm is not None else None
         prm_kind = kw.pop("prm_kind", "step_classifier")
         if scorer is None and self.p2t_options.mode != "outcome":
             if type(self)._shared_scorer is None:
                 if prm is None:
-                    raise ValueError("the p2t reward manager needs a PRM: set reward.reward_kwargs.prm to a path or id "
-                                     "(and reward.reward_kwargs.prm_kind), or pass scorer=")
+                    raise ValueError("the p2t reward manager needs a PRM: set reward.reward_kwargs.prm (or "
+                                     "reward.reward_model.model_path) to a path or id, reward.reward_kwargs.prm_kind "
+                                     "to its kind, or pass scorer=")
                 from ..attribution import P2TScorer
                 type(self)._shared_scorer = P2TScorer.from_pretrained(prm, kind=prm_kind, policy_tokenizer=tokenizer,
                                                                       **kw)
