@@ -1,5 +1,4 @@
 """P2TGRPOTrainer with the real TRL on CPU: tiny random-init policy and PRM, two training steps."""
-import json
 import os
 import shutil
 
