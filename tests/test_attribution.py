@@ -135,7 +135,7 @@ def test_toy_layout_separator_is_an_ordinary_token(toy):
     want = [[0] * 8 + [-1] + [1] * 8 + [-1] + [2] * 3, [3] * 6 + [-1] + [4] * 5 + [-1] * 9]
     assert b.segment_ids.tolist() == want
     assert b.steps_per_response == [3, 2] and b.segment_rewards.shape == (5,)
-    assert b.response_mask.tolist() == [[True] * 20, [True] * 11 + [False] * 9]
+    assert b.response_mask.tolist() == [[True] * 21, [True] * 12 + [False] * 9]
     assert b.scores.dtype == torch.float32 and b.segment_ids.dtype == torch.int64
 
 
