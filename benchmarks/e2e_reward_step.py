@@ -1,0 +1,439 @@
+"""End-to-end P2T reward step on a random-init Qwen2 PRM with a step-classifier head.
+
+Batches: ``8x2048`` (8 responses of 2048 tokens) and ``mixed64`` (64 responses, lengths uniform in
+256-4096); 16 steps per response, each read at its last token (the separator), a 128-token prompt.
+Methods, in one run on one model:
+
+* ``forward``: the PRM forward alone (no grad), padded batch, in the naive method's micro-batches.
+* ``naive``: forward + backward with parameter gradients (the model as loaded), padded to the batch's
+  longest response, micro-batches of ``--naive-rows`` rows; then the eager reference reduction
+  (``backend="reference"``: fp32 upcast attribution, segment redistribution, token advantages).
+* ``engine``: the attribution engine: parameters frozen, gradients w.r.t. ``inputs_embeds`` only,
+  responses sorted by length and grouped under a token budget (``--mb-tokens``) so padding stays small,
+  fused ops (``backend="auto"``) per micro-batch, the segment/advantage stage once per batch.
+  ``--engine scorer`` runs the same through ``p2t.P2TScorer`` on text (a character tokenizer built here:
+  one token per character) instead of the tensor path.
+* ``engine_liger`` (``--liger``, CUDA): the engine after Liger-Kernel's Qwen2 patches (RoPE, RMSNorm,
+  SwiGLU) -- applied last, since they patch the transformers module for the whole process.
+* ``exact``: leave-one-out attribution (each response token replaced by the null embedding, one
+  forward each), extrapolated from the measured forward throughput: sum_b n_b * L_b tokens forwarded.
+
+Per method: median / p20 / p80 time, tokens/s (real response+prompt tokens, not padding), peak memory
+(``torch.cuda.max_memory_allocated`` on CUDA, whole process; on CPU the allocations recorded by the
+profiler over one step, above the model's weights), and ratios against ``naive``. Rows follow the op
+benchmarks' CSV schema (``p2t.bench.COLUMNS``) with metric time / throughput / peak_memory.
+
+    python benchmarks/e2e_reward_step.py --tiny                   # CPU, < 1 min
+    python benchmarks/e2e_reward_step.py --device cuda --liger    # H100/H200, 1.5B shape, bf16, sdpa
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    import p2t
+except ImportError:  # source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(HERE))
+    import p2t
+from p2t import bench
+
+QWEN2_1P5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6)
+PROMPT, STEPS, GROUP = 128, 16, 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and batches
+# ---------------------------------------------------------------------------------------------
+def build_model(shape: dict, device: str, dtype: torch.dtype):
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+
+    cfg = Qwen2Config(num_labels=2, attn_implementation="sdpa", **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForTokenClassification(cfg).to(dtype)
+    model.eval()  # no dropout; parameters keep requires_grad=True (the model as a user loads it)
+    return model
+
+
+class Batch:
+    """Token ids, per-row lengths, readout positions (last token of each step), segment ids."""
+
+    def __init__(self, name: str, lens: list, vocab: int, seed: int, prompt: int = PROMPT, steps: int = STEPS):
+        g = torch.Generator().manual_seed(seed)
+        self.name, self.lens = name, list(lens)
+        self.B, self.N = len(lens), max(lens)
+        self.ids = torch.randint(3, vocab, (self.B, self.N), generator=g)
+        self.seg = torch.full((self.B, self.N), -1, dtype=torch.long)
+        self.readout = []  # (row, position) per step, step ids in this order
+        s = 0
+        for b, L in enumerate(lens):
+            p = min(prompt, L // 4)
+            k = min(steps, L - p)
+            cuts = sorted(random.Random(seed * 7919 + b).sample(range(p + 1, L), k - 1)) + [L]
+            start = p
+            for c in cuts:
+                self.seg[b, start:c] = s
+                self.readout.append((b, c - 1))
+                start, s = c, s + 1
+        self.S = s
+        self.outcome = torch.rand(self.B, generator=g)
+        self.tokens = sum(lens)
+
+    def rows(self, idx: list, device: str):
+        """ids, attention mask, readout (local row, position) and step ids of rows ``idx``, padded to
+        their own longest length."""
+        L = max(self.lens[i] for i in idx)
+        ids = self.ids[idx, :L].clone()
+        attn = torch.zeros(len(idx), L, dtype=torch.long)
+        for j, i in enumerate(idx):
+            attn[j, :self.lens[i]] = 1
+            ids[j, self.lens[i]:] = 0
+        where = {i: j for j, i in enumerate(idx)}
+        ro = [(where[b], p, k) for k, (b, p) in enumerate(self.readout) if b in where]
+        ro_t = torch.tensor([(r, p) for r, p, _ in ro], dtype=torch.long)
+        steps = torch.tensor([k for _, _, k in ro], dtype=torch.long)
+        return ids.to(device), attn.to(device), ro_t.to(device), steps.to(device)
+
+
+def batches(tiny: bool, vocab: int, which: list) -> list:
+    out = []
+    if "8x2048" in which:
+        out.append(Batch("8x2048", [64] * 4 if tiny else [2048] * 8, vocab, seed=1,
+                         prompt=16 if tiny else PROMPT, steps=4 if tiny else STEPS))
+    if "mixed64" in which:
+        r = random.Random(2)
+        lens = [r.randint(16, 128) for _ in range(8)] if tiny else [r.randint(256, 4096) for _ in range(64)]
+        out.append(Batch("mixed64", lens, vocab, seed=2, prompt=16 if tiny else PROMPT, steps=4 if tiny else STEPS))
+    return out
+
+
+def margins(model, x, attn, ro):
+    """Step log-odds m_s = logit_1 - logit_0 at each readout position, float32."""
+    logits = model(inputs_embeds=x, attention_mask=attn).logits
+    sel = logits[ro[:, 0], ro[:, 1]].float()
+    return sel[:, 1] - sel[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: each returns token advantages [B, N] (forward: the step rewards)
+# ---------------------------------------------------------------------------------------------
+def _chunks(idx: list, rows: int) -> list:
+    return [idx[i:i + rows] for i in range(0, len(idx), rows)]
+
+
+def run_forward(model, batch: Batch, device: str, rows: int):
+    emb = model.get_input_embeddings()
+    out = torch.empty(batch.S, device=device)
+    with torch.no_grad():
+        for idx in _chunks(list(range(batch.B)), rows):
+            ids, attn, ro, steps = batch.rows(idx, device)
+            # the naive method's padding: every row to the batch's longest response
+            pad = batch.N - ids.shape[1]
+            ids = torch.nn.functional.pad(ids, (0, pad))
+            attn = torch.nn.functional.pad(attn, (0, pad))
+            out[steps] = torch.sigmoid(margins(model, emb(ids), attn, ro))
+    return out
+
+
+def _finish(batch: Batch, scores, rewards, device: str, backend: str):
+    seg = batch.seg.to(device)
+    mask = torch.arange(batch.N, device=device)[None, :] < torch.tensor(batch.lens, device=device)[:, None]
+    r = p2t.segment_redistribute(scores, seg, rewards, validate=False, backend=backend)
+    return p2t.token_advantages(batch.outcome.to(device), r, group_size=min(GROUP, batch.B), mask=mask,
+                                backend=backend)
+
+
+def run_naive(model, batch: Batch, device: str, rows: int):
+    """Parameter gradients on (the model as loaded), padded to the batch max, eager reduction."""
+    emb = model.get_input_embeddings()
+    null = emb.weight[0].detach()
+    scores = torch.zeros(batch.B, batch.N, device=device)
+    rewards = torch.empty(batch.S, device=device)
+    for idx in _chunks(list(range(batch.B)), rows):
+        ids, attn, ro, steps = batch.rows(idx, device)
+        pad = batch.N - ids.shape[1]
+        ids = torch.nn.functional.pad(ids, (0, pad))
+        attn = torch.nn.functional.pad(attn, (0, pad))
+        x = emb(ids)
+        x.retain_grad()
+        m = margins(model, x, attn, ro)
+        m.sum().backward()
+        scores[idx] = p2t.token_attribution(x.grad, x.detach(), null, mask=attn.bool(), backend="reference")
+        rewards[steps] = torch.sigmoid(m.detach())
+    model.zero_grad(set_to_none=True)
+    return _finish(batch, scores, rewards, device, "reference")
+
+
+@contextlib.contextmanager
+def frozen(model):
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def engine_groups(batch: Batch, budget: int) -> list:
+    """Rows sorted by length (longest first), grouped while rows x longest <= budget tokens."""
+    order = sorted(range(batch.B), key=lambda b: -batch.lens[b])
+    groups, cur = [], []
+    for b in order:
+        if cur and (len(cur) + 1) * batch.lens[cur[0]] > budget:
+            groups.append(cur)
+            cur = []
+        cur.append(b)
+    return groups + ([cur] if cur else [])
+
+
+def run_engine(model, batch: Batch, device: str, budget: int):
+    """Input-embedding gradients only, sorted micro-batches, fused ops."""
+    emb = model.get_input_embeddings()
+    null = emb.weight[0].detach()
+    scores = torch.zeros(batch.B, batch.N, device=device)
+    rewards = torch.empty(batch.S, device=device)
+    with frozen(model):
+        for idx in engine_groups(batch, budget):
+            ids, attn, ro, steps = batch.rows(idx, device)
+            x = emb(ids).detach().requires_grad_(True)
+            m = margins(model, x, attn, ro)
+            g, = torch.autograd.grad(m.sum(), x)
+            scores[idx, :ids.shape[1]] = p2t.token_attribution(g, x.detach(), null, mask=attn.bool())
+            rewards[steps] = torch.sigmoid(m.detach())
+    return _finish(batch, scores, rewards, device, "auto")
+
+
+# --- the same through P2TScorer, on text --------------------------------------------------------
+_CHARS = [chr(c) for c in range(0x4E00, 0x4E00 + 400)]  # 400 one-character "words", no separators among them
+
+
+def char_tokenizer():
+    """One token per character; ``\\n`` is the step separator; no chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + ["\n", " "] + _CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>")
+
+
+def texts(batch: Batch):
+    """Prompt and response strings with the batch's lengths: one token per character, steps on lines."""
+    prompts, responses = [], []
+    for b, L in enumerate(batch.lens):
+        p = min(PROMPT, L // 4)
+        ids = batch.ids[b].tolist()
+        prompts.append("".join(_CHARS[i % len(_CHARS)] for i in ids[:p - 1]))  # + the template's newline
+        steps = [int(batch.seg[b, : L].eq(s).sum()) for s in sorted(set(batch.seg[b, :L].tolist()) - {-1})]
+        parts, pos = [], p
+        for n in steps:  # each step: n - 1 characters and its separator
+            parts.append("".join(_CHARS[i % len(_CHARS)] for i in ids[pos:pos + n - 1]))
+            pos += n
+        responses.append("\n".join(parts))
+    return prompts, responses
+
+
+def make_scorer_step(model, batch: Batch, device: str, budget: int):
+    from p2t.attribution import P2TScorer
+
+    scorer = P2TScorer(model, char_tokenizer(), "step_classifier", step_separator="\n", step_split="\n",
+                       template="{prompt}\n{response}", add_special_tokens=False, null="pad",
+                       micro_batch_tokens=budget, max_length=1 << 20)
+    prompts, responses = texts(batch)
+
+    def step():
+        sb = scorer.score(prompts, responses)
+        o = batch.outcome[:len(responses)].to(device)
+        return p2t.token_advantages(
+            o, p2t.segment_redistribute(sb.scores, sb.segment_ids, sb.segment_rewards, validate=False),
+            group_size=min(GROUP, batch.B), mask=sb.response_mask)
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(jobs: list, device: str, reps: int, warmup: int = 1) -> dict:
+    """{name: ((y50, y20, y80) seconds, peak GiB)} of each ``fn()``; methods interleaved rep by rep so
+    that load from other processes hits them alike. Peak memory from a separate call per method."""
+    out, ts = {}, {}
+    ok = []
+    for name, fn in jobs:
+        try:
+            for _ in range(warmup):
+                fn()
+            sync(device)
+            ok.append((name, fn))
+            ts[name] = []
+        except torch.cuda.OutOfMemoryError as e:
+            print(f"  {name:<14} out of memory ({str(e).splitlines()[0][:120]})")
+            torch.cuda.empty_cache()
+    for _ in range(reps):
+        for name, fn in ok:
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts[name].append(time.perf_counter() - t0)
+    for name, fn in ok:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            sync(device)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            peak = bench.peak_memory_mb(fn, device) / 1024
+        out[name] = (bench._quantiles(ts[name]), peak)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny Qwen2 shape and batches (CPU smoke run, < 1 min)")
+    ap.add_argument("--dtype", default=None, help="bf16 (default on CUDA) or fp32 (default on CPU)")
+    ap.add_argument("--batches", default="8x2048,mixed64")
+    ap.add_argument("--methods", default="forward,naive,engine,exact")
+    ap.add_argument("--engine", default="tensor", choices=("tensor", "scorer"),
+                    help="engine path: tensors (ids in, advantages out) or p2t.P2TScorer on text")
+    ap.add_argument("--liger", action="store_true", help="also the engine after Liger-Kernel's Qwen2 patches")
+    ap.add_argument("--naive-rows", type=int, default=None, help="rows per naive micro-batch (default 8; 4 for mixed64)")
+    ap.add_argument("--mb-tokens", type=int, default=None, help="engine token budget per micro-batch (default 16384)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    device = args.device
+    cuda = device.startswith("cuda")
+    dtype = bench.DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    shape = TINY if args.tiny else QWEN2_1P5B
+    budget = args.mb_tokens or (256 if args.tiny else 16384)
+    model = build_model(shape, device, dtype)
+    env = bench.environment(device)
+    try:
+        import transformers
+        tv = transformers.__version__
+    except ImportError:  # pragma: no cover
+        tv = "?"
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    print(f"device {env['gpu']}; torch {env['torch']}, transformers {tv}, p2t {env['version']} ({env['commit']}); "
+          f"Qwen2 {'tiny' if args.tiny else '1.5B'} shape, {str(dtype).replace('torch.', '')}, sdpa, "
+          f"{weights_gib:.2f} GiB of weights; backends {p2t.available_backends(device.split(':')[0])}")
+    methods = args.methods.split(",")
+    rows_out, table = [], []
+    for batch in batches(args.tiny, shape["vocab_size"], args.batches.split(",")):
+        naive_rows = args.naive_rows or (8 if batch.name == "8x2048" else 4)
+        padded = batch.B * batch.N
+        print(f"\n{batch.name}: {batch.B} responses, {batch.tokens} tokens ({padded} padded), {batch.S} steps; "
+              f"naive micro-batch {naive_rows} rows, engine budget {budget} tokens "
+              f"({len(engine_groups(batch, budget))} micro-batches)")
+        res = {}
+
+        def record(name, q, peak, tokens_per_s=None):
+            tps = tokens_per_s if tokens_per_s is not None else batch.tokens / q[0]
+            res[name] = dict(t=q, peak=peak, tps=tps)
+            print(f"  {name:<14} {q[0] * 1e3:10.1f} ms (p20 {q[1] * 1e3:.1f}, p80 {q[2] * 1e3:.1f})  "
+                  f"{tps:12.0f} tokens/s  peak {peak:8.3f} GiB", flush=True)
+
+        jobs = []
+        if "forward" in methods or "exact" in methods:
+            jobs.append(("forward", lambda: run_forward(model, batch, device, naive_rows)))
+        if "naive" in methods:
+            jobs.append(("naive", lambda: run_naive(model, batch, device, naive_rows)))
+        if "engine" in methods:
+            if args.engine == "scorer":
+                jobs.append(("engine", make_scorer_step(model, batch, device, budget)))
+            else:
+                jobs.append(("engine", lambda: run_engine(model, batch, device, budget)))
+        for name, (q, peak) in measure(jobs, device, args.reps).items():
+            record(name, q, peak)
+        if "exact" in methods and "forward" in res:
+            # one forward per response token (prompt excluded), each of the response's full length
+            fwd_tps = batch.tokens / res["forward"]["t"][0]
+            work = sum((L - min(PROMPT if not args.tiny else 16, L // 4)) * L for L in batch.lens)
+            t = work / fwd_tps
+            record("exact (extrap.)", (t, t, t), res["forward"]["peak"])
+        table.append((batch, res))
+        for name, r in res.items():
+            base = {"time": r["t"], "throughput": (r["tps"],) * 3, "peak_memory": (r["peak"],) * 3}
+            units = {"time": "s", "throughput": "tokens/s", "peak_memory": "GiB"}
+            for metric, (y50, y20, y80) in base.items():
+                rows_out.append(dict(kernel="p2t_reward_step", provider=name, mode=batch.name, metric=metric,
+                                     unit=units[metric], x=batch.tokens, y50=y50, y20=y20, y80=y80, gpu=env["gpu"],
+                                     version=env["version"], x_name="tokens", layout="padded",
+                                     dtype=str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace(
+                                         "float32", "fp32"),
+                                     shape=f"Qwen2-{'tiny' if args.tiny else '1.5B'},B={batch.B},N={batch.N}",
+                                     mbytes="", gbps="", pct_copy_bw="", peak_mem_mb=r["peak"] * 1024,
+                                     torch=env["torch"], triton=env["triton"], commit=env["commit"],
+                                     date=env["date"]))
+    if args.liger:
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+        except ImportError as e:
+            print(f"\n--liger: Liger-Kernel is not installed ({e}); `pip install liger-kernel`")
+        else:
+            apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False, model=model)
+            print("\nafter Liger-Kernel's Qwen2 patches (RoPE, RMSNorm, SwiGLU):")
+            for batch, res in table:
+                nr = args.naive_rows or (8 if batch.name == "8x2048" else 4)
+                jobs = [("forward_liger", lambda: run_forward(model, batch, device, nr)),
+                        ("engine_liger", lambda: run_engine(model, batch, device, budget))]
+                for name, (q, peak) in measure(jobs, device, args.reps).items():
+                    res[name] = dict(t=q, peak=peak, tps=batch.tokens / q[0])
+                    print(f"  {batch.name:<8} {name:<14} {q[0] * 1e3:10.1f} ms  {batch.tokens / q[0]:12.0f} tokens/s  "
+                          f"peak {peak:8.3f} GiB", flush=True)
+                    for metric, unit, v in (("time", "s", q), ("throughput", "tokens/s", (batch.tokens / q[0],) * 3),
+                                            ("peak_memory", "GiB", (peak,) * 3)):
+                        rows_out.append(dict(rows_out[-1], provider=name, mode=batch.name, metric=metric, unit=unit,
+                                             y50=v[0], y20=v[1], y80=v[2], peak_mem_mb=peak * 1024))
+                    if cuda:
+                        torch.cuda.empty_cache()
+
+    print(f"\n{'batch':<8} {'method':<16} {'ms':>10} {'tokens/s':>12} {'peak GiB':>9} {'x naive tok/s':>14} "
+          f"{'peak / naive':>13} {'x forward time':>15}")
+    for batch, res in table:
+        nv = res.get("naive")
+        fw = res.get("forward")
+        for name, r in res.items():
+            sp = f"{r['tps'] / nv['tps']:.2f}x" if nv else ""
+            mem = f"{r['peak'] / nv['peak']:.2f}" if nv and nv["peak"] > 0 else ""
+            xf = f"{r['t'][0] / fw['t'][0]:.2f}x" if fw else ""
+            print(f"{batch.name:<8} {name:<16} {r['t'][0] * 1e3:10.1f} {r['tps']:12.0f} {r['peak']:9.3f} {sp:>14} "
+                  f"{mem:>13} {xf:>15}")
+    if not args.tiny:
+        print("targets: 8x2048 engine >= 1.8x naive tokens/s and <= 1/3 of its peak; mixed64 >= 2.5x naive tokens/s")
+    out = args.out or os.path.join(HERE, "results", f"e2e{'_tiny' if args.tiny else ''}_{bench.device_tag(device)}.csv")
+    bench.write_csv(rows_out, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
