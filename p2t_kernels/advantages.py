@@ -12,13 +12,18 @@ from .segment import group_block
 
 
 @triton.jit(do_not_specialize=["N", "B", "G", "n_chunks"])
-def _token_advantages_kernel(o_ptr, tr_ptr, mask_ptr, out_ptr, N, B, G, n_chunks, alpha, eps,
+def _token_advantages_kernel(o_ptr, tr_ptr, mask_ptr, out_ptr, N, B, G, n_chunks,
+                             alpha: tl.float64, eps: tl.float64,  # exact for fp64
                              HAS_MASK: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr,
                              BLOCK_G: tl.constexpr):
     """One program per (row b, BLOCK chunk): A^_b from the outcome rewards of b's group (or the
     batch), then out[b, i] = A^_b + alpha * tr[b, i], 0 where ~mask. Each element is read before
     it is written by the same program, so out may alias tr."""
     CD: tl.constexpr = o_ptr.dtype.element_ty
+    # fp64 scalars (exact for a float64 computation) cast to CD; the zeros keep the interpreter, which
+    # passes Python floats, from rounding them to fp32 first
+    alpha = (alpha + tl.zeros([], CD)).to(CD)
+    eps = (eps + tl.zeros([], CD)).to(CD)
     pid = tl.program_id(0)
     b = pid // n_chunks
     c = pid - b * n_chunks

@@ -38,12 +38,14 @@ def _attribution_kernel(g_ptr, e_ptr, null_ptr, mask_ptr, out_ptr, ids_ptr, pos_
         nl = tl.load(null_ptr + cols, mask=cmask, other=0).to(CD)
         acc += (e - nl[None, :]) * g
     val = tl.sum(acc, 1)
-    if HAS_MASK and not FUSED:
-        keep = tl.load(mask_ptr + rows, mask=rmask, other=0) != 0
-        val = tl.where(keep, val, 0)
-    tl.store(out_ptr + rows, val, mask=rmask)
     if FUSED:
+        tl.store(out_ptr + rows, val, mask=rmask)
         _scatter_run_bounds(ids_ptr, mask_ptr, pos_ptr, rows, R, N, S, HAS_MASK)
+    else:
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + rows, mask=rmask, other=0) != 0
+            val = tl.where(keep, val, 0)
+        tl.store(out_ptr + rows, val, mask=rmask)
 
 
 def attribution_blocks(D: int) -> tuple[int, int, int]:

@@ -9,7 +9,6 @@ import triton.language as tl
 from ._common import (INTERPRET, _effective_ids, _group_advantage, _scatter_run_bounds, compute_dtype,
                       next_pow2)
 
-ZERO_STD_RTOL = 1e-6  # as p2t.ops.reference: var <= (1e-6 |mean|)^2 counts as a constant segment
 
 
 @triton.jit(do_not_specialize=["R", "N", "S"])
@@ -21,7 +20,8 @@ def _run_bounds_kernel(ids_ptr, mask_ptr, pos_ptr, R, N, S, HAS_MASK: tl.constex
 
 @triton.jit(do_not_specialize=["R", "N", "S", "B", "G", "n_chunks"])
 def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_ptr,
-                    R, N, S, B, G, n_chunks, omega, temperature, alpha, eps,
+                    R, N, S, B, G, n_chunks,
+                    omega: tl.float64, temperature: tl.float64, alpha: tl.float64, eps: tl.float64,  # exact for fp64
                     HAS_MASK: tl.constexpr,  # masked tokens are in no segment (and get 0)
                     HAS_ADV: tl.constexpr,  # write A^_b + alpha * r (p2t_advantages), else r
                     STANDARDIZE: tl.constexpr, NORMALIZE_SUM: tl.constexpr, SCALE: tl.constexpr,
@@ -34,6 +34,12 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
     program does nothing. Programs S..S+B*n_chunks-1: one per (row b, FILL_BLOCK chunk), writing the
     tokens in no segment: 0, or with HAS_ADV A^_b where mask is True and 0 where it is False."""
     CD: tl.constexpr = x_ptr.dtype.element_ty
+    # fp64 scalars (exact for a float64 computation) cast to CD; the zeros keep the interpreter, which
+    # passes Python floats, from rounding them to fp32 first
+    omega = (omega + tl.zeros([], CD)).to(CD)
+    temperature = (temperature + tl.zeros([], CD)).to(CD)
+    alpha = (alpha + tl.zeros([], CD)).to(CD)
+    eps = (eps + tl.zeros([], CD)).to(CD)
     pid = tl.program_id(0)
     if pid < S:
         s = pid
@@ -69,7 +75,8 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
                 d = tl.load(x_ptr + offs, mask=mine, other=0).to(CD) - mean
                 accv += tl.where(mine, d * d, 0)
             var = tl.sum(accv, 0) / tl.maximum(n, 1)
-            const = var <= (ZERO_STD_RTOL * tl.abs(mean)) * (ZERO_STD_RTOL * tl.abs(mean))
+            lim = tl.abs(mean) * 1e-6  # ZERO_STD_RTOL of p2t.ops.reference: a constant segment
+            const = var <= lim * lim
             std = tl.sqrt(tl.where(const, 1, var))
             xmax = tl.where(const, 0, (xmax - mean) / std)
         xmax = xmax / temperature
