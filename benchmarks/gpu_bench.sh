@@ -5,7 +5,7 @@
 # end-to-end P2T reward step on a random-init Qwen2 of the 1.5B shape. Each step has its own timeout and
 # a failed step does not stop the later ones; CSVs are written row by row, so a timeout keeps what was
 # measured. Writes to $OUT (default benchmarks/results), at most 6 files:
-#   gpu_bench.log, ops_<card>.csv, ops-fp32_<card>.csv, recompile_<card>.csv, e2e_<card>.csv, build.log
+#   gpu_bench.log, e2e_<card>.csv, ops-headline_<card>.csv, recompile_<card>.csv, ops_<card>.csv, build.log
 #
 #   OUT=/some/dir bash benchmarks/gpu_bench.sh
 # Optional: a Liger-Kernel wheel under .whl/ (no network on the GPU machine) adds the engine with
@@ -59,19 +59,21 @@ run_step() {  # name, seconds, command...
   [ $rc -ne 0 ] && status=1
 }
 
-# 2. op benchmarks: bf16 full sweep (forward, every layout; forward/backward/full at the headline shapes)
-run_step "ops bf16" 150 python benchmarks/bench_ops.py --device cuda --suite full --dtypes bf16 \
-  --out "$OUT/ops_${TAG}.csv"
-# 3. fp32 at the headline shapes
-run_step "ops fp32" 50 python benchmarks/bench_ops.py --device cuda --suite quick --dtypes fp32 \
-  --out "$OUT/ops-fp32_${TAG}.csv"
-# 4. recompilation: 10 lengths through compiled callers and the Triton kernels (JIT cache misses)
-run_step "recompile check" 45 python benchmarks/recompile_check.py --device cuda --out "$OUT/recompile_${TAG}.csv"
-# 5. end-to-end P2T reward step, Qwen2 1.5B shape, bf16, sdpa
+# Most important first; the last step takes what is left of the budget.
+# 2. end-to-end P2T reward step, Qwen2 1.5B shape, bf16, sdpa
 LIGER=""
 python -c "import liger_kernel" 2>/dev/null && LIGER="--liger"
 run_step "e2e reward step" 200 python benchmarks/e2e_reward_step.py --device cuda $LIGER --reps 3 \
   --out "$OUT/e2e_${TAG}.csv"
+# 3. op benchmarks at the headline shapes, every provider (static and dynamic compile), bf16 + fp32
+run_step "ops headline" 70 python benchmarks/bench_ops.py --device cuda --suite quick --dtypes bf16,fp32 \
+  --out "$OUT/ops-headline_${TAG}.csv"
+# 4. recompilation: 10 lengths through compiled callers and the Triton kernels (JIT cache misses)
+run_step "recompile check" 45 python benchmarks/recompile_check.py --device cuda --out "$OUT/recompile_${TAG}.csv"
+# 5. the bf16 sweep (N, D, dense/padded/packed, forward/backward/full at the headline shapes) vs static compile
+PROVS=$(python -c "from p2t import bench; print(','.join(bench.providers('cuda', ('torch_compile',))))")
+run_step "ops bf16 sweep" 400 python benchmarks/bench_ops.py --device cuda --suite full --dtypes bf16 \
+  --providers "$PROVS" --out "$OUT/ops_${TAG}.csv"
 
 say "done in $(( $(date +%s) - T_START )) s, status $status; files: $(ls "$OUT" | tr '\n' ' ')"
 exit $status
