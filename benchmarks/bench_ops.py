@@ -36,10 +36,13 @@ def main(argv=None, ops=None) -> int:
                     help="include the Triton backend on CPU (TRITON_INTERPRET=1: a correctness path, not a speed one)")
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/ops_<device>.csv)")
     args = ap.parse_args(argv)
 
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = bench.suite(args.suite, device, ops=tuple(args.ops.split(",")), dtypes=tuple(args.dtypes.split(",")),
                         modes=tuple(args.modes.split(",")))
     provs = args.providers.split(",") if args.providers else bench.providers(

@@ -251,6 +251,14 @@ def segment_ids(lens: torch.Tensor, N: int, steps: int, gen: torch.Generator, pr
     return ids, nxt
 
 
+def _randn(shape, gen: torch.Generator, device: str, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Normal values (never zeros) made on ``device``; seeded from the CPU generator ``gen``."""
+    if device.startswith("cuda"):
+        g = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
 @dataclasses.dataclass
 class Case:
     """One benchmark case: the op, its layout/dtype/shape, and how to call it.
@@ -289,9 +297,9 @@ def attribution_case(B: int, N: int, D: int, dtype: str = "fp32", layout: str = 
     def make(gen):
         lens = lengths(B, N, gen)
         shape = (int(lens.sum()), D) if layout == "packed" else (B, N, D)
-        g = (torch.randn(shape, generator=gen) * 1e-2).to(device=device, dtype=dt)
-        e = (torch.randn(shape, generator=gen) * 0.05).to(device=device, dtype=dt)
-        null = (torch.randn(D, generator=gen) * 0.05).to(device=device, dtype=dt)
+        g = _randn(shape, gen, device, dt, 1e-2)
+        e = _randn(shape, gen, device, dt, 0.05)
+        null = _randn(D, gen, device, dt, 0.05)
         mask = (torch.arange(N)[None, :] < lens[:, None]).to(device) if layout == "padded" else None
         return g, e, null, mask
 
@@ -382,9 +390,9 @@ def pipeline_case(B: int, N: int, D: int, steps: int = 16, dtype: str = "fp32", 
     def make(gen):
         lens = lengths(B, N, gen) if layout == "padded" else torch.full((B,), N)
         ids, S = segment_ids(lens, N, steps, gen)
-        g = (torch.randn(B, N, D, generator=gen) * 1e-2).to(device=device, dtype=dt)
-        e = (torch.randn(B, N, D, generator=gen) * 0.05).to(device=device, dtype=dt)
-        null = (torch.randn(D, generator=gen) * 0.05).to(device=device, dtype=dt)
+        g = _randn((B, N, D), gen, device, dt, 1e-2)
+        e = _randn((B, N, D), gen, device, dt, 0.05)
+        null = _randn(D, gen, device, dt, 0.05)
         rewards = torch.rand(S, generator=gen).to(device)
         o = torch.rand(B, generator=gen).to(device)
         mask = (torch.arange(N)[None, :] < lens[:, None]).to(device) if layout == "padded" else None

@@ -18,6 +18,7 @@ def configure(parser):
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     parser.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per provider and case")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", default=None, help="write the rows as CSV here")
 
 
@@ -27,6 +28,8 @@ def run(args) -> int:
     from p2t import bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ops = tuple(args.ops.split(",")) if args.ops else bench.OPS
     unknown = set(ops) - set(bench.OPS)
     if unknown:
