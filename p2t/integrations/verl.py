@@ -24,6 +24,7 @@ verl passes per-token rewards on only from its reward loop's batch pass (see
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -230,6 +231,7 @@ class P2TRewardManager(_NaiveRewardManager):
     """
 
     _shared_scorer = None
+    _score_lock = threading.Lock()
 
     def __init__(self, config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None,
                  scorer=None, **options):
@@ -267,8 +269,15 @@ class P2TRewardManager(_NaiveRewardManager):
         ids = response_ids[:n].tolist()
         prompt = self._prompt(item)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        row = await self.loop.run_in_executor(None, lambda: p2t_reward_rows(
-            self.p2t_scorer, [prompt], [text], [ids], [outcome], length=max(n, 1), options=self.p2t_options))
+
+        def score_row():
+            # the reward loop runs samples concurrently; one PRM forward/backward at a time (the scorer
+            # freezes and restores the PRM's parameters around each call)
+            with type(self)._score_lock:
+                return p2t_reward_rows(self.p2t_scorer, [prompt], [text], [ids], [outcome], length=max(n, 1),
+                                       options=self.p2t_options)
+
+        row = await self.loop.run_in_executor(None, score_row)
         result["reward_score"] = row[0, :n].tolist()
         result.setdefault("reward_extra_info", {})["p2t_outcome"] = outcome
         return result
