@@ -27,7 +27,7 @@ def test_attribute_tiny_prm(tmp_path, capsys):
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
     assert page.count("class='reward'") == 5 and page.count("class='step'") == 5
-    assert "&lt;10&gt;" in page  # escaped
+    assert ">&lt;</span>" in page and "<10>" not in page  # escaped
 
 
 def test_attribute_default_embedded_prm(tmp_path, capsys):
