@@ -36,6 +36,8 @@ def main(argv=None, ops=None) -> int:
                     help="include the Triton backend on CPU (TRITON_INTERPRET=1: a correctness path, not a speed one)")
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="CPU timer: wall time, or this process's CPU time (use with --threads 1 on a shared machine)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/ops_<device>.csv)")
     args = ap.parse_args(argv)
@@ -50,7 +52,7 @@ def main(argv=None, ops=None) -> int:
     name = "ops" if args.ops == ",".join(bench.OPS) else args.ops.replace(",", "+")
     out = args.out or os.path.join(HERE, "results", f"{name}_{bench.device_tag(device)}.csv")
     rep = args.rep_ms if args.rep_ms is not None else (100.0 if device.startswith("cuda") else 300.0)
-    rows = bench.run_suite(cases, device, provs, rep_ms=rep, memory=not args.no_memory, csv_path=out)
+    rows = bench.run_suite(cases, device, provs, rep_ms=rep, memory=not args.no_memory, csv_path=out, clock=args.clock)
     print()
     for line in bench.format_table(rows):
         print(line)

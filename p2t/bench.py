@@ -61,14 +61,16 @@ def device_name(device: str) -> str:
                     break
     except OSError:
         pass
-    return f"cpu-{torch.get_num_threads()}core ({model})"
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    return f"cpu-{cores}core ({model})" + (f", {threads} thread{'s' if threads > 1 else ''}" if threads != cores else "")
 
 
 def device_tag(device: str) -> str:
     """A file-name friendly device name: ``cpu-2core``, ``nvidia-h100-80gb-hbm3``."""
     name = device_name(device)
     if device.startswith("cpu"):
-        name = name.split(" ")[0]
+        cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+        name = name.split(" ")[0] + (f"-{threads}thread" if threads != cores else "")
     return "".join(c if c.isalnum() or c in "-." else "-" for c in name.lower()).strip("-")
 
 
@@ -125,23 +127,32 @@ def _quantiles(xs: Sequence[float], qs=(0.5, 0.2, 0.8)) -> tuple:
     return tuple(out)
 
 
-def cpu_quantiles(fns: dict, *, rep_ms: float = 300.0, warmup_ms: float = 50.0, min_samples: int = 5,
-                  max_samples: int = 200, min_sample_ms: float = 1.0) -> dict:
+CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.process_time_ns}
+
+
+def cpu_quantiles(fns: dict, *, rep_ms: float = 300.0, warmup_ms: float = 50.0, min_samples: int = 8,
+                  max_samples: int = 200, min_sample_ms: float = 1.0, clock: str = "wall") -> dict:
     """Median, p20, p80 (ms) of each ``fns[name](i)``, providers interleaved sample by sample.
+
+    ``clock="wall"``: elapsed time. ``clock="cpu"``: CPU time of this process (all its threads), which
+    time slices given to other processes do not inflate: on a shared, oversubscribed machine with one
+    thread (``torch.set_num_threads(1)``) it measures the work of a call, where wall time favours calls
+    short enough to fit in one scheduler slice.
 
     ``fn(i)`` is called with a running counter (to rotate inputs). The first call of each (compilation)
     is not timed; then warm-up for ``warmup_ms`` (at least two calls). A sample is the mean over enough
     consecutive calls to last ``min_sample_ms``; each provider takes ``rep_ms / sample`` samples,
     clamped to ``[min_samples, max_samples]``.
     """
+    now = CLOCKS[clock]
     est, counter = {}, {}
     for name, fn in fns.items():
         fn(0)
-        n, t0 = 1, time.perf_counter()
+        n, t0 = 1, now()
         while True:
             fn(n)
             n += 1
-            el = time.perf_counter() - t0
+            el = (now() - t0) / 1e9
             if n >= 3 and el * 1e3 >= warmup_ms:
                 break
         est[name] = el / (n - 1)
@@ -155,10 +166,10 @@ def cpu_quantiles(fns: dict, *, rep_ms: float = 300.0, warmup_ms: float = 50.0, 
             if len(samples[name]) >= want[name]:
                 continue
             c = counter[name]
-            t0 = time.perf_counter_ns()
+            t0 = now()
             for j in range(inner[name]):
                 fn(c + j)
-            dt = time.perf_counter_ns() - t0
+            dt = now() - t0
             counter[name] = c + inner[name]
             samples[name].append(dt / inner[name] / 1e6)
     return {k: _quantiles(v) for k, v in samples.items()}
@@ -184,7 +195,10 @@ def cuda_quantiles(fns: dict, *, rep_ms: float = 100.0, warmup_ms: float = 25.0,
 
 
 def time_fns(fns: dict, device: str, **kw) -> dict:
-    return (cuda_quantiles if device.startswith("cuda") else cpu_quantiles)(fns, **kw)
+    if device.startswith("cuda"):
+        kw.pop("clock", None)
+        return cuda_quantiles(fns, **kw)
+    return cpu_quantiles(fns, **kw)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
@@ -559,7 +573,7 @@ def _rotations(case: Case, device: str, gen) -> list:
 
 def run_case(case: Case, modes: Sequence[str], provs: Sequence[str], device: str, env: dict, copy_gbps: float,
              *, rep_ms: float = 300.0, warmup_ms: float = 50.0, memory: bool = True, seed: int = 0,
-             log: Optional[Callable[[str], None]] = None) -> list:
+             clock: str = "wall", log: Optional[Callable[[str], None]] = None) -> list:
     """Rows (dicts with :data:`COLUMNS`) for every provider x mode of one case."""
     rows = []
     gen = torch.Generator().manual_seed(seed)
@@ -576,7 +590,7 @@ def run_case(case: Case, modes: Sequence[str], provs: Sequence[str], device: str
             except Exception as e:  # noqa: BLE001 - one failing provider must not stop the run
                 errs[p] = f"{type(e).__name__}: {e}"
                 fns.pop(p, None)
-        times = time_fns(fns, device, rep_ms=rep_ms, warmup_ms=warmup_ms) if fns else {}
+        times = time_fns(fns, device, rep_ms=rep_ms, warmup_ms=warmup_ms, clock=clock) if fns else {}
         nbytes = case.nbytes(base_inputs[0], mode)
         for p in provs:
             if p in errs:
@@ -586,13 +600,17 @@ def run_case(case: Case, modes: Sequence[str], provs: Sequence[str], device: str
             y50, y20, y80 = times[p]
             gbps = nbytes / (y50 * 1e-3) / 1e9
             pk = peak_memory_mb(lambda: fns[p](1), device) if memory else float("nan")
-            rows.append(dict(kernel=case.kernel, provider=p, mode=mode, metric="time", unit="ms", x=case.x,
+            rows.append(dict(kernel=case.kernel, provider=p, mode=mode, metric=_metric(device, clock), unit="ms", x=case.x,
                              y50=y50, y20=y20, y80=y80, gpu=env["gpu"], version=env["version"], x_name=case.x_name,
                              layout=case.layout, dtype=case.dtype, shape=case.shape, mbytes=nbytes / 2**20,
                              gbps=gbps, pct_copy_bw=100.0 * gbps / copy_gbps, peak_mem_mb=pk, torch=env["torch"],
                              triton=env["triton"], commit=env["commit"], date=env["date"]))
         del fns
     return rows
+
+
+def _metric(device: str, clock: str) -> str:
+    return "cpu_time" if clock == "cpu" and not device.startswith("cuda") else "time"
 
 
 def environment(device: str) -> dict:
@@ -604,7 +622,8 @@ def environment(device: str) -> dict:
 def copy_row(device: str, env: dict, **kw) -> tuple:
     gbps, (y50, y20, y80) = copy_bandwidth(device, **kw)
     mb = (1024 if device.startswith("cuda") else 256) * 2
-    row = dict(kernel="copy", provider="torch", mode="forward", metric="time", unit="ms", x=mb / 2, y50=y50,
+    row = dict(kernel="copy", provider="torch", mode="forward", metric=_metric(device, kw.get("clock", "wall")),
+               unit="ms", x=mb / 2, y50=y50,
                y20=y20, y80=y80, gpu=env["gpu"], version=env["version"], x_name="MiB", layout="dense",
                dtype="bf16" if device.startswith("cuda") else "fp32", shape=f"{mb // 2}MiB", mbytes=mb, gbps=gbps,
                pct_copy_bw=100.0, peak_mem_mb=float("nan"), torch=env["torch"], triton=env["triton"],
@@ -614,16 +633,17 @@ def copy_row(device: str, env: dict, **kw) -> tuple:
 
 def run_suite(cases: list, device: str, provs: Optional[Sequence[str]] = None, *, rep_ms: float = 300.0,
               warmup_ms: float = 50.0, memory: bool = True, log: Optional[Callable[[str], None]] = print,
-              csv_path: Optional[str] = None) -> list:
+              csv_path: Optional[str] = None, clock: str = "wall") -> list:
     """Measure the copy bandwidth, then every case; returns the rows (and appends them to ``csv_path``
     as they come, so an interrupted run keeps what it measured)."""
     env = environment(device)
     provs = list(provs) if provs is not None else providers(device)
-    copy_gbps, crow = copy_row(device, env, rep_ms=rep_ms, warmup_ms=warmup_ms)
+    copy_gbps, crow = copy_row(device, env, rep_ms=rep_ms, warmup_ms=warmup_ms, clock=clock)
     if log:
         log(f"device {env['gpu']}; torch {env['torch']}, triton {env['triton']}, p2t {env['version']} "
             f"({env['commit']}); copy bandwidth {copy_gbps:.1f} GB/s; providers: {', '.join(provs)}"
-            + (f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if device == "cpu" else ""))
+            + (f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {clock} clock"
+               if device == "cpu" else ""))
     rows = [crow]
     writer = _CsvAppender(csv_path) if csv_path else None
     if writer:
@@ -631,7 +651,7 @@ def run_suite(cases: list, device: str, provs: Optional[Sequence[str]] = None, *
     for case, modes in cases:
         t0 = time.time()
         new = run_case(case, modes, provs, device, env, copy_gbps, rep_ms=rep_ms, warmup_ms=warmup_ms,
-                       memory=memory, log=log)
+                       memory=memory, clock=clock, log=log)
         rows += new
         if writer:
             writer.write(new)
@@ -736,4 +756,40 @@ def target_lines(rows: list) -> list:
                          f"{ve:.1f}x eager (>=10), {vc:.2f}x torch.compile (>=0.8)"
                          + (f", {d['vs_torch_compile_dynamic']:.2f}x compile dynamic"
                             if "vs_torch_compile_dynamic" in d else "") + (" -> met" if ok else " -> NOT met"))
+    return lines
+
+
+def markdown_summary(rows: list, fused: Optional[Sequence[str]] = None) -> list:
+    """Markdown lines: one row per case and mode, the median time of every provider, then each fused
+    backend's GB/s, % of copy bandwidth and speed-up over eager and torch.compile (ratios of medians
+    measured in the same run)."""
+    cases: dict = {}
+    for r in rows:
+        if r["kernel"] != "copy":
+            cases.setdefault(_key(r), {})[r["provider"]] = r
+    provs = []
+    for g in cases.values():
+        for p in g:
+            if p not in provs:
+                provs.append(p)
+    base = [p for p in ("reference",) + COMPILE_PROVIDERS if p in provs]
+    fused = [p for p in (fused or provs) if p not in base]
+    head = ["op", "layout", "dtype", "shape", "mode"] + [f"{p} ms" for p in base + fused]
+    for f in fused:
+        head += [f"{f} GB/s (% copy)"] + [f"{f} vs {'eager' if b == 'reference' else b.replace('torch_', '')}"
+                                          for b in base]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, g in cases.items():
+        cells = list(key)
+        cells += [f"{g[p]['y50']:.3f}" if p in g else "" for p in base + fused]
+        for f in fused:
+            r = g.get(f)
+            cells.append(f"{r['gbps']:.1f} ({r['pct_copy_bw']:.0f}%)" if r else "")
+            cells += [f"{g[b]['y50'] / r['y50']:.2f}x" if r and b in g else "" for b in base]
+        lines.append("| " + " | ".join(cells) + " |")
+    copy = [r for r in rows if r["kernel"] == "copy"]
+    if copy:
+        lines.append("")
+        lines.append(f"Device: {copy[0]['gpu']}; copy bandwidth {copy[0]['gbps']:.1f} GB/s measured in the same run; "
+                     f"torch {copy[0]['torch']}, triton {copy[0]['triton']}, commit {copy[0]['commit']}, {copy[0]['date']}.")
     return lines
