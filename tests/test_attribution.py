@@ -412,3 +412,17 @@ def test_longer_than_max_length(saved):
     # the default limit is the model's max_position_embeddings (256 here)
     with pytest.warns(AttributionWarning):
         load(saved, "step_classifier", **TOY).score(["q"], ["\n".join(["1+1=2"] * 60)])
+
+
+# ---------------------------------------------------------------- reduced precision
+def test_bf16_autocast_and_bf16_weights(saved):
+    ref = load(saved, "step_classifier", **TOY).score(PROMPTS, RESPONSES)
+    for opts in (dict(autocast=True), dict(dtype=torch.bfloat16)):
+        s = load(saved, "step_classifier", **TOY, **opts)
+        b = s.score(PROMPTS, RESPONSES)
+        assert b.scores.dtype == torch.float32 and b.segment_rewards.dtype == torch.float32
+        assert torch.equal(b.segment_ids, ref.segment_ids)
+        corr = torch.corrcoef(torch.stack([b.scores.flatten(), ref.scores.flatten()]))[0, 1]
+        assert corr > 0.98, (opts, corr)
+        assert (b.segment_rewards - ref.segment_rewards).abs().max() < 0.05
+        assert all(p.grad is None for p in s.model.parameters())
