@@ -342,7 +342,10 @@ class P2TScorer:
         return emb
 
     def _make_null(self, null) -> torch.Tensor:
-        weight = self._embedding().weight
+        """e_null in the space of ``get_input_embeddings()`` outputs (what ``inputs_embeds`` holds): token
+        ids go through the embedding module, so embeddings that scale their output (Gemma) agree."""
+        emb = self._embedding()
+        weight = emb.weight
         if isinstance(null, bool) or not isinstance(null, (str, int)):
             raise TypeError(f"null must be one of {', '.join(map(repr, NULLS))} or a token id, got {null!r}")
         if isinstance(null, int):
@@ -350,7 +353,9 @@ class P2TScorer:
         elif null == "zero":
             return torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
         elif null == "vocab_mean":
-            return weight.detach().float().mean(0).to(weight.dtype)
+            scale = getattr(emb, "embed_scale", None)
+            mean = weight.detach().float().mean(0)
+            return (mean * (float(scale) if scale is not None else 1.0)).to(weight.dtype)
         elif null in ("pad", "eos"):
             tid = getattr(self.tokenizer, f"{null}_token_id", None)
             if tid is None:
@@ -360,7 +365,7 @@ class P2TScorer:
             raise ValueError(f"null must be one of {', '.join(map(repr, NULLS))} or a token id, got {null!r}")
         if not 0 <= tid < weight.shape[0]:
             raise ValueError(f"null token id {tid} is outside the PRM vocabulary [0, {weight.shape[0]})")
-        return weight.detach()[tid].clone()
+        return emb(torch.tensor([tid], device=weight.device))[0].detach().clone()
 
     @property
     def device(self) -> torch.device:
