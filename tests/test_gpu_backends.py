@@ -3,6 +3,12 @@ the generic suite (test_ops.py) does not reach — multi-block segments and rows
 vector vs scalar loads, mixed dtypes, direct op calls, no recompilation for a new length — and, on a
 GPU, the cuda and triton backends against the reference and a float64 oracle at larger shapes.
 
+Without a GPU, the CUDA kernels still run: csrc/cuda/p2t_cuda.cu is compiled for the host against
+csrc/cuda/host_emulation.h (a thread per CUDA thread, barriers for __syncthreads and warp shuffles) and
+its ops, in the namespace p2t_cuda_emulated, join the tests as the backend "cuda-emulated". That checks
+the kernels' indexing, reductions and dtype handling, not CUDA itself (memory model, launch limits), and
+every Triton kernel variant is compiled for sm_90 ahead of time (test_triton_kernels_compile_for_sm90).
+
 Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET=1 must be set before
 triton is first imported. tests/conftest.py sets it; the lines below do the same when this module is
 imported on its own.
@@ -20,20 +26,99 @@ import p2t  # noqa: E402
 from p2t.ops import reference as ref  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMULATED = "cuda-emulated"  # csrc/cuda/p2t_cuda.cu compiled for the host (host_emulation.h), on CPU tensors
 
 
 def _params():
     out = []
     if "triton" in p2t.available_backends("cpu"):
         out.append(pytest.param("triton", "cpu", id="triton-cpu"))
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        out.append(pytest.param(EMULATED, "cpu", id="cuda-emulated-cpu"))
+    else:
         for name in ("triton", "cuda"):
             if name in p2t.available_backends("cuda"):
                 out.append(pytest.param(name, "cuda", id=f"{name}-cuda"))
-    return out or [pytest.param(None, None, marks=pytest.mark.skip(reason="no GPU backend can run here"))]
+    return out
 
 
 GPU_BACKENDS = _params()
+
+
+_EMULATED_OPS = []
+
+
+def _emulated_ops():
+    """Build (once; cached by torch's extension builder) and load the host emulation of the CUDA kernels:
+    the op namespace p2t_cuda_emulated with the schemas of the p2t ops, CPU tensors."""
+    if _EMULATED_OPS:
+        return _EMULATED_OPS[0]
+    import hashlib
+    import shutil
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler for the host emulation of the CUDA kernels")
+    from torch.utils.cpp_extension import load_inline
+    from p2t.ops._custom import register_meta
+    srcs = [os.path.join(ROOT, "csrc", "cuda", f) for f in ("p2t_cuda.cu", "host_emulation.h")]
+    srcs.append(os.path.join(ROOT, "csrc", "common.h"))
+    digest = hashlib.sha1(b"".join(open(f, "rb").read() for f in srcs)).hexdigest()[:12]
+    load_inline(name="p2t_cuda_emulated", is_python_module=False, verbose=False,
+                cpp_sources=[f"// sources {digest}\n#define P2T_HOST_EMULATION\n#include \"p2t_cuda.cu\"\n"],
+                extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda")],
+                extra_cflags=["-O1", "-pthread"], extra_ldflags=["-pthread"])
+    register_meta("p2t_cuda_emulated")
+    _EMULATED_OPS.append(torch.ops.p2t_cuda_emulated)
+    return _EMULATED_OPS[0]
+
+
+class _Emulated:
+    """The public API's normalisation (as p2t.ops does) in front of the emulated CUDA ops."""
+
+    def __init__(self):
+        self.ops = _emulated_ops()
+
+    def token_attribution(self, g, e, n, *, mask=None):
+        D = g.shape[-1]
+        out = self.ops.token_attribution(g.reshape(-1, D), e.reshape(-1, D), n,
+                                         None if mask is None else mask.reshape(-1))
+        return out.reshape(g.shape[:-1])
+
+    def segment_redistribute(self, scores, ids, R, *, omega=0.6, temperature=1.0, standardize=False,
+                             normalize="paper", validate=True):
+        return self.ops.segment_redistribute(scores.reshape(-1), ids.reshape(-1), R, omega, temperature, standardize,
+                                             normalize == "sum").reshape(scores.shape)
+
+    def token_advantages(self, o, tr, *, group_size, alpha=0.1, mask=None, scale="group", eps=1e-6, out=None):
+        s = ("group", "batch", "none").index(scale)
+        if out is None:
+            return self.ops.token_advantages(o, tr, mask, group_size, alpha, s, eps)
+        self.ops.token_advantages_out(o, tr, mask, group_size, alpha, s, eps, out)
+        return out
+
+    def p2t_advantages(self, g, e, n, ids, R, o, *, group_size, omega=0.6, alpha=0.1, temperature=1.0,
+                       standardize=False, normalize="paper", mask=None, scale="group", eps=1e-6, out=None,
+                       validate=True):
+        args = (g, e, n, ids, R, o, mask, group_size, omega, alpha, temperature, standardize, normalize == "sum",
+                ("group", "batch", "none").index(scale), eps)
+        if out is None:
+            return self.ops.p2t_advantages(*args)
+        self.ops.p2t_advantages_out(*args, out)
+        return out
+
+
+class _Public:
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        fn = getattr(p2t, name)
+        return lambda *a, **kw: fn(*a, backend=self.backend, **kw)
+
+
+def api(backend):
+    """The public ops for one backend (``backend=...``), or the emulated CUDA kernels behind the same API."""
+    return _Emulated() if backend == EMULATED else _Public(backend)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
@@ -103,7 +188,7 @@ def test_attribution_mixed_dtypes(backend, device, dtypes, D):
     e = torch.randn(3, 37, D, generator=gen).to(device, ed)
     n = torch.randn(D, generator=gen).to(device, nd)
     mask = (torch.rand(3, 37, generator=gen) > 0.3).to(device)
-    out = p2t.token_attribution(g, e, n, mask=mask, backend=backend)
+    out = api(backend).token_attribution(g, e, n, mask=mask)
     want_dtype = torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32
     assert out.dtype == want_dtype
     oracle = ref.token_attribution(g.double(), e.double(), n.double(), mask)
@@ -122,10 +207,10 @@ def test_attribution_misaligned_and_strided_rows(backend, device):
     n = torch.randn(D + 1, device=device)[1:]
     t = torch.randn(D, 2, 29, device=device).permute(1, 2, 0)  # last dim strided
     oracle = ref.token_attribution(g.double(), e.double(), n.double())
-    check(p2t.token_attribution(g, e, n, backend=backend), p2t.token_attribution(g, e, n, backend="reference"),
+    check(api(backend).token_attribution(g, e, n), p2t.token_attribution(g, e, n, backend="reference"),
           oracle)
     oracle = ref.token_attribution(g.double(), t.double(), n.double())
-    check(p2t.token_attribution(g, t, n, backend=backend), p2t.token_attribution(g, t, n, backend="reference"),
+    check(api(backend).token_attribution(g, t, n), p2t.token_attribution(g, t, n, backend="reference"),
           oracle)
 
 
@@ -141,7 +226,7 @@ def test_segment_long_runs_and_rows(backend, device, standardize, normalize, tem
     scores[0, 705:708] = 0.25  # a constant 3-token segment: zero std
     R = torch.randn(S, device=device)
     kw = dict(omega=0.6, temperature=temperature, standardize=standardize, normalize=normalize)
-    out = p2t.segment_redistribute(scores, ids, R, backend=backend, **kw)
+    out = api(backend).segment_redistribute(scores, ids, R, **kw)
     oracle = ref.segment_redistribute(scores.double().reshape(-1), ids.reshape(-1), R.double(), 0.6, temperature,
                                       standardize, normalize == "sum").reshape(2, 4500)
     check(out, p2t.segment_redistribute(scores, ids, R, backend="reference", **kw), oracle)
@@ -155,11 +240,11 @@ def test_segment_stale_bounds_and_out_of_range_ids(backend, device):
     ids, S = segments(3, 57, [4, 1, 7], device=device)
     R = torch.randn(S, device=device)
     x = torch.randn(3, 57, device=device)
-    p2t.segment_redistribute(x, ids, R, backend=backend)
+    api(backend).segment_redistribute(x, ids, R)
     ids2 = ids.clone()
     ids2[ids2 % 3 != 0] = -1  # two thirds of the segments vanish
     ids2[2, 40:45] = S + 5  # out of range
-    out = p2t.segment_redistribute(x, ids2, R, backend=backend, validate=False)
+    out = api(backend).segment_redistribute(x, ids2, R, validate=False)
     ids_ref = torch.where(ids2 >= S, torch.full_like(ids2, -1), ids2)
     oracle = ref.segment_redistribute(x.double().reshape(-1), ids_ref.reshape(-1), R.double()).reshape(3, 57)
     check(out, ref.segment_redistribute(x.reshape(-1), ids_ref.reshape(-1), R).reshape(3, 57), oracle)
@@ -172,7 +257,7 @@ def test_segment_extreme_scores_no_overflow(backend, device):
     ids, S = segments(1, 40, [5, 6], device=device)
     x = torch.where(ids % 2 == 0, 1e4, -1e4).float() + torch.randn(1, 40, device=device)
     R = torch.randn(S, device=device)
-    out = p2t.segment_redistribute(x, ids, R, temperature=0.1, backend=backend)
+    out = api(backend).segment_redistribute(x, ids, R, temperature=0.1)
     oracle = ref.segment_redistribute(x.double().reshape(-1), ids.reshape(-1), R.double(), 0.6, 0.1).reshape(1, 40)
     check(out, ref.segment_redistribute(x.reshape(-1), ids.reshape(-1), R, 0.6, 0.1).reshape(1, 40), oracle)
 
@@ -193,7 +278,7 @@ def test_p2t_masks_and_scales(backend, device, scale, dtype):
     kw = dict(group_size=2, omega=0.6, alpha=0.3, temperature=0.8, standardize=scale == 1,
               normalize="sum" if scale == 2 else "paper", scale=("group", "batch", "none")[scale], mask=mask)
     out = torch.full((B, N), float("nan"), device=device)
-    got = p2t.p2t_advantages(g, e, n, ids, R, o, backend=backend, out=out, **kw)
+    got = api(backend).p2t_advantages(g, e, n, ids, R, o, out=out, **kw)
     assert got is out
     oracle = oracle_p2t(g, e, n, ids, R, o, mask, 2, alpha=0.3, temperature=0.8, standardize=scale == 1,
                         normalize_sum=scale == 2, scale=scale)
@@ -208,20 +293,22 @@ def test_p2t_masks_and_scales(backend, device, scale, dtype):
 def test_p2t_float64_and_float32_out(backend, device):
     g, e, n, ids, R, o = pipeline(4, 33, 17, [3, 8], device, torch.float64)
     R, o = R.double(), o.double()
-    full = p2t.p2t_advantages(g, e, n, ids, R, o, group_size=4, backend=backend)
+    full = api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=4)
     assert full.dtype == torch.float64
     oracle = oracle_p2t(g, e, n, ids, R, o, None, 4)
     assert _err(full, oracle) < 1e-12
     out32 = torch.full((4, 33), float("nan"), device=device)
-    p2t.p2t_advantages(g, e, n, ids, R, o, group_size=4, backend=backend, out=out32)
+    api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=4, out=out32)
     assert _err(out32, oracle) < 1e-6
 
 
 @pytest.mark.parametrize("backend,device", GPU_BACKENDS)
 def test_p2t_long_rows(backend, device):
-    """Rows longer than a fill chunk and a segment longer than a block, group size 1."""
-    g, e, n, ids, R, o = pipeline(2, 4200, 8, [600, 1, 17], device, first=2)
-    out = p2t.p2t_advantages(g, e, n, ids, R, o, group_size=1, backend=backend, standardize=True)
+    """Rows longer than a fill chunk (1024 tokens on CUDA, 4096 interpreted) and a segment longer than a
+    block (128 / 256 tokens), group size 1."""
+    B, N = (1, 1100) if backend == EMULATED else (2, 4200)  # the emulation runs a thread per CUDA thread
+    g, e, n, ids, R, o = pipeline(B, N, 8, [600, 1, 17], device, first=2)
+    out = api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=1, standardize=True)
     oracle = oracle_p2t(g, e, n, ids, R, o, None, 1, standardize=True)
     check(out, p2t.p2t_advantages(g, e, n, ids, R, o, group_size=1, backend="reference", standardize=True), oracle)
 
@@ -233,7 +320,7 @@ def test_token_advantages_alias_and_batch_scale(backend, device):
     tr = torch.randn(B, N, device=device)
     mask = torch.rand(B, N, device=device) > 0.25
     want = ref.token_advantages(o.double(), tr.double(), mask, 4, 0.2, 1, 1e-6)
-    out = p2t.token_advantages(o, tr, group_size=4, alpha=0.2, mask=mask, scale="batch", out=tr, backend=backend)
+    out = api(backend).token_advantages(o, tr, group_size=4, alpha=0.2, mask=mask, scale="batch", out=tr)
     assert out is tr
     assert _err(out, want) < 1e-5
 
@@ -246,8 +333,8 @@ def test_gradients_through_backend(backend, device):
     grads = []
     for bk in (backend, "reference"):
         leaves = [t.clone().requires_grad_(True) for t in (g, e, n, R, o)]
-        out = p2t.p2t_advantages(leaves[0], leaves[1], leaves[2], ids, leaves[3], leaves[4], group_size=2, mask=mask,
-                                 standardize=True, backend=bk)
+        out = api(bk).p2t_advantages(leaves[0], leaves[1], leaves[2], ids, leaves[3], leaves[4], group_size=2,
+                                     mask=mask, standardize=True)
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
         grads.append(torch.autograd.grad((out * w).sum(), leaves))
     for a, b in zip(*grads):
@@ -319,16 +406,16 @@ def test_gpu_large_vs_reference(backend, dtype):
     g, e, n, ids, R, o = pipeline(B, N, D, [7, 31, 1, 120, 64], "cuda", dtype, first=5)
     mask = torch.ones(B, N, dtype=torch.bool, device="cuda")
     mask[:, 900:] = False
-    attr = p2t.token_attribution(g, e, n, mask=mask, backend=backend)
+    attr = api(backend).token_attribution(g, e, n, mask=mask)
     check(attr, p2t.token_attribution(g, e, n, mask=mask, backend="reference"),
           ref.token_attribution(g.double(), e.double(), n.double(), mask))
     out = torch.full((B, N), float("nan"), device="cuda")
-    p2t.p2t_advantages(g, e, n, ids, R, o, group_size=4, mask=mask, out=out, backend=backend)
+    api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=4, mask=mask, out=out)
     check(out, p2t.p2t_advantages(g, e, n, ids, R, o, group_size=4, mask=mask, backend="reference"),
           oracle_p2t(g, e, n, ids, R, o, mask, 4))
     # packed layout, odd D
     gp, ep = g[:, :, :1531].reshape(-1, 1531), e[:, :, :1531].reshape(-1, 1531)
-    check(p2t.token_attribution(gp, ep, n[:1531], backend=backend),
+    check(api(backend).token_attribution(gp, ep, n[:1531]),
           p2t.token_attribution(gp, ep, n[:1531], backend="reference"),
           ref.token_attribution(gp.double(), ep.double(), n[:1531].double()))
 

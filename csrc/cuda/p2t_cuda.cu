@@ -13,14 +13,32 @@
 // advantages:   A^_b from the outcome rewards of b's group (or the batch) on the device, per block.
 // p2t_advantages: the attribution kernel also stores the run bounds, then the segment kernel with the
 //               advantage epilogue: two launches, no host synchronisation, no [B, N, D] intermediate.
+//
+// With P2T_HOST_EMULATION defined, the same file compiles with a C++ compiler against host_emulation.h:
+// the kernels then run on CPU tensors under the op namespace p2t_cuda_emulated (a test on machines
+// without a GPU). Launches, streams, device guards and device checks go through the P2T_* macros below.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+
+#ifdef P2T_HOST_EMULATION
+#include "host_emulation.h"
+#define P2T_LAUNCH(kernel, grid, block, stream, ...) p2t_emu::launch(grid, block, kernel, __VA_ARGS__)
+#define P2T_STREAM() 0
+#define P2T_LAUNCH_CHECK()
+#define P2T_DEVICE_GUARD(device)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#define P2T_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define P2T_STREAM() at::cuda::getCurrentCUDAStream()
+#define P2T_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#define P2T_DEVICE_GUARD(device) c10::cuda::CUDAGuard device_guard_(device)
+#endif
 
 #include "common.h"
 
@@ -204,15 +222,11 @@ void launch_attribution(const at::Tensor& grad, const at::Tensor& embeds, const 
   const bool vec_ok = D % VEC == 0 && grad.stride(0) % VEC == 0 && embeds.stride(0) % VEC == 0 &&
                       aligned(gp, VEC * sizeof(g_t)) && aligned(ep, VEC * sizeof(e_t)) &&
                       aligned(np, VEC * sizeof(acc_t));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  if (vec_ok) {
-    attribution_kernel<g_t, e_t, acc_t, VEC><<<blocks, kAttrWarps * kWarp, 0, stream>>>(
-        gp, grad.stride(0), ep, embeds.stride(0), np, mask, out.data_ptr<acc_t>(), R, D, ids, pos, N);
-  } else {
-    attribution_kernel<g_t, e_t, acc_t, 1><<<blocks, kAttrWarps * kWarp, 0, stream>>>(
-        gp, grad.stride(0), ep, embeds.stride(0), np, mask, out.data_ptr<acc_t>(), R, D, ids, pos, N);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto stream = P2T_STREAM();
+  auto* kernel = vec_ok ? &attribution_kernel<g_t, e_t, acc_t, VEC> : &attribution_kernel<g_t, e_t, acc_t, 1>;
+  P2T_LAUNCH(kernel, blocks, kAttrWarps * kWarp, stream, gp, grad.stride(0), ep, embeds.stride(0), np, mask,
+             out.data_ptr<acc_t>(), R, D, ids, pos, N);
+  P2T_LAUNCH_CHECK();
 }
 
 // out [R] (compute dtype) = attribution of grad/embeds [R, D]; with ids given, also the run bounds in pos.
@@ -340,22 +354,26 @@ void launch_segment(const at::Tensor& x, const Ids& ids, const at::Tensor& rewar
   p.n_chunks = (p.N + kFillChunk - 1) / kFillChunk;
   const int64_t blocks = p.S + p.B * p.n_chunks;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "too many segments or tokens");
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = P2T_STREAM();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "p2t_segment_acc", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "p2t_segment_out", [&] {
       using out_t = scalar_t;
-      segment_kernel<acc_t, out_t><<<blocks, kSegThreads, 0, stream>>>(
-          x.data_ptr<acc_t>(), ids, rewards.data_ptr<acc_t>(),
-          outcome != nullptr ? outcome->data_ptr<acc_t>() : nullptr, pos.data_ptr<int32_t>(),
-          out.data_ptr<out_t>(), p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto* kernel = &segment_kernel<acc_t, out_t>;
+      P2T_LAUNCH(kernel, blocks, kSegThreads, stream, x.data_ptr<acc_t>(), ids, rewards.data_ptr<acc_t>(),
+                 outcome != nullptr ? outcome->data_ptr<acc_t>() : nullptr, pos.data_ptr<int32_t>(),
+                 out.data_ptr<out_t>(), p);
+      P2T_LAUNCH_CHECK();
     });
   });
 }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+#ifdef P2T_HOST_EMULATION
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+#else
   TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+#endif
 }
 
 Ids make_ids(const at::Tensor& ids, const at::Tensor* mask, int64_t S) {
@@ -379,7 +397,7 @@ at::Tensor token_attribution_cuda(const at::Tensor& grad, const at::Tensor& embe
   check_cuda(embeds, grad, "embeds");
   check_cuda(null_embed, grad, "null_embed");
   if (mask.has_value()) check_cuda(*mask, grad, "mask");
-  c10::cuda::CUDAGuard guard(grad.device());
+  P2T_DEVICE_GUARD(grad.device());
   auto out = at::empty({grad.size(0)}, grad.options().dtype(compute_dtype({grad, embeds, null_embed})));
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
   attribution_into(grad, embeds, null_embed, m.defined() ? m.data_ptr<bool>() : nullptr, out,
@@ -399,7 +417,7 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
   check_cuda(ids_in, scores_in, "segment_ids");
   check_cuda(rewards_in, scores_in, "segment_rewards");
-  c10::cuda::CUDAGuard guard(scores_in.device());
+  P2T_DEVICE_GUARD(scores_in.device());
   const auto cd = compute_dtype({scores_in, rewards_in});
   auto x = scores_in.to(cd).contiguous();
   auto ids = ids_in.contiguous();
@@ -411,9 +429,10 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
   auto pos = at::empty({2 * std::max<int64_t>(S, 1)}, x.options().dtype(at::kInt));
   const Ids id = make_ids(ids, nullptr, S);
   if (S > 0) {
-    run_bounds_kernel<<<(R + kBoundsThreads - 1) / kBoundsThreads, kBoundsThreads, 0,
-                        at::cuda::getCurrentCUDAStream()>>>(id, pos.data_ptr<int32_t>(), R, R);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto* kernel = &run_bounds_kernel;
+    P2T_LAUNCH(kernel, (R + kBoundsThreads - 1) / kBoundsThreads, kBoundsThreads, P2T_STREAM(), id,
+               pos.data_ptr<int32_t>(), R, R);
+    P2T_LAUNCH_CHECK();
   }
   SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false};
   launch_segment(x, id, rewards, nullptr, pos, out, p);
@@ -454,7 +473,7 @@ void token_advantages_into(const at::Tensor& outcome_in, const at::Tensor& tr_in
   check_cuda(outcome_in, tr_in, "outcome_rewards");
   check_cuda(out, tr_in, "out");
   if (mask.has_value()) check_cuda(*mask, tr_in, "mask");
-  c10::cuda::CUDAGuard guard(tr_in.device());
+  P2T_DEVICE_GUARD(tr_in.device());
   const auto cd = compute_dtype({outcome_in, tr_in});
   auto o = outcome_in.to(cd).contiguous();
   auto tr = tr_in.to(cd).contiguous();  // no copy when already contiguous in cd (out may alias it)
@@ -463,15 +482,16 @@ void token_advantages_into(const at::Tensor& outcome_in, const at::Tensor& tr_in
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
   const int64_t n_chunks = (N + kFillChunk - 1) / kFillChunk;
   TORCH_CHECK(B * n_chunks <= std::numeric_limits<int32_t>::max(), "token_rewards is too large");
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = P2T_STREAM();
   AT_DISPATCH_FLOATING_TYPES(cd, "p2t_token_advantages_acc", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "p2t_token_advantages_out", [&] {
       using out_t = scalar_t;
-      token_advantages_kernel<acc_t, out_t><<<B * n_chunks, kSegThreads, 0, stream>>>(
-          o.data_ptr<acc_t>(), tr.data_ptr<acc_t>(), m.defined() ? m.data_ptr<bool>() : nullptr,
-          out.data_ptr<out_t>(), B, N, group_size, n_chunks, scale, alpha, eps);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto* kernel = &token_advantages_kernel<acc_t, out_t>;
+      P2T_LAUNCH(kernel, B * n_chunks, kSegThreads, stream, o.data_ptr<acc_t>(), tr.data_ptr<acc_t>(),
+                 m.defined() ? m.data_ptr<bool>() : nullptr, out.data_ptr<out_t>(), B, N, group_size, n_chunks,
+                 scale, alpha, eps);
+      P2T_LAUNCH_CHECK();
     });
   });
 }
@@ -522,7 +542,7 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
     check_cuda(*t, grad, name);
   }
   if (mask.has_value()) check_cuda(*mask, grad, "mask");
-  c10::cuda::CUDAGuard guard(grad.device());
+  P2T_DEVICE_GUARD(grad.device());
   if (R == 0) return;
   const auto cd = compute_dtype({grad, embeds, null_embed, rewards_in, outcome_in});
   auto ids = ids_in.contiguous();
@@ -568,7 +588,27 @@ void p2t_advantages_out_cuda(const at::Tensor& grad, const at::Tensor& embeds, c
 
 }  // namespace
 
+#ifdef P2T_HOST_EMULATION
+TORCH_LIBRARY(p2t_cuda_emulated, m) {
+  m.def("token_attribution(Tensor grad, Tensor embeds, Tensor null_embed, Tensor? mask) -> Tensor");
+  m.def("segment_redistribute(Tensor scores, Tensor segment_ids, Tensor segment_rewards, float omega, "
+        "float temperature, bool standardize, bool normalize_sum) -> Tensor");
+  m.def("token_advantages(Tensor outcome_rewards, Tensor token_rewards, Tensor? mask, int group_size, "
+        "float alpha, int scale, float eps) -> Tensor");
+  m.def("token_advantages_out(Tensor outcome_rewards, Tensor token_rewards, Tensor? mask, int group_size, "
+        "float alpha, int scale, float eps, Tensor(a!) out) -> ()");
+  m.def("p2t_advantages(Tensor grad, Tensor embeds, Tensor null_embed, Tensor segment_ids, "
+        "Tensor segment_rewards, Tensor outcome_rewards, Tensor? mask, int group_size, float omega, "
+        "float alpha, float temperature, bool standardize, bool normalize_sum, int scale, float eps) -> Tensor");
+  m.def("p2t_advantages_out(Tensor grad, Tensor embeds, Tensor null_embed, Tensor segment_ids, "
+        "Tensor segment_rewards, Tensor outcome_rewards, Tensor? mask, int group_size, float omega, "
+        "float alpha, float temperature, bool standardize, bool normalize_sum, int scale, float eps, "
+        "Tensor(a!) out) -> ()");
+}
+TORCH_LIBRARY_IMPL(p2t_cuda_emulated, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(p2t, CUDA, m) {
+#endif
   m.impl("token_attribution", &token_attribution_cuda);
   m.impl("segment_redistribute", &segment_redistribute_cuda);
   m.impl("token_advantages", &token_advantages_cuda);
