@@ -20,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -279,7 +280,7 @@ segment_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__ r
     const bool ok = start >= 0 && start < end && end <= p.R && ids(start) == s;
     if (!ok) return;  // uniform over the block
     // pass 1: count, sum, max
-    acc_t cnt = 0, tot = 0, mx = -std::numeric_limits<acc_t>::infinity();
+    acc_t cnt = 0, tot = 0, mx = acc_t(-INFINITY);
     for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
       if (ids(i) != s) continue;
       const acc_t v = x[i];
