@@ -21,7 +21,8 @@ TOY = dict(template="{prompt}{response}", step_separator="\n", step_split="\n") 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("prms")
-    return {k: save_model(k, str(root / k), seed=i) for i, k in enumerate(("step_classifier", "value_head", "lm_judge"))}
+    kinds = ("step_classifier", "value_head", "lm_judge")
+    return {k: save_model(k, str(root / k), seed=i) for i, k in enumerate(kinds)}
 
 
 def load(saved, kind, **options):
@@ -370,7 +371,8 @@ def test_bad_inputs(toy, saved):
         (dict(prompts=[], responses=[]), ValueError, "responses is empty"),
         (dict(prompts=["a"], responses=["x"], method="gradient"), ValueError, "method must be one of"),
         (dict(prompts=["a"], responses=["x"], response_token_ids=[[1], [2]]), ValueError, "response_token_ids has"),
-        (dict(prompts=["a"], responses=["x"], response_token_ids=[[]]), ValueError, r"response_token_ids\[0\] is empty"),
+        (dict(prompts=["a"], responses=["x"], response_token_ids=[[]]), ValueError,
+         r"response_token_ids\[0\] is empty"),
         (dict(prompts=["a"], responses=["x"], ig_steps=0), ValueError, "ig_steps"),
     ]
     for kw, exc, msg in cases:

@@ -93,5 +93,7 @@ def test_taylor_vs_exact_spearman(scored):
     ro = torch.tensor([[0, q] for q in v.readout_positions])
     pm = torch.zeros_like(ids, dtype=torch.bool)
     pm[0, :v.prompt_length] = True
-    F = lambda z: s._margins(z, torch.ones_like(ids), ids, v.step_index[None], ro, pm, torch.tensor([1])).sum()  # noqa: E731
+    def F(z):
+        return s._margins(z, torch.ones_like(ids), ids, v.step_index[None], ro, pm, torch.tensor([1])).sum()
+
     torch.testing.assert_close(v.attributions[p], (F(x) - F(xx)).detach(), atol=1e-4, rtol=1e-4)
