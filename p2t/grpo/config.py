@@ -45,7 +45,8 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     # optimisation
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-4
+    warmup_updates: int = 10             # linear learning-rate warm-up (Adam's first steps are sign-like)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     weight_decay: float = 0.0

@@ -339,6 +339,9 @@ class GRPOTrainer:
         n_items = int(r.completion_mask.sum())
         self.policy.train()
         losses, clips, kls, norms = [], [], [], []
+        lr = c.learning_rate * min(1.0, (self.update + 1) / max(c.warmup_updates, 1))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         for _ in range(c.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for k in range(c.gradient_accumulation_steps):

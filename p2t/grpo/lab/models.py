@@ -41,15 +41,19 @@ class LabConfig:
     sft_batch_size: int = 128
     sft_lr: float = 3e-3
     sft_error_rate: float = 0.25
-    prm_steps: int = 300
+    prm_steps: int = 600
     prm_batch_size: int = 128
-    prm_lr: float = 1e-3
+    prm_lr: float = 2e-3
     prm_samples: int = 4096
     prm_sample_temperature: float = 1.0
     seed: int = 1234
 
-    def key(self) -> str:
-        blob = json.dumps({"v": LAB_VERSION, **asdict(self)}, sort_keys=True)
+    def key(self, part: str = "all") -> str:
+        """Cache key: of the SFT settings (``part="sft"``) or of all settings."""
+        d = asdict(self)
+        if part == "sft":
+            d = {k: v for k, v in d.items() if not k.startswith("prm_")}
+        blob = json.dumps({"v": LAB_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -234,8 +238,8 @@ def _save_atomic(save: Callable[[str], None], path: str):
 def ensure_lab(lab: Optional[LabConfig] = None, cache_dir: Optional[str] = None, log=None) -> dict:
     """Paths of the lab's SFT policy and PRM (built and cached on first use)."""
     lab = lab or LabConfig()
-    root = os.path.join(cache_dir or default_cache_dir(), lab.key())
-    pol_dir, prm_dir = os.path.join(root, "policy"), os.path.join(root, "prm")
+    root = os.path.join(cache_dir or default_cache_dir(), lab.key("sft"))
+    pol_dir, prm_dir = os.path.join(root, "policy"), os.path.join(root, "prm-" + lab.key())
     tok = lab_tokenizer()
     torch_threads = torch.get_num_threads()
     if not os.path.exists(os.path.join(pol_dir, "config.json")):
