@@ -11,6 +11,7 @@ Methods, in one run on one model:
 * ``engine``: the attribution engine: parameters frozen, gradients w.r.t. ``inputs_embeds`` only,
   responses sorted by length and grouped under a token budget (``--mb-tokens``) so padding stays small,
   fused ops (``backend="auto"``) per micro-batch, the segment/advantage stage once per batch.
+  ``engine@16384``: the same with a larger budget (faster, more memory).
   ``--engine scorer`` runs the same through ``p2t.P2TScorer`` on text (a character tokenizer built here:
   one token per character) instead of the tensor path.
 * ``engine_liger`` (``--liger``, CUDA): the engine after Liger-Kernel's Qwen2 patches (RoPE, RMSNorm,
@@ -277,9 +278,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(jobs: list, device: str, reps: int, warmup: int = 1) -> dict:
+def measure(jobs: list, device: str, reps: int, warmup: int = 1, clock: str = "wall") -> dict:
     """{name: ((y50, y20, y80) seconds, peak GiB)} of each ``fn()``; methods interleaved rep by rep so
-    that load from other processes hits them alike. Peak memory from a separate call per method."""
+    that load from other processes hits them alike. Peak memory from a separate call per method.
+    ``clock="cpu"`` (CPU only): process CPU time instead of wall time (see ``p2t.bench.cpu_quantiles``)."""
+    now = time.process_time if clock == "cpu" and not device.startswith("cuda") else time.perf_counter
     out, ts = {}, {}
     ok = []
     for name, fn in jobs:
@@ -295,10 +298,10 @@ def measure(jobs: list, device: str, reps: int, warmup: int = 1) -> dict:
     for _ in range(reps):
         for name, fn in ok:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             sync(device)
-            ts[name].append(time.perf_counter() - t0)
+            ts[name].append(now() - t0)
     for name, fn in ok:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -323,16 +326,23 @@ def main(argv=None) -> int:
                     help="engine path: tensors (ids in, advantages out) or p2t.P2TScorer on text")
     ap.add_argument("--liger", action="store_true", help="also the engine after Liger-Kernel's Qwen2 patches")
     ap.add_argument("--naive-rows", type=int, default=None, help="rows per naive micro-batch (default 8; 4 for mixed64)")
-    ap.add_argument("--mb-tokens", type=int, default=None, help="engine token budget per micro-batch (default 16384)")
+    ap.add_argument("--mb-tokens", default=None,
+                    help="engine token budget(s) per micro-batch, comma-separated; the first is 'engine', the others "
+                         "'engine@<budget>' (default on CUDA 4096,16384: 2 and 8 rows of 2048; --tiny: 256)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timer (see p2t bench --clock)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     device = args.device
     cuda = device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = bench.DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     shape = TINY if args.tiny else QWEN2_1P5B
-    budget = args.mb_tokens or (256 if args.tiny else 16384)
+    budgets = [int(b) for b in (args.mb_tokens or ("256" if args.tiny else "4096,16384")).split(",")]
+    budget = budgets[0]
     model = build_model(shape, device, dtype)
     env = bench.environment(device)
     try:
@@ -351,7 +361,8 @@ def main(argv=None) -> int:
         padded = batch.B * batch.N
         print(f"\n{batch.name}: {batch.B} responses, {batch.tokens} tokens ({padded} padded), {batch.S} steps; "
               f"naive micro-batch {naive_rows} rows, engine budget {budget} tokens "
-              f"({len(engine_groups(batch, budget))} micro-batches)")
+              f"({len(engine_groups(batch, budget))} micro-batches)"
+              + "".join(f", engine@{b}: {len(engine_groups(batch, b))}" for b in budgets[1:]))
         res = {}
 
         def record(name, q, peak, tokens_per_s=None):
@@ -369,8 +380,10 @@ def main(argv=None) -> int:
             if args.engine == "scorer":
                 jobs.append(("engine", make_scorer_step(model, batch, device, budget)))
             else:
-                jobs.append(("engine", lambda: run_engine(model, batch, device, budget)))
-        for name, (q, peak) in measure(jobs, device, args.reps).items():
+                for i, bt in enumerate(budgets):
+                    jobs.append(("engine" if i == 0 else f"engine@{bt}",
+                                 lambda bt=bt: run_engine(model, batch, device, bt)))
+        for name, (q, peak) in measure(jobs, device, args.reps, clock=args.clock).items():
             record(name, q, peak)
         if "exact" in methods and "forward" in res:
             # one forward per response token (prompt excluded), each of the response's full length
@@ -405,7 +418,7 @@ def main(argv=None) -> int:
                 nr = args.naive_rows or (8 if batch.name == "8x2048" else 4)
                 jobs = [("forward_liger", lambda: run_forward(model, batch, device, nr)),
                         ("engine_liger", lambda: run_engine(model, batch, device, budget))]
-                for name, (q, peak) in measure(jobs, device, args.reps).items():
+                for name, (q, peak) in measure(jobs, device, args.reps, clock=args.clock).items():
                     res[name] = dict(t=q, peak=peak, tps=batch.tokens / q[0])
                     print(f"  {batch.name:<8} {name:<14} {q[0] * 1e3:10.1f} ms  {batch.tokens / q[0]:12.0f} tokens/s  "
                           f"peak {peak:8.3f} GiB", flush=True)
