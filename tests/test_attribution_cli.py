@@ -45,3 +45,21 @@ def test_attribute_errors(tmp_path, capsys):
     bad.write_text(json.dumps({"prompt": "p"}) + "\n")
     assert main(["attribute", str(bad), "--html", str(tmp_path / "x.html")]) == 2
     assert "'prompt' and 'response'" in capsys.readouterr().err
+
+
+def test_attribute_lab_prm(tmp_path, capsys, monkeypatch):
+    """`--prm lab`: the toy lab's PRM with the lab's layout (a tiny stand-in here; the real one is trained)."""
+    lab = pytest.importorskip("p2t.grpo.lab.models")
+    import torch
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+    tok = lab.lab_tokenizer()
+    torch.manual_seed(0)
+    Qwen2ForTokenClassification(Qwen2Config(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=16, max_position_embeddings=96, num_labels=2)).save_pretrained(str(tmp_path / "prm"))
+    monkeypatch.setattr(lab, "ensure_lab", lambda log=None: {"prm": str(tmp_path / "prm")})
+    out = tmp_path / "lab.html"
+    assert main(["attribute", "--prm", "lab", "--no-color", "--html", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "toy lab PRM" in text and "4 responses, 13 steps" in text
+    assert re.search(r"#\[[+-]\d\.\d\d\]2\[[+-]\d\.\d\d\]9\[[+-]\d\.\d\d\]6\[[+-]\d\.\d\d\] ⟦step 3 R=", text)

@@ -2,7 +2,9 @@
 
 Input: a JSONL file of ``{"prompt": ..., "response": ...}`` objects (an optional ``"reference"``
 solution is used by the embedded MiniLM reward); by default the sample shipped with the package.
-PRM: a path or hub id (``--prm``, with ``--kind``); by default the embedded MiniLM similarity reward.
+PRM: a path or hub id (``--prm``, with ``--kind``); ``--prm lab``: the toy lab's step classifier (trained
+and cached on first use, then read with the lab's layout: ``BOS prompt line\n line\n ...``); by default
+the embedded MiniLM similarity reward, which needs no training and reads any text.
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import json
 import os
 import sys
 
-SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "attribute_sample.jsonl")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+SAMPLE = os.path.join(DATA, "attribute_sample.jsonl")
+LAB_SAMPLE = os.path.join(DATA, "attribute_lab_sample.jsonl")
+LAB_LAYOUT = dict(template="{prompt}{response}", step_separator="\n", step_split="\n")
 
 
 def _unescape(text):
@@ -18,10 +23,12 @@ def _unescape(text):
 
 
 def configure(parser):
-    parser.add_argument("input", nargs="?", default=SAMPLE,
-                        help="JSONL of {prompt, response[, reference]} objects (default: the shipped sample)")
+    parser.add_argument("input", nargs="?", default=None,
+                        help="JSONL of {prompt, response[, reference]} objects (default: the shipped sample for "
+                             "the PRM)")
     parser.add_argument("--prm", default=None,
-                        help="PRM path or hub id (default: the embedded MiniLM similarity reward)")
+                        help="PRM path or hub id, or 'lab' for the toy lab's PRM (default: the embedded MiniLM "
+                             "similarity reward)")
     parser.add_argument("--kind", default="step_classifier", choices=["step_classifier", "value_head", "lm_judge"])
     parser.add_argument("--tokenizer", default=None, help="PRM tokenizer path when it is not next to the model")
     parser.add_argument("--policy-tokenizer", default=None, help="policy tokenizer path (default: the PRM's)")
@@ -61,7 +68,7 @@ def _read(path, limit):
 
 def run(args) -> int:
     try:
-        rows = _read(args.input, args.limit)
+        rows = _read(args.input or (LAB_SAMPLE if args.prm == "lab" else SAMPLE), args.limit)
         null = int(args.null) if str(args.null).lstrip("-").isdigit() else args.null
         opts = dict(null=null, objective=args.objective, ig_steps=args.ig_steps)
         for key, value in (("step_split", _unescape(args.step_split)), ("step_separator", _unescape(args.separator)),
@@ -80,6 +87,14 @@ def run(args) -> int:
             if args.device:
                 scorer.model.to(args.device)
             name = "embedded MiniLM similarity reward"
+        elif args.prm == "lab":
+            from p2t.attribution import P2TScorer
+            from p2t.grpo.lab import models as lab
+
+            paths = lab.ensure_lab(log=lambda m: print(m, file=sys.stderr))
+            scorer = P2TScorer.from_pretrained(paths["prm"], kind="step_classifier", tokenizer=lab.lab_tokenizer(),
+                                               device=args.device, **{**LAB_LAYOUT, **opts})
+            name = "toy lab PRM"
         else:
             from p2t.attribution import P2TScorer
             scorer = P2TScorer.from_pretrained(args.prm, kind=args.kind, tokenizer=args.tokenizer,
