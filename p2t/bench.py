@@ -602,13 +602,13 @@ def run_case(case: Case, modes: Sequence[str], provs: Sequence[str], device: str
                 continue
             y50, y20, y80 = times[p]
             gbps = nbytes / (y50 * 1e-3) / 1e9
-            pk = peak_memory_mb(lambda: fns[p](1), device) if memory else float("nan")
-            rows.append(dict(kernel=case.kernel, provider=p, mode=mode, metric=_metric(device, clock), unit="ms", x=case.x,
-                             y50=y50, y20=y20, y80=y80, gpu=env["gpu"], version=env["version"], x_name=case.x_name,
+            pk = peak_memory_mb(lambda fn=fns[p]: fn(1), device) if memory else float("nan")
+            rows.append(dict(kernel=case.kernel, provider=p, mode=mode, metric=_metric(device, clock), unit="ms",
+                             x=case.x, y50=y50, y20=y20, y80=y80, gpu=env["gpu"], version=env["version"], x_name=case.x_name,
                              layout=case.layout, dtype=case.dtype, shape=case.shape, mbytes=nbytes / 2**20,
                              gbps=gbps, pct_copy_bw=100.0 * gbps / copy_gbps, peak_mem_mb=pk, torch=env["torch"],
                              triton=env["triton"], commit=env["commit"], date=env["date"]))
-        del fns
+        fns = {}  # free the recorded graphs before the next mode
     return rows
 
 
