@@ -438,6 +438,8 @@ def test_triton_kernels_compile_for_sm90():
     TRITON_INTERPRET). Catches what the interpreter accepts but the compiler rejects."""
     import subprocess
     import sys
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the other tests compile and run every kernel")
     pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
