@@ -98,7 +98,16 @@ def offsets_from_ids(tokenizer, ids: Sequence[int], text: Optional[str] = None) 
         if list(enc["input_ids"]) == ids:
             return text, _contiguous([(int(a), int(b)) for a, b in enc["offset_mapping"]], 0, len(text))
     full = _decode(tokenizer, ids)
-    pieces = [_decode(tokenizer, [t]) for t in ids]
+    pieces = None
+    conv = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if conv is not None:  # token strings that are the text itself (character-level vocabularies): no decoding
+        special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        try:
+            pieces = ["" if t in special else str(p) for t, p in zip(ids, conv(ids))]
+        except Exception:  # noqa: BLE001 - any failure just means the slower paths below
+            pieces = None
+    if pieces is None or "".join(pieces) != full:
+        pieces = [_decode(tokenizer, [t]) for t in ids]
     if "".join(pieces) == full:
         spans, pos = [], 0
         for p in pieces:
