@@ -31,6 +31,7 @@ def main(argv=None, ops=None) -> int:
     ap.add_argument("--ops", default=",".join(ops or bench.OPS))
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--modes", default="forward,backward,full")
+    ap.add_argument("--layouts", default="dense,padded,packed")
     ap.add_argument("--providers", default=None, help="default: every usable backend + torch.compile (both)")
     ap.add_argument("--interpreted-triton", action="store_true",
                     help="include the Triton backend on CPU (TRITON_INTERPRET=1: a correctness path, not a speed one)")
@@ -46,7 +47,7 @@ def main(argv=None, ops=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = bench.suite(args.suite, device, ops=tuple(args.ops.split(",")), dtypes=tuple(args.dtypes.split(",")),
-                        modes=tuple(args.modes.split(",")))
+                        modes=tuple(args.modes.split(",")), layouts=tuple(args.layouts.split(",")))
     provs = args.providers.split(",") if args.providers else bench.providers(
         device, interpreted_triton=args.interpreted_triton)
     name = "ops" if args.ops == ",".join(bench.OPS) else args.ops.replace(",", "+")
