@@ -166,3 +166,17 @@ def test_cross_tokenizer_gpt2_prm_char_policy(gpt2):
         v._prm_spans = spans
     _check_cross(b)
     assert b.scores.shape[1] == max(len(r) for r in RESPONSES)  # one policy token per character
+
+
+def test_same_tokenizer_loaded_twice_is_the_identity_map(char_prm, tmp_path):
+    model, tok = char_prm
+    tok.save_pretrained(str(tmp_path / "t"))
+    from transformers import AutoTokenizer
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "t"))
+    s = P2TScorer(model, tok, "step_classifier", policy_tokenizer=again, template="{prompt}\n{response}")
+    assert s.same_tokenizer
+    assert not P2TScorer(model, tok, "step_classifier", policy_tokenizer=gpt2_tokenizer(str(tmp_path / "g")),
+                         template="{prompt}\n{response}").same_tokenizer
+    b = s.score(PROMPTS, RESPONSES)
+    ref = P2TScorer(model, tok, "step_classifier", template="{prompt}\n{response}").score(PROMPTS, RESPONSES)
+    assert torch.equal(b.scores, ref.scores) and torch.equal(b.segment_ids, ref.segment_ids)

@@ -166,7 +166,8 @@ class P2TScorer:
             elsewhere), ``readout_positions`` (``[K, 2]`` row, position), ``prompt_mask`` (``[B, L]``)
             and ``row_index`` (``[B]``, the response's index in the scoring call).
         policy_tokenizer: the policy's tokenizer when it differs from the PRM's (attributions are
-            mapped by character offsets); ``None``: the PRM's (identity mapping, no extra cost).
+            mapped by character offsets); ``None`` or a tokenizer of the same class and vocabulary: the
+            PRM's (identity mapping, no extra cost).
         step_separator: text inserted after every step; the step is read at its last token (a special
             token such as ``"<extra_0>"`` or ordinary text such as ``"\\n"``).
         separator_suffix: text after the separator's readout token (Math-Shepherd's newline after the tag).
@@ -219,7 +220,7 @@ class P2TScorer:
         pick = lambda v, k: preset[k] if v is _UNSET else v  # noqa: E731
         self.model, self.tokenizer = model, tokenizer
         self.policy_tokenizer = tokenizer if policy_tokenizer is None else policy_tokenizer
-        self.same_tokenizer = self.policy_tokenizer is tokenizer
+        self.same_tokenizer = _same_tokenizer(self.policy_tokenizer, tokenizer)
         self.read_at = _choice("read_at", pick(read_at, "read_at"), ("separator", "last"))
         sep = pick(step_separator, "step_separator")
         if sep is None and self.kind == "callable":
@@ -770,6 +771,18 @@ class P2TScorer:
         dev = self.device if self.output_device is None else torch.device(self.output_device)
         return ScoredBatch(scores.to(dev), seg.to(dev), torch.sigmoid(logits).to(dev), logits.to(dev), mask.to(dev),
                            steps, views, method, self.objective)
+
+
+def _same_tokenizer(a, b) -> bool:
+    """The same object, or two loads of the same tokenizer (same class and vocabulary)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or not hasattr(a, "get_vocab"):
+        return False
+    try:
+        return a.get_vocab() == b.get_vocab()
+    except Exception:  # noqa: BLE001 - tokenizers of the user's own without a usable vocabulary
+        return False
 
 
 def _token_attribution(grad, embeds, null, mask):
