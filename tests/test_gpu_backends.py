@@ -56,9 +56,9 @@ def _emulated_ops():
         return _EMULATED_OPS[0]
     import hashlib
     import shutil
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler for the host emulation of the CUDA kernels")
-    from torch.utils.cpp_extension import load_inline
+    from torch.utils.cpp_extension import is_ninja_available, load_inline
+    if (shutil.which("c++") is None and shutil.which("g++") is None) or not is_ninja_available():
+        pytest.skip("the host emulation of the CUDA kernels needs a C++ compiler and ninja")
     from p2t.ops._custom import register_meta
     srcs = [os.path.join(ROOT, "csrc", "cuda", f) for f in ("p2t_cuda.cu", "host_emulation.h")]
     srcs.append(os.path.join(ROOT, "csrc", "common.h"))
