@@ -7,6 +7,12 @@ the same run, one CSV, and the issue's targets checked last.
 ``--tiny`` runs small shapes (a smoke test of this script on CPU, with the backends usable there).
 Cases run in order of importance and stop when the time budget is spent, so a slow machine still
 leaves the CSV of what was measured.
+
+Predictions before the first GPU run (from ../shared/PERF.md, H100 80GB HBM3, copy 3.0 TB/s):
+attribution 64x2048x1536 bf16 ~0.27-0.28 ms (>=97% of copy bandwidth) for both fused backends, 8x8192x3584
+~0.32 ms; p2t_advantages dense = attribution + one small launch (+5-10 us, <=1.05x); the segment +
+advantage stage at 64x2048 a few us of device time in a CUDA graph (3 small launches), while through the
+public API the Python layer (argument checks, dispatch) dominates.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
 say "building (CUDA_HOME=${CUDA_HOME:-unset}, nvcc: $(command -v nvcc || echo none))"
 t0=$(date +%s)
 P2T_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
-  timeout 180 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  timeout 170 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 rc=$?
 say "build rc=$rc in $(( $(date +%s) - t0 )) s (log: $OUT/build.log)"
 if [ $rc -ne 0 ]; then
@@ -62,7 +62,7 @@ if python -c "import pytest" 2>/dev/null; then
   t0=$(date +%s)
   ignore=""
   for f in $CORE; do ignore="$ignore --ignore=$f"; done
-  timeout 50 python -m pytest tests $ignore -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests_rest.log" | tail -15
+  timeout 40 python -m pytest tests $ignore -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests_rest.log" | tail -15
   rc=$?
   say "other tests rc=$rc in $(( $(date +%s) - t0 )) s (log: $OUT/tests_rest.log)"
   [ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1
@@ -73,7 +73,7 @@ fi
 
 # 3. timings, table last
 say "timings"
-timeout 150 python benchmarks/gpu_check.py --out "$OUT" --budget-s 110 ${GPU_CHECK_ARGS:-} 2>&1 | tee -a "$LOG"
+timeout 140 python benchmarks/gpu_check.py --out "$OUT" --budget-s 100 ${GPU_CHECK_ARGS:-} 2>&1 | tee -a "$LOG"
 rc=$?
 say "timings rc=$rc"
 [ $rc -ne 0 ] && status=1
