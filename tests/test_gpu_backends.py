@@ -452,3 +452,31 @@ def test_triton_kernels_compile_for_sm90():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "FAIL" not in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.count("ok ") >= 10, r.stdout
+
+
+@pytest.mark.skipif("triton" not in p2t.available_backends(), reason="triton backend not available")
+def test_triton_under_torch_compile_dynamic():
+    """p2t_advantages with backend="triton" inside torch.compile(fullgraph=True, dynamic=True): one graph
+    for two sequence lengths, values and gradients as the reference."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def f(g, e, n, ids, R, o, mask):
+        return p2t.p2t_advantages(g, e, n, ids, R, o, group_size=2, mask=mask, backend="triton", validate=False)
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for N in (13, 17):
+        g, e, n, ids, R, o = pipeline(4, N, 9, [3, 1, 4], device)
+        mask = torch.ones(4, N, dtype=torch.bool, device=device)
+        mask[1, N - 3:] = False
+        g.requires_grad_(True)
+        out = cf(g, e, n, ids, R, o, mask)
+        check(out, ref.p2t_advantages(g.detach(), e, n, ids, R, o, mask, 2), oracle_p2t(g.detach(), e, n, ids, R, o,
+                                                                                       mask, 2))
+        (d,) = torch.autograd.grad((out * out).sum(), g)
+        g2 = g.detach().clone().requires_grad_(True)
+        want = ref.p2t_advantages(g2, e, n, ids, R, o, mask, 2)
+        (d_ref,) = torch.autograd.grad((want * want).sum(), g2)
+        torch.testing.assert_close(d, d_ref, atol=1e-5, rtol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
