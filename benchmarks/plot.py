@@ -29,7 +29,7 @@ def plot(rows: list, out_dir: str) -> list:
 
     os.makedirs(out_dir, exist_ok=True)
     copy = [r for r in rows if r["kernel"] == "copy"]
-    copy_gbps = copy[0]["gbps"] if copy else None
+    copy_gbps = copy[0]["gbps"] if copy else None  # the first CSV's, when several are drawn together
     device = rows[0]["gpu"] if rows else "?"
     groups: dict = {}
     for r in rows:
@@ -38,6 +38,7 @@ def plot(rows: list, out_dir: str) -> list:
     written = []
     for (kernel, mode, dtype), rs in sorted(groups.items()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        colors = {p: f"C{i}" for i, p in enumerate(sorted({r["provider"] for r in rows if r["kernel"] != "copy"}))}
         for prov in sorted({r["provider"] for r in rs}):
             for layout in sorted({r["layout"] for r in rs}):
                 pts = sorted((r["mbytes"], r) for r in rs if r["provider"] == prov and r["layout"] == layout)
@@ -48,8 +49,8 @@ def plot(rows: list, out_dir: str) -> list:
                 # time p20 is the fast end: the highest bandwidth
                 lo = [y - r["mbytes"] * 2**20 / (r["y80"] * 1e-3) / 1e9 for y, (_, r) in zip(ys, pts)]
                 hi = [r["mbytes"] * 2**20 / (r["y20"] * 1e-3) / 1e9 - y for y, (_, r) in zip(ys, pts)]
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker=MARKERS.get(layout, "x"), capsize=2,
-                            label=f"{prov} ({layout})")
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker=MARKERS.get(layout, "x"), capsize=2, color=colors[prov],
+                            ls={"dense": "-", "padded": "--", "packed": ":"}.get(layout, "-"), label=f"{prov} ({layout})")
         if copy_gbps:
             ax.axhline(copy_gbps, ls="--", color="gray", label=f"copy {copy_gbps:.0f} GB/s")
         ax.set_xscale("log")
@@ -70,8 +71,14 @@ def plot(rows: list, out_dir: str) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", nargs="+")
-    ap.add_argument("--out-dir", default=None, help="default: <csv dir>/plots_<csv name>")
+    ap.add_argument("--out-dir", default=None,
+                    help="default: <csv dir>/plots_<csv name> per CSV; when given, the CSVs' rows are drawn together")
     args = ap.parse_args(argv)
+    if args.out_dir:
+        rows = [r for path in args.csv for r in bench.read_csv(path)]
+        for p in plot(rows, args.out_dir):
+            print(p)
+        return 0
     for path in args.csv:
         rows = bench.read_csv(path)
         out = args.out_dir or os.path.join(os.path.dirname(path) or ".",
