@@ -88,5 +88,6 @@ def _group_advantage(o_ptr, b, B, G, eps, CD: tl.constexpr, SCALE: tl.constexpr,
             accv += tl.where(off < n, c * c, 0)
         var = tl.sum(accv, 0) / tl.maximum(n - 1, 1)
         std = tl.where(var == 0, 0, tl.sqrt(tl.where(var == 0, 1, var)))
-        adv = centered / (std + eps)
+        den = std + eps
+        adv = tl.where(den == 0, 0, centered / tl.where(den == 0, 1, den))  # zero std and eps = 0: 0, not 0/0
     return adv

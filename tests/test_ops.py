@@ -214,6 +214,17 @@ def test_token_advantages_vs_oracle(backend, device, scale, group_size, tr_dtype
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_token_advantages_zero_std_with_eps_zero(backend, device, scale):
+    o = torch.full((6,), 0.7, device=device)  # constant rewards: zero std in every group and in the batch
+    tr = torch.randn(6, 5, device=device)
+    out = p2t.token_advantages(o, tr, group_size=3, alpha=0.5, eps=0.0, scale=scale, backend=backend)
+    torch.testing.assert_close(out, 0.5 * tr)  # A^ = 0, never NaN
+    out1 = p2t.token_advantages(torch.rand(6, device=device), tr, group_size=1, alpha=0.5, eps=0.0, backend=backend)
+    torch.testing.assert_close(out1, 0.5 * tr)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("alias", [False, True])
 def test_token_advantages_out(backend, device, alias):
     o = torch.rand(4, device=device)

@@ -148,8 +148,8 @@ __device__ acc_t group_advantage(const acc_t* o, int64_t b, int64_t B, int64_t G
     v += c * c;
   }
   const acc_t var = block_sum(v) / static_cast<acc_t>(n > 1 ? n - 1 : 1);
-  const acc_t sd = var == acc_t(0) ? acc_t(0) : sqrt(var);
-  return centered / (sd + eps);
+  const acc_t den = (var == acc_t(0) ? acc_t(0) : sqrt(var)) + eps;
+  return den == acc_t(0) ? acc_t(0) : centered / den;  // zero std: centred values are 0 (no 0/0 at eps = 0)
 }
 
 // ------------------------------------------------------------------------------------------------
