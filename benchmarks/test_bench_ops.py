@@ -5,7 +5,9 @@
     pytest benchmarks/test_bench_ops.py --benchmark-columns=median,iqr,ops --benchmark-sort=name
 
 Inputs come from ``p2t.bench`` (the same cases as ``p2t bench`` and ``bench_ops.py``), rotated over
-several copies on CPU. On CUDA each measured call synchronises the device.
+several copies on CPU. On CUDA each measured call synchronises the device. pytest-benchmark times wall
+clock: on a shared CPU set ``P2T_BENCH_THREADS=1`` (with two OpenMP threads on an oversubscribed machine,
+every parallel region waits for both threads to be scheduled, which swamps small ops).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from p2t import bench
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 COMPILE = os.environ.get("P2T_BENCH_COMPILE") == "1"
+if os.environ.get("P2T_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["P2T_BENCH_THREADS"]))
 
 
 def _cases(device):
