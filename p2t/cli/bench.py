@@ -43,6 +43,12 @@ def run(args) -> int:
         provs = args.providers.split(",")
     else:
         provs = bench.providers(device, () if args.no_compile else bench.COMPILE_PROVIDERS)
+    if device == "cpu" and args.clock == "wall" and torch.get_num_threads() > 1:
+        import os
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:
+            print(f"note: load average {load:.1f} on {cores} CPUs; with several threads every parallel region waits "
+                  f"for all of them to be scheduled, which distorts the ratios: consider --threads 1 --clock cpu")
     rep = args.rep_ms if args.rep_ms is not None else (100.0 if device.startswith("cuda") else 300.0)
     rows = bench.run_suite(cases, device, provs, rep_ms=rep, memory=not args.no_memory, log=print,
                            csv_path=args.out, clock=args.clock)
