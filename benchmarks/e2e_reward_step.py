@@ -17,7 +17,8 @@ Methods, in one run on one model:
 * ``engine_liger`` (``--liger``, CUDA): the engine after Liger-Kernel's Qwen2 patches (RoPE, RMSNorm,
   SwiGLU) -- applied last, since they patch the transformers module for the whole process.
 * ``exact``: leave-one-out attribution (each response token replaced by the null embedding, one
-  forward each), extrapolated from the measured forward throughput: sum_b n_b * L_b tokens forwarded.
+  forward each), extrapolated from the measured forward's cost per token forwarded (padding included):
+  sum_b n_b * L_b tokens forwarded, n_b response tokens of a response of L_b tokens.
 
 Per method: median / p20 / p80 time, tokens/s (real response+prompt tokens, not padding), peak memory
 (``torch.cuda.max_memory_allocated`` on CUDA, whole process; on CPU the allocations recorded by the
@@ -413,10 +414,11 @@ def main(argv=None) -> int:
         for name, (q, peak) in measure(jobs, device, args.reps, clock=args.clock).items():
             record(name, q, peak)
         if "exact" in methods and "forward" in res:
-            # one forward per response token (prompt excluded), each of the response's full length
-            fwd_tps = batch.tokens / res["forward"]["t"][0]
+            # one forward per response token (prompt excluded), each of the response's full length, at the
+            # measured forward's cost per token forwarded (its rows are padded to the batch's longest)
+            per_token = res["forward"]["t"][0] / (batch.B * batch.N)
             work = sum((L - min(PROMPT if not args.tiny else 16, L // 4)) * L for L in batch.lens)
-            t = work / fwd_tps
+            t = work * per_token
             record("exact (extrap.)", (t, t, t), res["forward"]["peak"])
         table.append((batch, res))
         for name, r in res.items():
