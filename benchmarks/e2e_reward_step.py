@@ -383,6 +383,7 @@ def main(argv=None) -> int:
           f"Qwen2 {'tiny' if args.tiny else '1.5B'} shape, {str(dtype).replace('torch.', '')}, sdpa, "
           f"{weights_gib:.2f} GiB of weights; backends {p2t.available_backends(device.split(':')[0])}")
     methods = args.methods.split(",")
+    out = args.out or os.path.join(HERE, "results", f"e2e{'_tiny' if args.tiny else ''}_{bench.device_tag(device)}.csv")
     rows_out, table = [], []
     for batch in batches(args.tiny, shape["vocab_size"], args.batches.split(",")):
         naive_rows = args.naive_rows or (8 if batch.name == "8x2048" else 4)
@@ -434,6 +435,7 @@ def main(argv=None) -> int:
                                      mbytes="", gbps="", pct_copy_bw="", peak_mem_mb=r["peak"] * 1024,
                                      torch=env["torch"], triton=env["triton"], commit=env["commit"],
                                      date=env["date"]))
+        bench.write_csv(rows_out, out)  # after every batch: a timeout keeps what was measured
     if args.liger:
         try:
             liger_runs(model, table, rows_out, device, args, budget)
@@ -452,7 +454,6 @@ def main(argv=None) -> int:
                   f"{mem:>13} {xf:>15}")
     if not args.tiny:
         print("targets: 8x2048 engine >= 1.8x naive tokens/s and <= 1/3 of its peak; mixed64 >= 2.5x naive tokens/s")
-    out = args.out or os.path.join(HERE, "results", f"e2e{'_tiny' if args.tiny else ''}_{bench.device_tag(device)}.csv")
     bench.write_csv(rows_out, out)
     print(f"wrote {out}")
     return 0

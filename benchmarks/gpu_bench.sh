@@ -63,7 +63,7 @@ run_step() {  # name, seconds, command...
 # 2. end-to-end P2T reward step, Qwen2 1.5B shape, bf16, sdpa
 LIGER=""
 python -c "import liger_kernel" 2>/dev/null && LIGER="--liger"
-run_step "e2e reward step" 200 python benchmarks/e2e_reward_step.py --device cuda $LIGER --reps 3 \
+run_step "e2e reward step" 220 python benchmarks/e2e_reward_step.py --device cuda $LIGER --reps 2 \
   --out "$OUT/e2e_${TAG}.csv"
 # 3. op benchmarks at the headline shapes, every provider (static and dynamic compile), bf16 + fp32
 run_step "ops headline" 70 python benchmarks/bench_ops.py --device cuda --suite quick --dtypes bf16,fp32 \
