@@ -43,7 +43,7 @@ else
   say "build rc=$rc in $(( $(date +%s) - t0 )) s"
   [ $rc -ne 0 ] && { status=1; grep -E "error" "$OUT/build.log" | head -10 | tee -a "$LOG"; }
 fi
-if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
+if command -v nvidia-smi >/dev/null && ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
   pip install --no-deps --no-index -q .whl/liger_kernel-*.whl >> "$LOG" 2>&1 && say "liger-kernel installed from .whl/"
 fi
 python -m p2t env 2>&1 | tee -a "$LOG"
