@@ -38,6 +38,14 @@ def series(records: List[dict], key: str):
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
 
 
+def trailing_mean(y: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the last k values at each point (fewer at the start)."""
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, i - k)
+    return (c[i] - c[lo]) / (i - lo)
+
+
 def plot_curves(runs: Dict[str, List[List[dict]]], path: str, title: Optional[str] = None):
     """One line per mode (mean over its runs, shaded min-max): training reward and sampled eval accuracy."""
     import matplotlib
@@ -54,9 +62,8 @@ def plot_curves(runs: Dict[str, List[List[dict]]], path: str, title: Optional[st
             n = min(len(cv[0]) for cv in curves)
             x = curves[0][0][:n]
             ys = np.stack([cv[1][:n] for cv in curves])
-            if key == "reward" and n > 8:  # smooth the noisy per-update reward
-                k = max(1, n // 20)
-                ys = np.stack([np.convolve(y, np.ones(k) / k, mode="same") for y in ys])
+            if key == "reward" and n > 8:  # smooth the noisy per-update reward (trailing mean)
+                ys = np.stack([trailing_mean(y, max(1, n // 15)) for y in ys])
             line, = ax.plot(x, ys.mean(0), label=f"{mode} (n={len(ys)})")
             if len(ys) > 1:
                 ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
