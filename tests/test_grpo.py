@@ -348,3 +348,29 @@ def test_cli_compare_end_to_end(tmp_path, cache, capsys):
     cfg = json.load(open(out / "p2t-std-seed0" / "config.json"))
     assert cfg["standardize"] is True and cfg["attr_temperature"] == 0.5 and cfg["mode"] == "p2t"
     assert "| outcome |" in (out / "compare.md").read_text()
+
+
+def test_lab_rebuild_is_identical(tmp_path, cache):
+    """The lab's warm-up is seeded and single-threaded: a rebuild gives the same weights (what lets p2t
+    ship its default lab checkpoints)."""
+    from safetensors.torch import load_file
+    first = ensure_lab(TINY_LAB, str(cache))
+    second = ensure_lab(TINY_LAB, str(tmp_path / "again"))
+    for part in ("policy", "prm"):
+        a = load_file(os.path.join(first[part], "model.safetensors"))
+        b = load_file(os.path.join(second[part], "model.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_packaged_lab_is_used_when_settings_match(tmp_path, monkeypatch):
+    from p2t.grpo.lab import models
+    monkeypatch.setattr(models, "train_sft", lambda *a, **k: pytest.fail("trained although checkpoints ship"))
+    monkeypatch.setattr(models, "PACKAGED_DIR", str(tmp_path / "pkg"))
+    paths = models._lab_paths(str(tmp_path / "pkg"), TINY_LAB)
+    for part in ("policy", "prm"):
+        os.makedirs(paths[part])
+        open(os.path.join(paths[part], "config.json"), "w").write("{}")
+    assert ensure_lab(TINY_LAB, str(tmp_path / "cache")) == paths
+    with pytest.raises(pytest.fail.Exception):
+        ensure_lab(TINY_LAB, str(tmp_path / "cache"), packaged=False)

@@ -128,7 +128,8 @@ def run(args) -> int:
     train_configure(probe)
     base = from_args(probe.parse_args(_train_flags(args, modes[0], 0, args.output_dir)))
     if base.uses_lab:
-        ensure_lab(base.lab, base.lab_cache, log=lambda s: print(s, file=sys.stderr, flush=True))
+        ensure_lab(base.lab, base.lab_cache, log=lambda s: print(s, file=sys.stderr, flush=True),
+                   packaged=base.lab_packaged)
     t_lab = time.time() - t0
     jobs = [(m, s) for s in range(args.seeds) for m in modes]
     pending, running, failed = list(jobs), [], []

@@ -80,6 +80,7 @@ class GRPOConfig:
     threads: Optional[int] = None        # torch CPU threads; None = torch's default
     progress: bool = True
     lab_cache: Optional[str] = None      # where the lab's warm-up checkpoints are cached
+    lab_packaged: bool = True            # use the lab checkpoints shipped with p2t when the lab settings match
     lab: LabConfig = field(default_factory=LabConfig)
 
     def __post_init__(self):

@@ -151,7 +151,7 @@ class GRPOTrainer:
         lab_paths = None
         if policy is None and c.uses_lab:
             from .lab.models import ensure_lab
-            lab_paths = ensure_lab(c.lab, c.lab_cache, log=self.log)
+            lab_paths = ensure_lab(c.lab, c.lab_cache, log=self.log, packaged=c.lab_packaged)
         if policy is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             path = c.policy or lab_paths["policy"]

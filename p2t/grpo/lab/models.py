@@ -235,13 +235,41 @@ def _save_atomic(save: Callable[[str], None], path: str):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_lab(lab: Optional[LabConfig] = None, cache_dir: Optional[str] = None, log=None) -> dict:
-    """Paths of the lab's SFT policy and PRM (built and cached on first use)."""
+PACKAGED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "data", "lab")
+
+
+def _lab_paths(root: str, lab: LabConfig) -> dict:
+    base = os.path.join(root, lab.key("sft"))
+    return {"policy": os.path.join(base, "policy"), "prm": os.path.join(base, "prm-" + lab.key()), "root": base}
+
+
+def packaged_lab(lab: Optional[LabConfig] = None) -> Optional[dict]:
+    """Paths of the lab checkpoints shipped with p2t for these settings (the defaults), or None."""
+    paths = _lab_paths(PACKAGED_DIR, lab or LabConfig())
+    ok = all(os.path.exists(os.path.join(paths[k], "config.json")) for k in ("policy", "prm"))
+    return paths if ok else None
+
+
+def ensure_lab(lab: Optional[LabConfig] = None, cache_dir: Optional[str] = None, log=None,
+               packaged: bool = True) -> dict:
+    """Paths of the lab's SFT policy and PRM.
+
+    With ``packaged=True`` the checkpoints shipped with p2t are used when they were built from the same
+    settings; otherwise they are built (single-threaded, seeded: the same settings and torch build give
+    the same weights, which is how the shipped ones were made) and cached in ``cache_dir``.
+    """
     lab = lab or LabConfig()
-    root = os.path.join(cache_dir or default_cache_dir(), lab.key("sft"))
-    pol_dir, prm_dir = os.path.join(root, "policy"), os.path.join(root, "prm-" + lab.key())
+    if packaged:
+        found = packaged_lab(lab)
+        if found is not None:
+            _log(f"lab: using the packaged checkpoints {found['root']}", log)
+            return found
+    paths = _lab_paths(cache_dir or default_cache_dir(), lab)
+    pol_dir, prm_dir = paths["policy"], paths["prm"]
     tok = lab_tokenizer()
     torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic reductions: a rebuild gives the same weights
     if not os.path.exists(os.path.join(pol_dir, "config.json")):
         _log(f"lab: training the SFT policy -> {pol_dir}", log)
         t0 = time.time()
@@ -265,4 +293,4 @@ def ensure_lab(lab: Optional[LabConfig] = None, cache_dir: Optional[str] = None,
                 json.dump(metrics, f, indent=1)
         _save_atomic(save, prm_dir)
     torch.set_num_threads(torch_threads)
-    return {"policy": pol_dir, "prm": prm_dir, "root": root}
+    return paths
