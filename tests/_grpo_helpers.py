@@ -15,6 +15,7 @@ def digit_reward(prompts, responses, **columns):
 def tiny_config(tmp_path, cache, **changes) -> GRPOConfig:
     base = dict(num_updates=1, prompts_per_update=2, group_size=4, max_new_tokens=12, eval_every=0,
                 eval_prompts=4, eval_samples_per_prompt=2, output_dir=str(tmp_path / "run"), lab=TINY_LAB,
-                lab_cache=str(cache), progress=False, save_every=0, seed=3)
+                lab_cache=str(cache), progress=False, save_every=0, seed=3,
+                mask_truncated_completions=False)
     base.update(changes)
     return GRPOConfig(**base)

@@ -374,3 +374,13 @@ def test_packaged_lab_is_used_when_settings_match(tmp_path, monkeypatch):
     assert ensure_lab(TINY_LAB, str(tmp_path / "cache")) == paths
     with pytest.raises(pytest.fail.Exception):
         ensure_lab(TINY_LAB, str(tmp_path / "cache"), packaged=False)
+
+
+def test_truncated_completions_are_masked(tmp_path, cache):
+    tr = make(tmp_path, cache, mode="p2t", mask_truncated_completions=True, max_new_tokens=6)
+    r = tr.rollout(0)
+    comp = r.input_ids[:, r.prompt_len:]
+    has_eos = (comp == tr.tokenizer.eos_token_id).any(-1)
+    assert not has_eos.all(), "every completion ended: nothing to check"
+    assert not r.completion_mask[~has_eos].any()
+    assert (r.advantages[~has_eos] == 0).all()

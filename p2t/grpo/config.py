@@ -38,7 +38,7 @@ class GRPOConfig:
     eval_data: Optional[str] = None      # JSONL for evaluation; None = held-out lab prompts
     trust_remote_code: bool = False
     # sampling
-    num_updates: int = 60
+    num_updates: int = 100
     prompts_per_update: int = 16
     group_size: int = 8                  # G samples per prompt
     max_new_tokens: int = 40
@@ -58,6 +58,7 @@ class GRPOConfig:
     num_iterations: int = 1              # optimisation passes per batch (mu); >1 stores old log-probs
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    mask_truncated_completions: bool = True  # completions cut at max_new_tokens (no EOS) are left out of the loss
     # process / P2T advantages
     alpha: float = 1.0                   # weight of the token (or step) rewards
     omega: float = 0.6                   # redistribution strength

@@ -279,6 +279,8 @@ class GRPOTrainer:
         if o.shape != (len(expanded),):
             raise ValueError(f"the reward function returned {tuple(o.shape)} values for {len(expanded)} responses")
         B, N = cmask.shape
+        if c.mask_truncated_completions:  # no EOS: cut at max_new_tokens, left out of the loss (TRL's meaning)
+            cmask = cmask & (ids[:, P:] == self.tokenizer.eos_token_id).any(-1, keepdim=True)
         scored = scores = seg = seg_rewards = None
         if c.mode != "outcome":
             scored, scores, seg, seg_rewards = self._score(expanded, responses, resp_ids, N)
