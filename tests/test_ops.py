@@ -10,7 +10,7 @@ import torch
 
 import p2t
 from p2t.ops import reference as ref
-from conftest import assert_close_to_oracle, backend_device_params, max_err_report
+from _op_helpers import assert_close_to_oracle, backend_device_params, max_err_report
 
 BACKENDS = backend_device_params()
 FUSED = backend_device_params(include_reference=False)
