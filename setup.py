@@ -55,17 +55,20 @@ def extensions():
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp-simd", "-DNDEBUG" if not debug else "-UNDEBUG"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region in ATen's headers; without the flag it runs
+    # on one thread. The library links the libgomp.so.1 that torch already loads.
+    cxx = opt + ["-fopenmp", "-DNDEBUG" if not debug else "-UNDEBUG"]
+    link = ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if _cuda_wanted():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension("p2t._C", sources + cu, include_dirs=[os.path.join(HERE, "csrc")] + _extra_cuda_includes(),
-                              extra_compile_args={"cxx": cxx + ["-DP2T_WITH_CUDA"], "nvcc": nvcc},
+                              extra_compile_args={"cxx": cxx + ["-DP2T_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=link,
                               py_limited_api=False)]
     return [CppExtension("p2t._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                         extra_compile_args={"cxx": cxx})]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
 def main():

@@ -500,3 +500,24 @@ def test_unavailable_backend_says_how_to_get_it():
         if wrong:
             with pytest.raises(ValueError, match="runs on"):
                 p2t.token_attribution(g, g, torch.randn(4), backend=wrong)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in FUSED if p.values[0] in ("cpu", "cuda")])
+def test_large_inputs_split_over_threads(backend, device):
+    """Sizes above the kernels' per-thread chunks: runs that cross chunk boundaries, many rows."""
+    torch.set_num_threads(2)
+    ids, S = make_segments(3, 5003, max_len=700, gen=torch.Generator().manual_seed(3))
+    scores = torch.randn(3, 5003)
+    R = torch.rand(S)
+    for standardize in (False, True):
+        got = p2t.segment_redistribute(scores.to(device), ids.to(device), R.to(device), standardize=standardize,
+                                       backend=backend).cpu()
+        want = ref.segment_redistribute(scores.reshape(-1), ids.reshape(-1), R, 0.6, 1.0, standardize,
+                                        False).reshape(3, 5003)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g, e = torch.randn(3, 5003, 9, device=device), torch.randn(3, 5003, 9, device=device)
+    n = torch.randn(9, device=device)
+    o = torch.rand(3, device=device)
+    got = p2t.p2t_advantages(g, e, n, ids.to(device), R.to(device), o, group_size=3, backend=backend)
+    want = p2t.p2t_advantages(g, e, n, ids.to(device), R.to(device), o, group_size=3, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
