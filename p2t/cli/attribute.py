@@ -2,9 +2,9 @@
 
 Input: a JSONL file of ``{"prompt": ..., "response": ...}`` objects (an optional ``"reference"``
 solution is used by the embedded MiniLM reward); by default the sample shipped with the package.
-PRM: a path or hub id (``--prm``, with ``--kind``); ``--prm lab``: the toy lab's step classifier (trained
-and cached on first use, then read with the lab's layout: ``BOS prompt line\n line\n ...``); by default
-the embedded MiniLM similarity reward, which needs no training and reads any text.
+PRM: a path or hub id (``--prm``, with ``--kind``); ``--prm lab`` (the default): the toy lab's step
+classifier (shipped with the package, read with the lab's layout: ``BOS prompt line\n line\n ...``);
+``--prm minilm``: the embedded MiniLM similarity reward (real pretrained weights; reads any text).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def configure(parser):
     parser.add_argument("input", nargs="?", default=None,
                         help="JSONL of {prompt, response[, reference]} objects (default: the shipped sample for "
                              "the PRM)")
-    parser.add_argument("--prm", default=None,
-                        help="PRM path or hub id, or 'lab' for the toy lab's PRM (default: the embedded MiniLM "
-                             "similarity reward)")
+    parser.add_argument("--prm", default="lab",
+                        help="PRM path or hub id; 'lab' (default): the toy lab's PRM; 'minilm': the embedded MiniLM "
+                             "similarity reward")
     parser.add_argument("--kind", default="step_classifier", choices=["step_classifier", "value_head", "lm_judge"])
     parser.add_argument("--tokenizer", default=None, help="PRM tokenizer path when it is not next to the model")
     parser.add_argument("--policy-tokenizer", default=None, help="policy tokenizer path (default: the PRM's)")
@@ -77,7 +77,7 @@ def run(args) -> int:
                 opts[key] = value
         prompts = [r["prompt"] for r in rows]
         responses = [r["response"] for r in rows]
-        if args.prm is None:
+        if args.prm == "minilm":
             from p2t.attribution.minilm import minilm_scorer
             refs = [r.get("reference") or r["prompt"] for r in rows]
             if args.policy_tokenizer:
