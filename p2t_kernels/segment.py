@@ -18,6 +18,18 @@ def _run_bounds_kernel(ids_ptr, mask_ptr, pos_ptr, R, N, S, HAS_MASK: tl.constex
     _scatter_run_bounds(ids_ptr, mask_ptr, pos_ptr, offs, R, N, S, HAS_MASK)
 
 
+@triton.jit
+def _softmax_logits(x_ptr, ids_ptr, mask_ptr, offs, end, s, S, mean, std, const, temperature, xmax,
+                    CD: tl.constexpr, HAS_MASK: tl.constexpr, STANDARDIZE: tl.constexpr):
+    """(lanes of segment s, x / temperature) for tokens ``offs`` (x standardised when asked); lanes
+    outside the segment get xmax, so exp(x - xmax) never overflows there."""
+    mine = _effective_ids(ids_ptr, mask_ptr, offs, offs < end, S, HAS_MASK) == s
+    x = tl.load(x_ptr + offs, mask=mine, other=0).to(CD)
+    if STANDARDIZE:
+        x = tl.where(const, 0, (x - mean) / std)
+    return mine, tl.where(mine, x / temperature, xmax)
+
+
 @triton.jit(do_not_specialize=["R", "N", "S", "B", "G", "n_chunks"])
 def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_ptr,
                     R, N, S, B, G, n_chunks,
@@ -84,12 +96,8 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
         accs = tl.zeros([BLOCK], CD)
         for k in range(start, end, BLOCK):
             offs = k + tl.arange(0, BLOCK)
-            inb = offs < end
-            mine = _effective_ids(ids_ptr, mask_ptr, offs, inb, S, HAS_MASK) == s
-            x = tl.load(x_ptr + offs, mask=mine, other=0).to(CD)
-            if STANDARDIZE:
-                x = tl.where(const, 0, (x - mean) / std)
-            x = tl.where(mine, x / temperature, xmax)  # no exp overflow in unused lanes
+            mine, x = _softmax_logits(x_ptr, ids_ptr, mask_ptr, offs, end, s, S, mean, std, const, temperature,
+                                      xmax, CD, HAS_MASK, STANDARDIZE)
             accs += tl.where(mine, tl.exp(x - xmax), 0)
         den = tl.sum(accs, 0)
         rew = tl.load(rewards_ptr + s).to(CD)
@@ -101,12 +109,8 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
         # pass 3: write
         for k in range(start, end, BLOCK):
             offs = k + tl.arange(0, BLOCK)
-            inb = offs < end
-            mine = _effective_ids(ids_ptr, mask_ptr, offs, inb, S, HAS_MASK) == s
-            x = tl.load(x_ptr + offs, mask=mine, other=0).to(CD)
-            if STANDARDIZE:
-                x = tl.where(const, 0, (x - mean) / std)
-            x = tl.where(mine, x / temperature, xmax)
+            mine, x = _softmax_logits(x_ptr, ids_ptr, mask_ptr, offs, end, s, S, mean, std, const, temperature,
+                                      xmax, CD, HAS_MASK, STANDARDIZE)
             w = tl.exp(x - xmax) / den
             r = rew + omega * rew * w
             if NORMALIZE_SUM:

@@ -61,7 +61,7 @@ def _emulated_ops():
         pytest.skip("the host emulation of the CUDA kernels needs a C++ compiler and ninja")
     from p2t.ops._custom import register_meta
     srcs = [os.path.join(ROOT, "csrc", "cuda", f) for f in ("p2t_cuda.cu", "host_emulation.h")]
-    srcs.append(os.path.join(ROOT, "csrc", "common.h"))
+    srcs += [os.path.join(ROOT, "csrc", f) for f in ("common.h", "schemas.h")]
     digest = hashlib.sha1(b"".join(open(f, "rb").read() for f in srcs)).hexdigest()[:12]
     load_inline(name="p2t_cuda_emulated", is_python_module=False, verbose=False,
                 cpp_sources=[f"// sources {digest}\n#define P2T_HOST_EMULATION\n#include \"p2t_cuda.cu\"\n"],

@@ -42,6 +42,7 @@
 #endif
 
 #include "common.h"
+#include "schemas.h"
 
 namespace p2t {
 namespace {
@@ -590,22 +591,7 @@ void p2t_advantages_out_cuda(const at::Tensor& grad, const at::Tensor& embeds, c
 }  // namespace
 
 #ifdef P2T_HOST_EMULATION
-TORCH_LIBRARY(p2t_cuda_emulated, m) {
-  m.def("token_attribution(Tensor grad, Tensor embeds, Tensor null_embed, Tensor? mask) -> Tensor");
-  m.def("segment_redistribute(Tensor scores, Tensor segment_ids, Tensor segment_rewards, float omega, "
-        "float temperature, bool standardize, bool normalize_sum) -> Tensor");
-  m.def("token_advantages(Tensor outcome_rewards, Tensor token_rewards, Tensor? mask, int group_size, "
-        "float alpha, int scale, float eps) -> Tensor");
-  m.def("token_advantages_out(Tensor outcome_rewards, Tensor token_rewards, Tensor? mask, int group_size, "
-        "float alpha, int scale, float eps, Tensor(a!) out) -> ()");
-  m.def("p2t_advantages(Tensor grad, Tensor embeds, Tensor null_embed, Tensor segment_ids, "
-        "Tensor segment_rewards, Tensor outcome_rewards, Tensor? mask, int group_size, float omega, "
-        "float alpha, float temperature, bool standardize, bool normalize_sum, int scale, float eps) -> Tensor");
-  m.def("p2t_advantages_out(Tensor grad, Tensor embeds, Tensor null_embed, Tensor segment_ids, "
-        "Tensor segment_rewards, Tensor outcome_rewards, Tensor? mask, int group_size, float omega, "
-        "float alpha, float temperature, bool standardize, bool normalize_sum, int scale, float eps, "
-        "Tensor(a!) out) -> ()");
-}
+TORCH_LIBRARY(p2t_cuda_emulated, m) { define_ops(m); }
 TORCH_LIBRARY_IMPL(p2t_cuda_emulated, CPU, m) {
 #else
 TORCH_LIBRARY_IMPL(p2t, CUDA, m) {
