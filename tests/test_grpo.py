@@ -384,3 +384,18 @@ def test_truncated_completions_are_masked(tmp_path, cache):
     assert not has_eos.all(), "every completion ended: nothing to check"
     assert not r.completion_mask[~has_eos].any()
     assert (r.advantages[~has_eos] == 0).all()
+
+
+def test_attribution_stats_entropy():
+    from p2t.grpo.advantages import attribution_stats
+
+    ids = torch.tensor([[0, 0, 0, -1, 1, 1], [2, 2, -1, -1, -1, -1]])
+    flat = torch.full((2, 6), 0.25)
+    st = attribution_stats(flat, ids)
+    assert abs(st["attr_entropy"] - 1.0) < 1e-9 and abs(st["attr_abs_mean"] - 0.25) < 1e-6
+    peaked = torch.tensor([[9.0, -9.0, -9.0, 0.0, 9.0, -9.0], [9.0, -9.0, 0.0, 0.0, 0.0, 0.0]])
+    assert attribution_stats(peaked, ids)["attr_entropy"] < 0.01
+    # temperature flattens, standardize rescales: a small spread becomes a visible one
+    small = torch.tensor([[0.1, 0.12, 0.14, 0.0, 0.1, 0.11], [0.1, 0.13, 0.0, 0.0, 0.0, 0.0]])
+    assert attribution_stats(small, ids)["attr_entropy"] > 0.99
+    assert attribution_stats(small, ids, standardize=True, temperature=0.5)["attr_entropy"] < 0.9

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 import p2t
+from p2t.ops.reference import segment_weights
 
 
 def token_rewards(mode: str, scores: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor],
@@ -54,18 +55,11 @@ def attribution_stats(scores: torch.Tensor, segment_ids: torch.Tensor, *, temper
     sel = segment_ids >= 0
     if not bool(sel.any()):
         return {"attr_abs_mean": 0.0, "attr_entropy": 1.0}
-    x, ids = scores[sel].double(), segment_ids[sel]
+    ids = segment_ids[sel]
     S = int(ids.max()) + 1
-    n = torch.zeros(S, dtype=torch.float64).index_add_(0, ids, torch.ones_like(x))
-    if standardize:
-        mean = torch.zeros(S, dtype=torch.float64).index_add_(0, ids, x) / n.clamp(min=1)
-        var = torch.zeros(S, dtype=torch.float64).index_add_(0, ids, (x - mean[ids]) ** 2) / n.clamp(min=1)
-        std = var.sqrt()
-        x = torch.where(std[ids] > 0, (x - mean[ids]) / std[ids].clamp(min=1e-30), torch.zeros_like(x))
-    z = x / temperature
-    zmax = torch.full((S,), -float("inf"), dtype=torch.float64).scatter_reduce(0, ids, z, "amax")
-    e = torch.exp(z - zmax[ids])
-    w = e / torch.zeros(S, dtype=torch.float64).index_add_(0, ids, e)[ids]
+    # the same within-step weights as the ops (reference formulas, float64)
+    w, _ = segment_weights(scores[sel].double(), ids, S, temperature, standardize)
+    n = torch.bincount(ids, minlength=S).double()
     ent = torch.zeros(S, dtype=torch.float64).index_add_(0, ids, -w * torch.log(w.clamp(min=1e-300)))
     multi = n > 1
     norm_ent = (ent[multi] / torch.log(n[multi])).mean().item() if bool(multi.any()) else 1.0
