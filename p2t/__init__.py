@@ -5,13 +5,13 @@ lazily so that ``import p2t`` stays light.
 """
 from __future__ import annotations
 
-from .ops import (available_backends, group_advantages, p2t_advantages, segment_redistribute,
-                  token_advantages, token_attribution)
+from .ops import (available_backends, group_advantages, p2t_advantages, process_token_rewards,
+                  segment_redistribute, token_advantages, token_attribution)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "token_attribution", "segment_redistribute", "group_advantages", "token_advantages", "p2t_advantages",
+    "token_attribution", "segment_redistribute", "process_token_rewards", "group_advantages", "token_advantages", "p2t_advantages",
     "available_backends", "P2TScorer", "__version__",
 ]
 

@@ -521,3 +521,16 @@ def test_large_inputs_split_over_threads(backend, device):
     got = p2t.p2t_advantages(g, e, n, ids.to(device), R.to(device), o, group_size=3, backend=backend)
     want = p2t.p2t_advantages(g, e, n, ids.to(device), R.to(device), o, group_size=3, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_process_token_rewards():
+    ids = torch.tensor([[0, 0, -1, 1], [2, -1, -1, -1]])
+    R = torch.tensor([0.2, 0.7, 0.9], requires_grad=True)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    out = p2t.process_token_rewards(ids, R, mask=mask)
+    torch.testing.assert_close(out, torch.tensor([[0.2, 0.2, 0.0, 0.0], [0.9, 0.0, 0.0, 0.0]]))
+    out.sum().backward()
+    torch.testing.assert_close(R.grad, torch.tensor([2.0, 0.0, 1.0]))
+    assert (p2t.process_token_rewards(torch.full((2, 3), -1), torch.zeros(0)) == 0).all()
+    with pytest.raises(TypeError, match="segment_ids"):
+        p2t.process_token_rewards(ids.float(), R)

@@ -26,9 +26,7 @@ def token_rewards(mode: str, scores: Optional[torch.Tensor], segment_ids: Option
     if segment_ids is None or segment_rewards is None:
         raise ValueError(f"mode={mode!r} needs segment_ids and segment_rewards from a PRM")
     if mode == "process":
-        ids = segment_ids.clamp(min=0)
-        rew = segment_rewards.float()[ids] if segment_rewards.numel() else torch.zeros(ids.shape)
-        return torch.where(segment_ids >= 0, rew, torch.zeros_like(rew))
+        return p2t.process_token_rewards(segment_ids, segment_rewards.float())
     if mode == "p2t":
         return p2t.segment_redistribute(scores.float(), segment_ids, segment_rewards.float(), omega=omega,
                                         temperature=temperature, standardize=standardize, normalize=normalize)

@@ -10,7 +10,7 @@ from typing import Any, Dict, Sequence
 
 import torch
 
-from ..ops import segment_redistribute
+from ..ops import process_token_rewards, segment_redistribute
 
 MODES = ("outcome", "process", "p2t")
 NORMALIZE = ("paper", "sum")
@@ -125,10 +125,7 @@ def rewards_from_scored(batch, options: P2TOptions) -> torch.Tensor:
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, -1))
     R = batch.segment_rewards
     if options.mode == "process":
-        if R.numel() == 0:
-            return torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-        gathered = R.float()[ids.clamp(min=0).long()]
-        return torch.where(ids >= 0, gathered, torch.zeros_like(gathered))
+        return process_token_rewards(ids, R.float())
     return segment_redistribute(batch.scores, ids, R, omega=options.omega, temperature=options.temperature,
                                 standardize=options.standardize, normalize=options.normalize,
                                 backend=options.backend)

@@ -14,8 +14,8 @@ from . import _backends, _checks as chk, reference
 from ._backends import available_backends
 
 __all__ = [
-    "token_attribution", "segment_redistribute", "group_advantages", "token_advantages", "p2t_advantages",
-    "available_backends",
+    "token_attribution", "segment_redistribute", "process_token_rewards", "group_advantages", "token_advantages",
+    "p2t_advantages", "available_backends",
 ]
 
 _backends.register(_backends.Backend(
@@ -131,6 +131,23 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
     out = fn(scores.reshape(-1), segment_ids.reshape(-1), segment_rewards, omega, temperature, standardize,
              normalize_sum)
     return out.reshape(scores.shape)
+
+
+def process_token_rewards(segment_ids: torch.Tensor, segment_rewards: torch.Tensor, *,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Process-reward baseline without redistribution: ``R_s`` on every token of step s, 0 on tokens in no
+    step (id -1) and where ``mask`` is False. float32 (float64 for float64 rewards), shaped like
+    segment_ids. Differentiable w.r.t. segment_rewards. Plain torch ops (one gather)."""
+    chk.tensor("segment_ids", segment_ids, dtypes=chk.INDEX_DTYPES, kind="int64 or int32")
+    chk.floating("segment_rewards", segment_rewards, dims=(1,))
+    chk.mask("mask", mask, segment_ids.shape)
+    chk.same_device(segment_ids=segment_ids, segment_rewards=segment_rewards, mask=mask)
+    keep = segment_ids >= 0 if mask is None else (segment_ids >= 0) & mask
+    R = segment_rewards.to(reference.compute_dtype(segment_rewards))
+    if R.numel() == 0:
+        return R.new_zeros(segment_ids.shape)
+    gathered = R[segment_ids.clamp(min=0).long()]
+    return torch.where(keep, gathered, torch.zeros_like(gathered))
 
 
 def group_advantages(outcome_rewards: torch.Tensor, group_size: int, *, scale: str = "group",
