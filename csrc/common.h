@@ -59,6 +59,85 @@ inline void check_group(const at::Tensor& outcome, int64_t group_size, int64_t s
   TORCH_CHECK(scale >= 0 && scale <= 2, "scale must be 0 (group), 1 (batch) or 2 (none), got ", scale);
 }
 
+// ---- argument checks shared by the CPU and CUDA twins (shapes, dtypes; devices are the CUDA side's) ----
+inline void check_attribution_args(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                                   const c10::optional<at::Tensor>& mask) {
+  check_float(grad, "grad");
+  check_float(embeds, "embeds");
+  check_float(null_embed, "null_embed");
+  TORCH_CHECK(grad.dim() == 2, "grad must be [R, D], got shape ", grad.sizes());
+  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad ", grad.sizes(), ", got ",
+              embeds.sizes());
+  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == grad.size(1), "null_embed must have shape [",
+              grad.size(1), "], got ", null_embed.sizes());
+  check_mask(mask, {grad.size(0)}, "mask");
+}
+
+inline void check_segment_args(const at::Tensor& scores, const at::Tensor& ids, const at::Tensor& rewards,
+                               double temperature) {
+  check_float(scores, "scores");
+  check_index(ids, "segment_ids");
+  check_float(rewards, "segment_rewards");
+  TORCH_CHECK(scores.dim() == 1, "scores must be 1-D [R], got shape ", scores.sizes());
+  TORCH_CHECK(ids.sizes() == scores.sizes(), "segment_ids must have the shape of scores");
+  TORCH_CHECK(rewards.dim() == 1, "segment_rewards must be 1-D [S]");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+}
+
+inline void check_out(const at::Tensor& out, at::IntArrayRef shape) {
+  TORCH_CHECK(out.sizes() == shape && out.is_contiguous(), "out must be a contiguous tensor of shape ", shape);
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
+}
+
+inline void check_token_advantages_args(const at::Tensor& outcome, const at::Tensor& token_rewards,
+                                        const c10::optional<at::Tensor>& mask, int64_t group_size, int64_t scale,
+                                        const at::Tensor& out) {
+  check_float(outcome, "outcome_rewards");
+  check_float(token_rewards, "token_rewards");
+  check_group(outcome, group_size, scale);
+  TORCH_CHECK(token_rewards.dim() == 2 && token_rewards.size(0) == outcome.size(0),
+              "token_rewards must be [B, N] with B = outcome_rewards.size(0), got ", token_rewards.sizes());
+  check_mask(mask, token_rewards.sizes(), "mask");
+  check_out(out, token_rewards.sizes());
+}
+
+inline void check_p2t_args(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                           const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
+                           const c10::optional<at::Tensor>& mask, int64_t group_size, double temperature,
+                           int64_t scale, const at::Tensor& out) {
+  check_float(grad, "grad");
+  check_float(embeds, "embeds");
+  check_float(null_embed, "null_embed");
+  check_index(ids, "segment_ids");
+  check_float(rewards, "segment_rewards");
+  check_float(outcome, "outcome_rewards");
+  check_group(outcome, group_size, scale);
+  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
+  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad");
+  const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2);
+  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == D, "null_embed must have shape [", D, "]");
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B && ids.size(1) == N, "segment_ids must be [B, N]");
+  TORCH_CHECK(rewards.dim() == 1, "segment_rewards must be 1-D [S]");
+  TORCH_CHECK(outcome.size(0) == B, "outcome_rewards must have B = ", B, " rows");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_mask(mask, {B, N}, "mask");
+  check_out(out, {B, N});
+}
+
+// The [B, N] result of p2t_advantages in the compute dtype (the functional twins allocate it).
+inline at::Tensor new_p2t_out(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
+                              const at::Tensor& rewards, const at::Tensor& outcome) {
+  check_float(grad, "grad");
+  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
+  check_float(embeds, "embeds");
+  check_float(null_embed, "null_embed");
+  check_float(rewards, "segment_rewards");
+  check_float(outcome, "outcome_rewards");
+  return at::empty({grad.size(0), grad.size(1)},
+                   grad.options().dtype(compute_dtype({grad, embeds, null_embed, rewards, outcome})));
+}
+
+
 // GRPO advantage per row, computed in double on the host: (o - mean_g) / (std + eps) with the
 // unbiased std of the group (kGroup) or of the batch (kBatch), or o - mean_g (kNone). A zero std
 // gives 0 (every centred value is then 0), also with eps = 0.

@@ -113,15 +113,7 @@ void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, co
 
 at::Tensor token_attribution_cpu(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
                                  const c10::optional<at::Tensor>& mask) {
-  check_float(grad, "grad");
-  check_float(embeds, "embeds");
-  check_float(null_embed, "null_embed");
-  TORCH_CHECK(grad.dim() == 2, "grad must be [R, D], got shape ", grad.sizes());
-  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad ", grad.sizes(), ", got ",
-              embeds.sizes());
-  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == grad.size(1), "null_embed must have shape [",
-              grad.size(1), "], got ", null_embed.sizes());
-  check_mask(mask, {grad.size(0)}, "mask");
+  check_attribution_args(grad, embeds, null_embed, mask);
   auto out = at::empty({grad.size(0)}, grad.options().dtype(compute_dtype({grad, embeds, null_embed})));
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
   attribution_into(grad, embeds, null_embed, m.defined() ? m.data_ptr<bool>() : nullptr, out);
@@ -223,13 +215,7 @@ void with_segments(const at::Tensor& scores, const at::Tensor& ids, const bool* 
 at::Tensor segment_redistribute_cpu(const at::Tensor& scores_in, const at::Tensor& ids_in,
                                     const at::Tensor& rewards_in, double omega, double temperature, bool standardize,
                                     bool normalize_sum) {
-  check_float(scores_in, "scores");
-  check_index(ids_in, "segment_ids");
-  check_float(rewards_in, "segment_rewards");
-  TORCH_CHECK(scores_in.dim() == 1, "scores must be 1-D [R], got shape ", scores_in.sizes());
-  TORCH_CHECK(ids_in.sizes() == scores_in.sizes(), "segment_ids must have the shape of scores");
-  TORCH_CHECK(rewards_in.dim() == 1, "segment_rewards must be 1-D [S]");
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_segment_args(scores_in, ids_in, rewards_in, temperature);
   const auto cd = compute_dtype({scores_in, rewards_in});
   auto scores = as_compute(scores_in, cd).contiguous();
   auto ids = ids_in.contiguous();
@@ -253,14 +239,7 @@ at::Tensor segment_redistribute_cpu(const at::Tensor& scores_in, const at::Tenso
 void token_advantages_into(const at::Tensor& outcome, const at::Tensor& token_rewards_in,
                            const c10::optional<at::Tensor>& mask_in, int64_t group_size, double alpha, int64_t scale,
                            double eps, at::Tensor& out) {
-  check_group(outcome, group_size, scale);
-  check_float(token_rewards_in, "token_rewards");
-  TORCH_CHECK(token_rewards_in.dim() == 2 && token_rewards_in.size(0) == outcome.size(0),
-              "token_rewards must be [B, N] with B = outcome_rewards.size(0), got ", token_rewards_in.sizes());
-  check_mask(mask_in, token_rewards_in.sizes(), "mask");
-  TORCH_CHECK(out.sizes() == token_rewards_in.sizes() && out.is_contiguous(),
-              "out must be a contiguous tensor of shape ", token_rewards_in.sizes());
-  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
+  check_token_advantages_args(outcome, token_rewards_in, mask_in, group_size, scale, out);
   const auto adv = group_advantages_host(outcome, group_size, scale, eps);
   const auto tr = token_rewards_in.contiguous();  // a no-op when tr is out (aliasing is elementwise-safe)
   const auto mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
@@ -319,22 +298,8 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
                          const c10::optional<at::Tensor>& mask_in, int64_t group_size, double omega, double alpha,
                          double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
                          at::Tensor& out) {
-  check_float(grad, "grad");
-  check_float(embeds, "embeds");
-  check_float(null_embed, "null_embed");
-  check_index(ids_in, "segment_ids");
-  check_float(rewards_in, "segment_rewards");
-  check_group(outcome, group_size, scale);
-  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
-  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad");
+  check_p2t_args(grad, embeds, null_embed, ids_in, rewards_in, outcome, mask_in, group_size, temperature, scale, out);
   const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2);
-  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == D, "null_embed must have shape [", D, "]");
-  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.size(1) == N, "segment_ids must be [B, N]");
-  TORCH_CHECK(outcome.size(0) == B, "outcome_rewards must have B = ", B, " rows");
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-  check_mask(mask_in, {B, N}, "mask");
-  TORCH_CHECK(out.sizes() == ids_in.sizes() && out.is_contiguous(), "out must be a contiguous [B, N] tensor");
-  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
   const int64_t R = B * N;
   if (R == 0) return;
   const auto cd = compute_dtype({grad, embeds, null_embed, rewards_in, outcome});
@@ -366,10 +331,7 @@ at::Tensor p2t_advantages_cpu(const at::Tensor& grad, const at::Tensor& embeds, 
                               const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
                               const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
                               double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps) {
-  check_float(grad, "grad");
-  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
-  auto out = at::empty({grad.size(0), grad.size(1)},
-                       grad.options().dtype(compute_dtype({grad, embeds, null_embed, rewards, outcome})));
+  auto out = new_p2t_out(grad, embeds, null_embed, rewards, outcome);
   p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
                       standardize, normalize_sum, scale, eps, out);
   return out;

@@ -387,15 +387,7 @@ Ids make_ids(const at::Tensor& ids, const at::Tensor* mask, int64_t S) {
 // ------------------------------------------------------------------------------------------------
 at::Tensor token_attribution_cuda(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
                                   const c10::optional<at::Tensor>& mask) {
-  check_float(grad, "grad");
-  check_float(embeds, "embeds");
-  check_float(null_embed, "null_embed");
-  TORCH_CHECK(grad.dim() == 2, "grad must be [R, D], got shape ", grad.sizes());
-  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad ", grad.sizes(), ", got ",
-              embeds.sizes());
-  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == grad.size(1), "null_embed must have shape [",
-              grad.size(1), "], got ", null_embed.sizes());
-  check_mask(mask, {grad.size(0)}, "mask");
+  check_attribution_args(grad, embeds, null_embed, mask);
   check_cuda(embeds, grad, "embeds");
   check_cuda(null_embed, grad, "null_embed");
   if (mask.has_value()) check_cuda(*mask, grad, "mask");
@@ -410,13 +402,7 @@ at::Tensor token_attribution_cuda(const at::Tensor& grad, const at::Tensor& embe
 at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tensor& ids_in,
                                      const at::Tensor& rewards_in, double omega, double temperature,
                                      bool standardize, bool normalize_sum) {
-  check_float(scores_in, "scores");
-  check_index(ids_in, "segment_ids");
-  check_float(rewards_in, "segment_rewards");
-  TORCH_CHECK(scores_in.dim() == 1, "scores must be 1-D [R], got shape ", scores_in.sizes());
-  TORCH_CHECK(ids_in.sizes() == scores_in.sizes(), "segment_ids must have the shape of scores");
-  TORCH_CHECK(rewards_in.dim() == 1, "segment_rewards must be 1-D [S]");
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_segment_args(scores_in, ids_in, rewards_in, temperature);
   check_cuda(ids_in, scores_in, "segment_ids");
   check_cuda(rewards_in, scores_in, "segment_rewards");
   P2T_DEVICE_GUARD(scores_in.device());
@@ -463,15 +449,7 @@ token_advantages_kernel(const acc_t* __restrict__ o, const acc_t* tr, const bool
 void token_advantages_into(const at::Tensor& outcome_in, const at::Tensor& tr_in,
                            const c10::optional<at::Tensor>& mask, int64_t group_size, double alpha, int64_t scale,
                            double eps, at::Tensor& out) {
-  check_float(outcome_in, "outcome_rewards");
-  check_float(tr_in, "token_rewards");
-  check_group(outcome_in, group_size, scale);
-  TORCH_CHECK(tr_in.dim() == 2 && tr_in.size(0) == outcome_in.size(0),
-              "token_rewards must be [B, N] with B = outcome_rewards.size(0), got ", tr_in.sizes());
-  TORCH_CHECK(out.sizes() == tr_in.sizes() && out.is_contiguous(), "out must be a contiguous tensor of shape ",
-              tr_in.sizes());
-  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
-  check_mask(mask, tr_in.sizes(), "mask");
+  check_token_advantages_args(outcome_in, tr_in, mask, group_size, scale, out);
   check_cuda(outcome_in, tr_in, "outcome_rewards");
   check_cuda(out, tr_in, "out");
   if (mask.has_value()) check_cuda(*mask, tr_in, "mask");
@@ -519,24 +497,8 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
                          const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
                          double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
                          at::Tensor& out) {
-  check_float(grad, "grad");
-  check_float(embeds, "embeds");
-  check_float(null_embed, "null_embed");
-  check_index(ids_in, "segment_ids");
-  check_float(rewards_in, "segment_rewards");
-  check_float(outcome_in, "outcome_rewards");
-  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
-  TORCH_CHECK(embeds.sizes() == grad.sizes(), "embeds must have the shape of grad");
+  check_p2t_args(grad, embeds, null_embed, ids_in, rewards_in, outcome_in, mask, group_size, temperature, scale, out);
   const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2), R = B * N;
-  TORCH_CHECK(null_embed.dim() == 1 && null_embed.size(0) == D, "null_embed must have shape [", D, "]");
-  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == B && ids_in.size(1) == N, "segment_ids must be [B, N]");
-  TORCH_CHECK(rewards_in.dim() == 1, "segment_rewards must be 1-D [S]");
-  check_group(outcome_in, group_size, scale);
-  TORCH_CHECK(outcome_in.size(0) == B, "outcome_rewards must have B = ", B, " rows");
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-  check_mask(mask, {B, N}, "mask");
-  TORCH_CHECK(out.sizes() == ids_in.sizes() && out.is_contiguous(), "out must be a contiguous [B, N] tensor");
-  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");
   TORCH_CHECK(R < std::numeric_limits<int32_t>::max(), "too many tokens: ", R);
   for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&embeds, "embeds"}, {&null_embed, "null_embed"},
                          {&ids_in, "segment_ids"}, {&rewards_in, "segment_rewards"}, {&outcome_in, "outcome_rewards"},
@@ -567,13 +529,7 @@ at::Tensor p2t_advantages_cuda(const at::Tensor& grad, const at::Tensor& embeds,
                                const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
                                const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
                                double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps) {
-  TORCH_CHECK(grad.dim() == 3, "grad must be [B, N, D], got shape ", grad.sizes());
-  check_float(embeds, "embeds");
-  check_float(null_embed, "null_embed");
-  check_float(rewards, "segment_rewards");
-  check_float(outcome, "outcome_rewards");
-  auto out = at::empty({grad.size(0), grad.size(1)},
-                       grad.options().dtype(compute_dtype({grad, embeds, null_embed, rewards, outcome})));
+  auto out = new_p2t_out(grad, embeds, null_embed, rewards, outcome);
   p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
                       standardize, normalize_sum, scale, eps, out);
   return out;
