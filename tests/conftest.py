@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import p2t  # noqa: E402  (after TRITON_INTERPRET)
+import p2t  # noqa: E402,F401  (imported after TRITON_INTERPRET: the triton backend registers for CPU)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Optional
 
-from transformers import AutoTokenizer, PreTrainedTokenizer
+from transformers import PreTrainedTokenizer
 
 DEFAULT_ALPHABET = "0123456789+-*=#\n ?"
 
