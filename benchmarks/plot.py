@@ -28,27 +28,27 @@ def plot(rows: list, out_dir: str) -> list:
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    copy = [r for r in rows if r["kernel"] == "copy"]
-    copy_gbps = copy[0]["gbps"] if copy else None  # the first CSV's, when several are drawn together
-    device = rows[0]["gpu"] if rows else "?"
+    copy = [r for r in rows if r.kernel == "copy"]
+    copy_gbps = copy[0].gbps if copy else None  # the first CSV's, when several are drawn together
+    device = rows[0].gpu if rows else "?"
     groups: dict = {}
     for r in rows:
-        if r["kernel"] != "copy":
-            groups.setdefault((r["kernel"], r["mode"], r["dtype"]), []).append(r)
+        if r.kernel != "copy":
+            groups.setdefault((r.kernel, r.mode, r.dtype), []).append(r)
     written = []
     for (kernel, mode, dtype), rs in sorted(groups.items()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        colors = {p: f"C{i}" for i, p in enumerate(sorted({r["provider"] for r in rows if r["kernel"] != "copy"}))}
-        for prov in sorted({r["provider"] for r in rs}):
-            for layout in sorted({r["layout"] for r in rs}):
-                pts = sorted((r["mbytes"], r) for r in rs if r["provider"] == prov and r["layout"] == layout)
+        colors = {p: f"C{i}" for i, p in enumerate(sorted({r.provider for r in rows if r.kernel != "copy"}))}
+        for prov in sorted({r.provider for r in rs}):
+            for layout in sorted({r.layout for r in rs}):
+                pts = sorted((r.mbytes, r) for r in rs if r.provider == prov and r.layout == layout)
                 if not pts:
                     continue
                 xs = [m for m, _ in pts]
-                ys = [r["gbps"] for _, r in pts]
+                ys = [r.gbps for _, r in pts]
                 # time p20 is the fast end: the highest bandwidth
-                lo = [y - r["mbytes"] * 2**20 / (r["y80"] * 1e-3) / 1e9 for y, (_, r) in zip(ys, pts)]
-                hi = [r["mbytes"] * 2**20 / (r["y20"] * 1e-3) / 1e9 - y for y, (_, r) in zip(ys, pts)]
+                lo = [y - r.mbytes * 2**20 / (r.y80 * 1e-3) / 1e9 for y, (_, r) in zip(ys, pts)]
+                hi = [r.mbytes * 2**20 / (r.y20 * 1e-3) / 1e9 - y for y, (_, r) in zip(ys, pts)]
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker=MARKERS.get(layout, "x"), capsize=2, color=colors[prov],
                             ls={"dense": "-", "padded": "--", "packed": ":"}.get(layout, "-"), label=f"{prov} ({layout})")
         if copy_gbps:

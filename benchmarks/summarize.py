@@ -25,8 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fused", default=None, help="comma-separated fused providers to show (default: all)")
     args = ap.parse_args(argv)
     for path in args.csv:
-        rows = [r for r in bench.read_csv(path) if r["kernel"] == "copy" or (
-            (args.kernel is None or r["kernel"] == args.kernel) and (args.mode is None or r["mode"] == args.mode))]
+        rows = [r for r in bench.read_csv(path) if r.kernel == "copy" or (
+            (args.kernel is None or r.kernel == args.kernel) and (args.mode is None or r.mode == args.mode))]
         print(f"### {os.path.basename(path)}\n")
         for line in bench.markdown_summary(rows, args.fused.split(",") if args.fused else None):
             print(line)
