@@ -428,3 +428,75 @@ def test_bf16_autocast_and_bf16_weights(saved):
         assert corr > 0.98, (opts, corr)
         assert (b.segment_rewards - ref.segment_rewards).abs().max() < 0.05
         assert all(p.grad is None for p in s.model.parameters())
+
+
+# ---------------------------------------------------------------- construction checks, limits, precision
+def _wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "1", "2", "+", "="])}
+    tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def test_separator_without_tokens_is_refused(saved):
+    """A WordPiece tokenizer drops "\\n" (the value_head preset's separator): the steps would be read
+    at their own last tokens."""
+    tok = _wordpiece_tokenizer()
+    assert tok.encode("\n", add_special_tokens=False) == []
+    model = load(saved, "value_head").model
+    with pytest.raises(ValueError, match=r"step_separator='\\n' encodes to no token with the PRM tokenizer \("):
+        P2TScorer(model, tok, "value_head")
+    s = P2TScorer(model, tok, "value_head", step_separator="[SEP]")  # a token it keeps
+    assert s._sep_ids == [tok.sep_token_id]
+
+
+def test_default_max_length_is_the_smaller_of_tokenizer_and_positions(tmp_path):
+    """A GPT-2 style PRM with 64 positions and a tokenizer that allows 1024: inputs are cut at 64."""
+    from transformers import GPT2Config, GPT2ForTokenClassification
+    tok = char_tokenizer()
+    tok.model_max_length = 1024
+    torch.manual_seed(0)
+    model = GPT2ForTokenClassification(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2,
+                                                  n_positions=64, num_labels=2)).eval()
+    s = P2TScorer(model, tok, "step_classifier", **TOY)
+    assert s.max_length == 64
+    with pytest.warns(AttributionWarning, match="max_length=64"):
+        b = s.score(["q"], ["\n".join(["1+1=2"] * 40)])
+    assert len(b.prm[0].input_ids) <= 64 and b.steps_per_response[0] < 40
+    tok.model_max_length = 32
+    assert P2TScorer(model, tok, "step_classifier", **TOY).max_length == 32
+
+
+def test_out_of_range_indices_are_named_at_construction(saved, toy):
+    with pytest.raises(ValueError, match=r"value_index=3 but the PRM's head has 1 output"):
+        load(saved, "value_head", value_index=3)
+    with pytest.raises(ValueError, match=r"positive_label=2 but the PRM's head has 2 output"):
+        load(saved, "step_classifier", **TOY, positive_label=2)
+    with pytest.raises(ValueError, match=r"judge_tokens: token id 1000000 is outside"):
+        load(saved, "lm_judge", judge_tokens=(10 ** 6, 5))
+    with pytest.raises(ValueError, match=r"step_split returned the span"):
+        P2TScorer(toy.model, toy.tokenizer, **{**TOY, "step_split": lambda t: [(0, len(t) + 5)]}).score(["q"], ["1+1"])
+    n = len(toy.tokenizer)
+    for bad in (n, -1, 10 ** 6):
+        with pytest.raises(ValueError, match=rf"response_token_ids\[1\] holds the id {bad}, outside"):
+            toy.score(["q", "q"], ["1", "2"], response_token_ids=[[10], [11, bad]])
+
+
+def test_float64_prm_keeps_float64(saved):
+    s = load(saved, "step_classifier", **TOY, dtype=torch.float64)
+    for method in ("taylor", "exact", "integrated_gradients"):
+        b = s.score(PROMPTS, RESPONSES, method=method, ig_steps=2)
+        assert b.scores.dtype == b.segment_rewards.dtype == b.segment_logits.dtype == torch.float64
+        assert b.prm[0].attributions.dtype == torch.float64
+    b = s.score(PROMPTS, RESPONSES)
+    for v in b.prm:
+        want = manual_taylor(s, v)
+        assert want.dtype == torch.float64
+        assert (v.attributions - want).abs().max() <= 1e-12 * want.abs().max()
+        with torch.no_grad():
+            x = s.model.get_input_embeddings().weight[torch.tensor(v.input_ids)]
+            logits = s.model(inputs_embeds=x[None]).logits[0][v.readout_positions]
+        assert (v.step_rewards - torch.sigmoid(_margins(s, logits))).abs().max() <= 1e-12

@@ -180,3 +180,73 @@ def test_same_tokenizer_loaded_twice_is_the_identity_map(char_prm, tmp_path):
     b = s.score(PROMPTS, RESPONSES)
     ref = P2TScorer(model, tok, "step_classifier", template="{prompt}\n{response}").score(PROMPTS, RESPONSES)
     assert torch.equal(b.scores, ref.scores) and torch.equal(b.segment_ids, ref.segment_ids)
+
+
+# ---------------------------------------------------------------- characters split over several tokens
+MULTIBYTE = ["a ки b\n3 × 4 ≤ π", "日本 🙂 ÷\n√9 = 3 ×"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_prm(gpt2):
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+    torch.manual_seed(0)
+    model = Qwen2ForTokenClassification(Qwen2Config(
+        vocab_size=len(gpt2), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=16, max_position_embeddings=256, num_labels=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_same_bpe_tokenizer_is_the_identity_on_ids(gpt2, gpt2_prm):
+    """Byte-level BPE splits "к", "×", "≤", "日", "🙂" into several tokens sharing a character span:
+    with one tokenizer for policy and PRM every step token reaches the PRM unchanged, in order, and
+    gets an attribution."""
+    s = P2TScorer(gpt2_prm, gpt2, "step_classifier", null="eos", template="{prompt}\n{response}",
+                  step_separator="\n", step_split="\n")
+    nl = gpt2.encode("\n")
+    for hint in (True, False):
+        ids = [gpt2.encode(r) for r in MULTIBYTE]
+        b = s.score(["Q?"] * 2, MULTIBYTE, response_token_ids=ids if hint else None)
+        for i, v in enumerate(b.prm):
+            steps = [t for t in ids[i] if t not in nl]
+            assert [v.input_ids[p] for p in (v.step_index >= 0).nonzero().flatten().tolist()] == steps
+            n = len(ids[i])
+            seg = b.segment_ids[i, :n]
+            assert ((seg >= 0) == torch.tensor([t not in nl for t in ids[i]])).all()
+            assert (b.scores[i, :n][seg >= 0] != 0).all()
+            assert torch.equal(b.scores[i, :n][seg >= 0], v.attributions[v.step_index >= 0])
+    p2t.segment_redistribute(b.scores, b.segment_ids, b.segment_rewards)
+
+
+def test_cross_tokenizer_keeps_every_bpe_piece_with_its_step(char_prm, gpt2):
+    """A character-level PRM, the GPT-2 policy: the byte pieces of "π", "√", "÷" at a step's end stay in it."""
+    model, tok = char_prm
+    s = P2TScorer(model, tok, "step_classifier", policy_tokenizer=gpt2, template="{prompt}\n{response}",
+                  step_split="\n")
+    responses = ["un café π\nки √", "÷\nx ÷"]
+    ids = [gpt2.encode(r) for r in responses]
+    b = s.score(["Q?"] * 2, responses, response_token_ids=ids)
+    nl = gpt2.encode("\n")
+    for i in range(2):
+        seg = b.segment_ids[i, :len(ids[i])]
+        assert ((seg >= 0) == torch.tensor([t not in nl for t in ids[i]])).all(), (ids[i], seg)
+    _contiguous_ids(b.segment_ids)
+
+
+def test_a_token_across_two_steps_goes_to_the_step_with_most_of_it():
+    # token (3, 8): 2 characters in step 0, 3 in step 1; (10, 14): a tie goes to the earlier step
+    steps = [(0, 5), (5, 12), (12, 20)]
+    assert assign_steps([(0, 3), (3, 8), (8, 10), (10, 14), (14, 20)], steps) == [0, 1, 1, 1, 2]
+    assert assign_steps([(0, 4), (4, 6)], [(0, 5), (5, 6)]) == [0, 0]  # (4, 6): a tie, the earlier step
+
+
+def test_step_split_spans_out_of_range():
+    with pytest.raises(ValueError, match=r"step_split returned the span \(2, 9\)"):
+        split_steps("abcd", lambda t: [(0, 2), (2, 9)])
+    with pytest.raises(ValueError, match="step_split returned the span"):
+        split_steps("abcd", lambda t: [(2, 4), (0, 1)])  # out of order
+    with pytest.raises(ValueError, match="step_split returned"):
+        split_steps("abcd", lambda t: [(0, "x")])

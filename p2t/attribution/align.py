@@ -21,7 +21,17 @@ def split_steps(text: str, split: StepSplit) -> List[Span]:
     trailing whitespace is trimmed from each step; steps that are empty or only whitespace are dropped.
     """
     if callable(split):
-        spans = [(int(a), int(b)) for a, b in split(text)]
+        spans = []
+        for k, span in enumerate(split(text)):
+            try:
+                a, b = (int(v) for v in span)
+            except (TypeError, ValueError):
+                raise ValueError(f"step_split returned {span!r} for step {k}; it must return (start, end) "
+                                 "character spans") from None
+            if not 0 <= a <= b <= len(text) or (spans and a < spans[-1][1]):
+                raise ValueError(f"step_split returned the span {(a, b)} for step {k} of a text of {len(text)} "
+                                 "characters; spans must be ordered, non-overlapping and within [0, len(text)]")
+            spans.append((a, b))
     else:
         if split is not None and (not isinstance(split, str) or not split):
             raise ValueError(f"step_split must be a non-empty string, None or a callable, got {split!r}")
@@ -54,7 +64,10 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 def _contiguous(spans: List[Optional[Span]], lo: int, hi: int) -> List[Span]:
     """Close the gaps between consecutive spans (a gap joins the token after it, as byte-level BPE puts
     a leading space in the next token) so that the spans tile ``[lo, hi)``. ``None`` spans (special
-    tokens) become empty spans at the current position."""
+    tokens) become empty spans at the current position. A token whose characters all belong to earlier
+    tokens (byte-level BPE splits one character such as "×" or "日" into several tokens with the same
+    span; a SentencePiece "▁" piece shares its character with the next token) gets an empty span too:
+    :func:`assign_steps` keeps it with the token before it when it is told the token has text."""
     out: List[Span] = []
     pos = lo
     last = max((i for i, s in enumerate(spans) if s is not None and s[1] > s[0]), default=-1)
@@ -131,15 +144,24 @@ def overlap(a: Span, b: Span) -> int:
     return max(0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
-def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span]) -> List[int]:
+def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span],
+                 has_text: Optional[Sequence[bool]] = None) -> List[int]:
     """For each token, the step (index into ``steps``) it overlaps most, or -1 when it overlaps none.
-    A token without text (empty span) lying strictly inside a step joins it. Spans are sorted, so each
-    step's tokens form one contiguous run."""
+
+    A token whose characters fall in two steps belongs to the step holding most of them (the earlier
+    one on a tie). A token with an empty span that has text (``has_text[i]``: a byte-level BPE piece
+    of a character the token before it started) belongs to the step of the token before it. A token
+    without text (a special token) joins a step only when it lies strictly inside it. Spans are
+    sorted, so each step's tokens form one contiguous run."""
     out, k = [], 0
-    for span in token_spans:
+    for i, span in enumerate(token_spans):
         while k < len(steps) and steps[k][1] <= span[0]:
             k += 1
-        if span[0] == span[1]:  # no text (a special token): it joins the step it lies strictly inside
+        if span[0] == span[1]:
+            if has_text is not None and has_text[i] and out:  # the rest of a character split over tokens
+                out.append(out[-1])
+                continue
+            # no text (a special token): it joins the step it lies strictly inside
             inside = k < len(steps) and steps[k][0] < span[0] < steps[k][1]
             out.append(k if inside else -1)
             continue
@@ -152,6 +174,11 @@ def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span]) -> List[int
             j += 1
         out.append(best)
     return out
+
+
+def special_ids(tokenizer) -> set:
+    """Ids of the tokenizer's special tokens (tokens without text of their own)."""
+    return set(getattr(tokenizer, "all_special_ids", None) or [])
 
 
 def overlap_map(src: Sequence[Span], dst: Sequence[Span]) -> List[Tuple[int, int, float]]:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .align import Span, assign_steps, encode_with_offsets, offsets_from_ids, overlap_map, split_steps
+from .align import Span, assign_steps, encode_with_offsets, offsets_from_ids, overlap_map, special_ids, split_steps
 
 __all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "KINDS", "METHODS", "NULLS", "PRESETS"]
 
@@ -263,17 +263,32 @@ class P2TScorer:
         self.max_length = self._default_max_length() if max_length is None else int(max_length)
 
         self._sep_ids = self._encode(self.step_separator) if self.step_separator else []
+        if self.read_at == "separator" and not self._sep_ids:
+            raise ValueError(f"step_separator={self.step_separator!r} encodes to no token with the PRM tokenizer "
+                             f"({type(tokenizer).__name__}): the steps could not be read at it; pass a separator "
+                             "the tokenizer keeps (e.g. its sep_token or a special token)")
         self._sep_suffix_ids = self._encode(self.separator_suffix) if self.separator_suffix else []
         if self.kind == "lm_judge":
             self._judge_ids = [self._token_id("judge_tokens", t) for t in judge_tokens]
             if len(self._judge_ids) != 2:
                 raise ValueError(f"judge_tokens must be (positive, negative), got {judge_tokens!r}")
+            vocab = _output_size(model)
+            for t in self._judge_ids:
+                if not 0 <= t < (vocab or t + 1):
+                    raise ValueError(f"judge_tokens: token id {t} is outside the PRM's output vocabulary [0, {vocab})")
+        if self.kind in ("step_classifier", "value_head"):
+            n_out = _num_labels(model)
+            name, idx = (("positive_label", self.positive_label) if self.kind == "step_classifier"
+                         else ("value_index", self.value_index))
+            if n_out is not None and not 0 <= idx < n_out:
+                raise ValueError(f"{name}={idx} but the PRM's head has {n_out} output(s)")
         self._specials = self._special_wrap()
         self.null = null
         self._null_embed = self._make_null(null)
         self._pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None),
                                          getattr(tokenizer, "eos_token_id", None)) if t is not None), 0)
         self._vmap_ok = True
+        self._policy_vocab = _vocab_size(self.policy_tokenizer)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -309,12 +324,13 @@ class P2TScorer:
         return cls(model, tok, kind, policy_tokenizer=policy_tokenizer, **options)
 
     def _default_max_length(self) -> Optional[int]:
-        n = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(n, int) and 0 < n < 10 ** 7:
-            return n
+        """The smaller of the tokenizer's ``model_max_length`` and the model's position table
+        (``max_position_embeddings`` / ``n_positions``); ``None`` when neither is known."""
         cfg = getattr(self.model, "config", None)
-        n = getattr(cfg, "max_position_embeddings", None)
-        return int(n) if isinstance(n, int) and n > 0 else None
+        limits = [getattr(self.tokenizer, "model_max_length", None)]
+        limits += [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions")]
+        limits = [int(n) for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10 ** 7]
+        return min(limits) if limits else None
 
     def _encode(self, text: str) -> List[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -371,6 +387,11 @@ class P2TScorer:
         return emb(torch.tensor([tid], device=weight.device))[0].detach().clone()
 
     @property
+    def _dtype(self) -> torch.dtype:
+        """float64 for a float64 PRM, float32 otherwise: the dtype of scores and step rewards."""
+        return torch.float64 if self._embedding().weight.dtype == torch.float64 else torch.float32
+
+    @property
     def device(self) -> torch.device:
         return self._embedding().weight.device
 
@@ -404,6 +425,10 @@ class P2TScorer:
         else:
             if len(policy_ids) == 0:
                 raise ValueError(f"response_token_ids[{i}] is empty")
+            bad = [t for t in policy_ids if not 0 <= t < self._policy_vocab]
+            if bad:
+                raise ValueError(f"response_token_ids[{i}] holds the id {bad[0]}, outside the policy tokenizer's "
+                                 f"vocabulary [0, {self._policy_vocab})")
             text, pspans = offsets_from_ids(ptok, policy_ids, text=response)
             ids = list(policy_ids)
             if text != response:
@@ -415,14 +440,16 @@ class P2TScorer:
         if not steps:
             raise ValueError(f"responses[{i}] has no step: nothing but whitespace between the step splits "
                              f"({self.step_split!r})")
-        policy_step = assign_steps(pspans, steps)
+        special = special_ids(ptok)
+        has_text = [b > a or t not in special for t, (a, b) in zip(ids, pspans)]
+        policy_step = assign_steps(pspans, steps, has_text)
 
         # PRM tokens of each step: (id, response char span, policy index or None)
         step_tokens: List[List[Tuple[int, Span, Optional[int]]]] = []
         if self.same_tokenizer:
             step_tokens = [[] for _ in steps]
             for j, k in enumerate(policy_step):
-                if k >= 0 and pspans[j][1] > pspans[j][0]:  # tokens without text stay out of the PRM input
+                if k >= 0 and has_text[j]:  # tokens without text (special tokens) stay out of the PRM input
                     step_tokens[k].append((ids[j], pspans[j], j))
         else:
             for a, b in steps:
@@ -549,13 +576,14 @@ class P2TScorer:
             if z.shape != (ro.shape[0],):
                 raise ValueError(f"reward_fn must return [K={ro.shape[0]}] step scores or [B, L] per-position scores, "
                                  f"got shape {tuple(z.shape)}")
-            z = z.float()
+            z = z if z.dtype == torch.float64 else z.float()
             return z if self.returns == "logit" else _logit(z)
         out = self.model(inputs_embeds=x, attention_mask=attn)
         logits = getattr(out, "logits", None)
         if logits is None:
             logits = out[0] if isinstance(out, (tuple, list)) else out
-        sel = logits[rows, pos].float()
+        sel = logits[rows, pos]
+        sel = sel if sel.dtype == torch.float64 else sel.float()
         if self.kind == "step_classifier":
             c = sel.shape[-1]
             if not 0 <= self.positive_label < c or c < 2:
@@ -563,6 +591,8 @@ class P2TScorer:
             others = [j for j in range(c) if j != self.positive_label]
             return sel[:, self.positive_label] - torch.logsumexp(sel[:, others], dim=-1)
         if self.kind == "value_head":
+            if sel.dim() == 2 and not 0 <= self.value_index < sel.shape[-1]:
+                raise ValueError(f"value_index={self.value_index} but the PRM's head has {sel.shape[-1]} output(s)")
             v = sel[:, self.value_index] if sel.dim() == 2 else sel
             return v if self.returns == "logit" else _logit(v)
         plus, minus = self._judge_ids
@@ -619,19 +649,22 @@ class P2TScorer:
                 m = call(xg)
                 g = self._per_step_grad(self._objective(m), xg, ro, tstep, rows)
             elif method == "integrated_gradients":
-                g = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+                g = torch.zeros(x.shape, dtype=self._dtype, device=x.device)
                 for j in range(1, ig_steps + 1):
                     a = j / ig_steps
                     xa = x if j == ig_steps else torch.where(amask[..., None], null + a * (x - null), x)
                     xa = xa.detach().clone().requires_grad_(True)
                     mj = call(xa)
                     gj, = torch.autograd.grad(self._objective(mj).sum(), xa)
-                    g += gj.float()
+                    g += gj.to(self._dtype)
                     m = mj
                 g /= ig_steps
             else:
                 return self._exact(rows, x, null, attn, ids, tstep, pmask, ro, row_index, amask)
-        scores = _token_attribution(g, x, null, amask)
+        if self._dtype == torch.float64:  # the ops reduce in float32: keep a float64 PRM's precision
+            scores = ((x.double() - null.double()) * g.double()).sum(-1) * amask
+        else:
+            scores = _token_attribution(g, x, null, amask)
         return scores.detach(), m.detach()
 
     def _per_step_grad(self, f, xg, ro, tstep, rows):
@@ -660,9 +693,9 @@ class P2TScorer:
         perturbed copies batched under the token budget. Nothing requires a gradient here, so no
         graph is recorded."""
         m0 = self._margins(x, attn, ids, tstep, ro, pmask, row_index)
-        f0 = torch.zeros(len(rows), dtype=torch.float32, device=x.device).index_add(0, ro[:, 0], self._objective(m0))
+        f0 = torch.zeros(len(rows), dtype=self._dtype, device=x.device).index_add(0, ro[:, 0], self._objective(m0))
         b, L, D = x.shape
-        scores = torch.zeros((b, L), dtype=torch.float32, device=x.device)
+        scores = torch.zeros((b, L), dtype=self._dtype, device=x.device)
         chunk = max(1, self.micro_batch_tokens // L)
         for r in range(b):
             P = amask[r].nonzero().flatten()
@@ -677,7 +710,7 @@ class P2TScorer:
                 m = self._margins(xs, attn[r:r + 1].expand(c, L), ids[r:r + 1].expand(c, L),
                                   tstep[r:r + 1].expand(c, L), ro_c, pmask[r:r + 1].expand(c, L),
                                   row_index[r:r + 1].expand(c))
-                fc = torch.zeros(c, dtype=torch.float32, device=x.device).index_add(0, ro_c[:, 0], self._objective(m))
+                fc = torch.zeros(c, dtype=self._dtype, device=x.device).index_add(0, ro_c[:, 0], self._objective(m))
                 scores[r, pc] = f0[r] - fc
         return scores, m0
 
@@ -736,7 +769,7 @@ class P2TScorer:
             for group in self._groups(rows, cost):
                 grows = [rows[g] for g in group]
                 scores, m = self._attribute(grows, method, ig_steps)
-                scores, m = scores.float().cpu(), m.float().cpu()
+                scores, m = scores.to(self._dtype).cpu(), m.to(self._dtype).cpu()
                 k0 = 0
                 for i, g in enumerate(group):
                     n, k = len(rows[g].input_ids), len(rows[g].readout)
@@ -747,7 +780,7 @@ class P2TScorer:
     def _assemble(self, rows: List[_Row], per_row, method: str) -> ScoredBatch:
         B = len(rows)
         N = max(len(r.policy_spans) for r in rows)
-        scores = torch.zeros((B, N), dtype=torch.float32)
+        scores = torch.zeros((B, N), dtype=self._dtype)
         seg = torch.full((B, N), -1, dtype=torch.long)
         mask = torch.zeros((B, N), dtype=torch.bool)
         logits, views, steps = [], [], []
@@ -756,7 +789,7 @@ class P2TScorer:
             n = len(r.policy_spans)
             mask[b, :n] = True
             if r.map_prm:
-                vals = attr[torch.tensor(r.map_prm)] * torch.tensor(r.map_weight, dtype=torch.float32)
+                vals = attr[torch.tensor(r.map_prm)] * torch.tensor(r.map_weight, dtype=self._dtype)
                 scores[b].index_add_(0, torch.tensor(r.map_policy), vals)
             ps = torch.tensor(r.policy_step, dtype=torch.long)
             seg[b, :n] = torch.where(ps >= 0, ps + base, ps)
@@ -771,6 +804,34 @@ class P2TScorer:
         dev = self.device if self.output_device is None else torch.device(self.output_device)
         return ScoredBatch(scores.to(dev), seg.to(dev), torch.sigmoid(logits).to(dev), logits.to(dev), mask.to(dev),
                            steps, views, method, self.objective)
+
+
+def _vocab_size(tokenizer) -> int:
+    """Number of token ids of a tokenizer (added tokens included)."""
+    try:
+        return int(len(tokenizer))
+    except TypeError:
+        n = getattr(tokenizer, "vocab_size", None)
+        return int(n) if isinstance(n, int) else 1 << 62
+
+
+def _num_labels(model) -> Optional[int]:
+    """Output channels of a token-classification head (``config.num_labels``), or ``None`` when unknown."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or type(model).__name__.endswith("ForCausalLM"):
+        return None
+    n = getattr(cfg, "num_labels", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _output_size(model) -> Optional[int]:
+    """Vocabulary size of a causal LM's output layer (or its input embeddings), ``None`` when unknown."""
+    get = getattr(model, "get_output_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is None:
+        emb = model.get_input_embeddings()
+    w = getattr(emb, "weight", None)
+    return int(w.shape[0]) if w is not None else None
 
 
 def _same_tokenizer(a, b) -> bool:
