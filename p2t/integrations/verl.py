@@ -58,25 +58,36 @@ def group_index(index) -> torch.Tensor:
 
 def split_token_level_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor):
     """``(outcome [B], token part [B, T])`` from the layout the P2T reward manager writes: the outcome at
-    the last response token, ``alpha * r_i`` on the others. Rows with no response token get outcome 0."""
+    the last response-mask token, ``alpha * r_i`` on the others.
+
+    Values on masked tokens *after* the last response-mask token (a multi-turn row that ends in tool or
+    observation tokens, where verl's managers put the score on the row's last token) are added to the
+    outcome, so a row with a single score anywhere from the last response-mask token on reads as verl's
+    GRPO reads it (the row sum). A row with no response-mask token has outcome = its row sum (0 for an
+    empty row), as in verl's GRPO."""
+    tl = token_level_rewards.float()
     last = last_valid_index(response_mask)
-    has = last >= 0
-    safe = last.clamp(min=0).unsqueeze(1)
-    outcome = token_level_rewards.float().gather(1, safe).squeeze(1) * has
-    token = token_level_rewards.float().scatter(1, safe, 0.0)
+    pos = torch.arange(tl.shape[1], device=tl.device).expand_as(tl)
+    tail = pos >= last.unsqueeze(1)            # from the last response-mask token on (all of an empty row)
+    outcome = torch.where(tail, tl, torch.zeros_like(tl)).sum(dim=1)
+    token = torch.where(tail, torch.zeros_like(tl), tl)
     return outcome, token
 
 
 def _grouped_sequence_advantages(outcome: torch.Tensor, gid: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
-    """GRPO advantages for groups of any sizes (p2t's semantics: unbiased std, group size 1 gives 0)."""
+    """GRPO advantages for groups of any sizes, as verl's GRPO estimator computes them: unbiased std; a
+    group of one (``rollout.n=1``) has mean 0 and std 1, so its advantage is its outcome (``o / (1 + eps)``
+    with the std scaling)."""
     n = int(gid.max().item()) + 1 if gid.numel() else 0
     o = outcome.double()
     cnt = torch.zeros(n, dtype=torch.float64, device=o.device).index_add_(0, gid, torch.ones_like(o))
     mean = torch.zeros_like(cnt).index_add_(0, gid, o) / cnt
-    dev = o - mean[gid]
-    var = torch.zeros_like(cnt).index_add_(0, gid, dev * dev) / (cnt - 1).clamp(min=1)
-    adv = dev if scale == "none" else dev / (var.sqrt()[gid] + eps)
-    return torch.where(cnt[gid] > 1, adv, torch.zeros_like(adv)).float()
+    single = cnt[gid] == 1
+    dev = torch.where(single, o, o - mean[gid])
+    var = torch.zeros_like(cnt).index_add_(0, gid, (o - mean[gid]) ** 2) / (cnt - 1).clamp(min=1)
+    std = torch.where(single, torch.ones_like(o), var.sqrt()[gid])
+    adv = dev if scale == "none" else dev / (std + eps)
+    return adv.float()
 
 
 def compute_p2t_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index=None,
@@ -93,6 +104,9 @@ def compute_p2t_advantage(token_level_rewards: torch.Tensor, response_mask: torc
         epsilon: added to the group std.
     Returns:
         ``(advantages, returns)``, both the float32 ``[B, T]`` token advantages.
+
+    Groups of one (``rollout.n=1``) get verl's GRPO value ``A^ = o`` (divided by ``1 + epsilon`` with the std
+    scaling), so with no token rewards this estimator equals verl's ``grpo`` on every batch.
     """
     if not isinstance(token_level_rewards, torch.Tensor) or token_level_rewards.dim() != 2:
         raise ValueError(f"token_level_rewards must be a [B, T] tensor, got "
@@ -111,7 +125,7 @@ def compute_p2t_advantage(token_level_rewards: torch.Tensor, response_mask: torc
     with torch.no_grad():
         outcome, token = split_token_level_rewards(token_level_rewards, mask)
         counts = torch.bincount(gid)
-        if B and bool((counts == counts[0]).all()):
+        if B and bool((counts == counts[0]).all()) and int(counts[0]) > 1:
             # equal-sized groups (the usual rollout.n): sort rows so groups are contiguous, one fused call
             G = int(counts[0].item())
             perm = torch.argsort(gid, stable=True)
@@ -192,20 +206,31 @@ from verl.experimental.reward_loop.reward_manager import register as _register_r
 def check_reward_routing(config) -> None:
     """Raise unless verl will build ``rm_scores`` with :meth:`P2TRewardManager.assemble_rm_scores`.
 
-    verl computes rewards in one of two places. Inside the agent loop (its default: no colocated reward
+    Trainer: verl 0.9's default trainer (``trainer.use_v1=True``) does not pass per-token rows from a reward
+    manager to the advantage estimator on either of its reward routes. With a colocated reward model its
+    batch pass hands the reward loop only ``prompts``, ``responses``, ``attention_mask`` and ``raw_prompt``
+    (no ``data_source`` and no ``reward_model.ground_truth``, so no outcome reward can be computed); without
+    one, each trajectory's reward is computed inside the agent loop and stored as one float on its last
+    token. The p2t manager therefore needs ``trainer.use_v1=False`` (verl's ``main_ppo_v0`` trainer).
+
+    Reward route (``trainer.use_v1=False``): verl computes rewards in one of two places. Inside the agent loop (its default: no colocated reward
     model), each trajectory's reward is one float written on the last token, so per-token rows cannot get
     through. In the reward loop's batch pass (``RewardLoopManager.compute_rm_score``, used when
     ``reward.reward_model.enable=True`` without a separate resource pool), the manager class lays the rows
     out itself; the manager's ``run_single`` is called there when ``reward.custom_reward_function.path``
     is set (otherwise verl sends the sample to its own reward model server).
-    A config without a ``reward.reward_model`` section (direct use, tests) is not checked.
+    A config without a ``reward.reward_model`` section (direct use, tests) is not checked; one without a
+    ``trainer`` section is taken as ``trainer.use_v1=False``.
     """
     reward = _cfg_get(config, "reward", None) if config is not None else None
     rm = _cfg_get(reward, "reward_model", None) if reward is not None else None
     if rm is None:
         return
     crf = _cfg_get(reward, "custom_reward_function", None)
+    trainer = _cfg_get(config, "trainer", None)
     problems = []
+    if trainer is not None and bool(_cfg_get(trainer, "use_v1", False)):
+        problems.append("trainer.use_v1=False")
     if not bool(_cfg_get(rm, "enable", False)):
         problems.append("reward.reward_model.enable=True")
     if bool(_cfg_get(rm, "enable_resource_pool", False)):
@@ -215,8 +240,10 @@ def check_reward_routing(config) -> None:
     if problems:
         raise ValueError(
             "the p2t reward manager writes one reward per token, which verl passes on only from the reward "
-            "loop's batch pass, not from rewards computed inside the agent loop (one float per sequence). "
-            "Set " + ", ".join(problems) + " (reward.reward_model.model_path: the PRM).")
+            "loop's batch pass of its V0 trainer (trainer.use_v1=False), not from rewards computed inside the "
+            "agent loop (one float per sequence) nor from the V1 trainer's batch pass (no data_source or "
+            "ground truth reaches the reward manager there). Set " + ", ".join(problems) +
+            " (reward.reward_model.model_path: the PRM).")
 
 
 class P2TRewardManager(_NaiveRewardManager):
@@ -277,8 +304,16 @@ class P2TRewardManager(_NaiveRewardManager):
                 return p2t_reward_rows(self.p2t_scorer, [prompt], [text], [ids], [outcome], length=max(n, 1),
                                        options=self.p2t_options)
 
-        row = await self.loop.run_in_executor(None, score_row)
-        result["reward_score"] = row[0, :n].tolist()
+        row = (await self.loop.run_in_executor(None, score_row))[0, :n]
+        rmask = item.batch.get("response_mask", None) if hasattr(item.batch, "get") else None
+        if rmask is not None and n > 0:
+            # multi-turn rows: tool/observation tokens (response_mask 0) get no token reward, and the outcome
+            # goes on the last policy token, where the estimator reads it
+            keep = rmask[:n].bool().to(row.device)
+            if bool(keep.any()):
+                row = torch.where(keep, row, torch.zeros_like(row))
+                row[int(last_valid_index(keep.unsqueeze(0))[0])] = outcome
+        result["reward_score"] = row.tolist()
         result.setdefault("reward_extra_info", {})["p2t_outcome"] = outcome
         return result
 
@@ -287,8 +322,8 @@ class P2TRewardManager(_NaiveRewardManager):
         if raw is not None:
             return list(raw) if not isinstance(raw, str) else raw
         prompt_ids = item.batch["prompts"]
-        n = int(item.batch["attention_mask"][:prompt_ids.shape[-1]].sum().item())
-        return self.tokenizer.decode(prompt_ids[prompt_ids.shape[-1] - n:], skip_special_tokens=True)
+        keep = item.batch["attention_mask"][:prompt_ids.shape[-1]].bool()   # left- or right-padded prompts
+        return self.tokenizer.decode(prompt_ids[keep].tolist(), skip_special_tokens=True)
 
     @classmethod
     def assemble_rm_scores(cls, data, scores) -> torch.Tensor:
