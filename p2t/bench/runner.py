@@ -24,13 +24,18 @@ def providers(device: str, compile_modes: Sequence[str] = COMPILE_PROVIDERS, int
     return names + [c for c in compile_modes if c in COMPILE_PROVIDERS]
 
 
+# torch.compile backend of the compile providers: "inductor" measures what a user gets; a rehearsal on
+# CPU (benchmarks/gpu_check.sh --dry-run) sets P2T_BENCH_COMPILE_BACKEND=eager: traced, no code generated
+COMPILE_BACKEND = os.environ.get("P2T_BENCH_COMPILE_BACKEND", "inductor")
+
+
 def _compiled(fn, dynamic: bool):
     # backward mode replays one recorded graph (retain_graph=True), which donated buffers forbid
     try:
         torch._functorch.config.donated_buffer = False
     except AttributeError:  # pragma: no cover - older torch
         pass
-    return torch.compile(fn, dynamic=dynamic, fullgraph=False)
+    return torch.compile(fn, dynamic=dynamic, fullgraph=False, backend=COMPILE_BACKEND)
 
 
 def _callable(case: Case, provider: str, inputs: list, mode: str):
@@ -103,9 +108,11 @@ def _metric(device: str, clock: str) -> str:
 
 def run_case(case: Case, modes: Sequence[str], provs: Sequence[str], device: str, env: dict, copy_gbps: float,
              *, rep_ms: float = 300.0, warmup_ms: float = 50.0, memory: bool = True, seed: int = 0,
-             clock: str = "wall", host: bool = False, log: Optional[Callable[[str], None]] = None) -> list:
+             clock: str = "wall", host: bool = False, host_calls: int = 30, timer_kw: Optional[dict] = None,
+             log: Optional[Callable[[str], None]] = None) -> list:
     """Rows (:class:`BenchmarkRow`) for every provider x mode of one case. ``host=True`` adds the host
-    time per call (:func:`~p2t.bench.timing.host_quantiles`, median) to each row."""
+    time per call (:func:`~p2t.bench.timing.host_quantiles` over ``host_calls`` calls, median) to each
+    row; ``timer_kw`` goes to the timer (e.g. ``min_samples`` for a rehearsal with tiny shapes)."""
     rows = []
     provs = [p for p in provs if p not in case.skip]
     gen = torch.Generator().manual_seed(seed)
@@ -122,7 +129,7 @@ def run_case(case: Case, modes: Sequence[str], provs: Sequence[str], device: str
             except Exception as e:  # noqa: BLE001 - one failing provider must not stop the run
                 errs[p] = f"{type(e).__name__}: {e}"
                 fns.pop(p, None)
-        times = time_fns(fns, device, rep_ms=rep_ms, warmup_ms=warmup_ms, clock=clock) if fns else {}
+        times = time_fns(fns, device, rep_ms=rep_ms, warmup_ms=warmup_ms, clock=clock, **(timer_kw or {})) if fns else {}
         nbytes = case.nbytes(base_inputs[0], mode)
         for p in provs:
             if p in errs:
@@ -132,7 +139,7 @@ def run_case(case: Case, modes: Sequence[str], provs: Sequence[str], device: str
             y50, y20, y80 = times[p]
             gbps = nbytes / (y50 * 1e-3) / 1e9
             pk = peak_memory_mb(lambda fn=fns[p]: fn(1), device) if memory else float("nan")
-            hm = host_quantiles(fns[p], device)[0] if host else float("nan")
+            hm = host_quantiles(fns[p], device, calls=host_calls)[0] if host else float("nan")
             rows.append(BenchmarkRow.measured(
                 env, kernel=case.kernel, provider=p, mode=mode, metric=_metric(device, clock), unit="ms", x=case.x,
                 y50=y50, y20=y20, y80=y80, x_name=case.x_name, layout=case.layout, dtype=case.dtype,
