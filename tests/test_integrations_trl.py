@@ -1,6 +1,8 @@
 """P2TGRPOTrainer with the real TRL on CPU: tiny random-init policy and PRM, two training steps."""
+import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 
 from p2t.integrations import _common  # noqa: E402
-from p2t.integrations.trl import P2TGRPOTrainer, check_liger  # noqa: E402
+from p2t.integrations.scorers import CallableScorer, http_scorer  # noqa: E402
+from p2t.integrations.trl import (P2TGRPOConfig, P2TGRPOTrainer, alpha_at, check_importance_sampling,  # noqa: E402
+                                  check_liger, prm_device, weighted_token_stats)
 
 G = 2          # completions per prompt
 ALPHA = 0.5    # large enough that the token part is visible next to A^
@@ -264,3 +268,319 @@ def test_process_mode_rewards_and_row_placement():
     torch.testing.assert_close(r[1], want_row)
     with pytest.raises(ValueError, match="room"):
         _common.token_rewards(Scorer(), ["q"], ["a"], [[1, 2, 3]], length=2, options=opts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# P2TGRPOConfig: the P2T options in TRL's config (YAML / command line / saved with the training arguments)
+
+_CPU = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
+
+
+def _p2t_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=G,
+                max_completion_length=8, max_steps=2, learning_rate=1e-3, logging_steps=1, beta=0.0, seed=0,
+                dataloader_num_workers=0, **_CPU)
+    base.update(kw)
+    return P2TGRPOConfig(**base)
+
+
+def test_config_from_yaml_and_command_line_is_saved_with_the_training_args(tmp_path):
+    yaml = tmp_path / "p2t.yaml"
+    yaml.write_text("\n".join([
+        f"output_dir: {tmp_path / 'out'}", "use_cpu: true", "bf16: false", "report_to: none",
+        "num_generations: 2", "per_device_train_batch_size: 4",
+        "p2t_mode: process", "p2t_alpha: 0.3", "p2t_alpha_schedule: linear_warmup", "p2t_alpha_steps: 4",
+        "p2t_omega: 0.5", "p2t_temperature: 2.0", "p2t_standardize: true", "p2t_normalize: sum",
+        "p2t_method: exact", "p2t_null: '7'", "p2t_prm_device: 'cuda:{local_rank}'",
+        "p2t_prm_kwargs: {step_split: ' ', system_prompt: null}", ""]))
+    (args,) = trl.TrlParser((P2TGRPOConfig,)).parse_args_and_config(
+        args=["--config", str(yaml), "--p2t_omega", "0.7", "--p2t_backend", "reference"])
+    assert isinstance(args, P2TGRPOConfig) and isinstance(args, trl.GRPOConfig)
+    assert (args.p2t_mode, args.p2t_alpha, args.p2t_alpha_schedule, args.p2t_alpha_steps) == ("process", 0.3,
+                                                                                              "linear_warmup", 4)
+    assert args.p2t_omega == 0.7 and args.p2t_backend == "reference"        # the command line wins over YAML
+    assert (args.p2t_temperature, args.p2t_standardize, args.p2t_normalize, args.p2t_method) == (2.0, True, "sum",
+                                                                                                "exact")
+    assert args.p2t_null == 7 and args.p2t_prm_device == "cuda:{local_rank}"
+    assert args.p2t_prm_kwargs == {"step_split": " ", "system_prompt": None}
+    (cli,) = trl.TrlParser((P2TGRPOConfig,)).parse_args_and_config(
+        args=["--output_dir", str(tmp_path / "o2"), "--use_cpu", "true", "--bf16", "false", "--p2t_mode", "outcome",
+              "--p2t_prm_kwargs", '{"step_split": "x"}', "--p2t_null", "eos"])
+    assert cli.p2t_mode == "outcome" and cli.p2t_prm_kwargs == {"step_split": "x"} and cli.p2t_null == "eos"
+    # the trainer takes its options from the config, and the config is saved with the training arguments
+    tok = _gpt2_tokenizer(tmp_path)
+    trainer = P2TGRPOTrainer(model=_policy(tok), reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                             args=args, train_dataset=_dataset(), processing_class=tok,
+                             scorer=StandInScorer(tok.eos_token_id))
+    o = trainer.p2t_options
+    assert (o.mode, o.alpha, o.omega, o.temperature, o.standardize, o.normalize, o.method, o.backend) == (
+        "process", 0.3, 0.7, 2.0, True, "sum", "exact", "reference")
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = torch.load(str(tmp_path / "saved" / "training_args.bin"), weights_only=False)
+    assert isinstance(saved, P2TGRPOConfig) and saved.p2t_omega == 0.7 and saved.p2t_alpha_schedule == "linear_warmup"
+    assert '"p2t_alpha": 0.3' in args.to_json_string()
+
+
+def test_config_checks_its_options():
+    with pytest.raises(ValueError, match="mode"):
+        P2TGRPOConfig(output_dir="o", p2t_mode="tokens", **_CPU)
+    with pytest.raises(ValueError, match="p2t_alpha_schedule"):
+        P2TGRPOConfig(output_dir="o", p2t_alpha_schedule="cosine", **_CPU)
+    with pytest.raises(ValueError, match="p2t_alpha_steps"):
+        P2TGRPOConfig(output_dir="o", p2t_alpha_steps=0, **_CPU)
+    with pytest.raises(ValueError, match="temperature"):
+        P2TGRPOConfig(output_dir="o", p2t_temperature=0.0, **_CPU)
+    with pytest.raises(ValueError, match="p2t_prm_kwargs"):
+        P2TGRPOConfig(output_dir="o", p2t_prm_kwargs="{not json", **_CPU)
+
+
+def test_trainer_keywords_override_the_config_and_are_recorded(tmp_path):
+    args = _p2t_args(tmp_path, p2t_alpha=0.3, p2t_mode="process", p2t_omega=0.5)
+    tok = _gpt2_tokenizer(tmp_path)
+    trainer = P2TGRPOTrainer(model=_policy(tok), reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                             args=args, train_dataset=_dataset(), processing_class=tok,
+                             scorer=StandInScorer(tok.eos_token_id), alpha=0.7, normalize="sum")
+    o = trainer.p2t_options
+    assert (o.mode, o.alpha, o.omega, o.normalize) == ("process", 0.7, 0.5, "sum")
+    assert (args.p2t_alpha, args.p2t_normalize) == (0.7, "sum")        # what is saved is what is used
+    # a plain GRPOConfig still works: options from the keywords, P2T's defaults otherwise
+    with pytest.raises(ValueError, match="p2t_null"):
+        P2TGRPOTrainer(model=None, args=_p2t_args(tmp_path, p2t_null="eos"), scorer=_NullScorer("pad"))
+    with pytest.raises(ValueError, match="alpha_schedule"):
+        P2TGRPOTrainer(model=None, scorer=StandInScorer(0), alpha_schedule="cosine")
+
+
+class _NullScorer(StandInScorer):
+    def __init__(self, null):
+        super().__init__(0)
+        self.null = null
+
+
+def _dataset():
+    import datasets
+    return datasets.Dataset.from_dict({"prompt": ["a", "b", "c", "d"] * 2})
+
+
+def test_alpha_schedule():
+    assert alpha_at(0.4, "constant", 7, 10) == 0.4
+    assert [alpha_at(0.4, "linear_warmup", t, 4) for t in (0, 1, 4, 9)] == [0.0, 0.1, 0.4, 0.4]
+    assert [alpha_at(0.4, "linear_decay", t, 4) for t in (0, 1, 4, 9)] == [0.4, pytest.approx(0.3), 0.0, 0.0]
+    with pytest.raises(ValueError, match="schedule"):
+        alpha_at(0.4, "cosine", 0, 4)
+    with pytest.raises(ValueError, match="steps"):
+        alpha_at(0.4, "linear_decay", 0, 0)
+
+
+def test_token_stats_are_weighted_by_token_count_across_processes():
+    """Two processes with 1 and 5 tokens: the logged mean/std are those of the 6 tokens pooled, not the mean
+    of the two per-process means."""
+    a = torch.tensor([[1.0, 0.0, 0.0]])
+    ma = torch.tensor([[True, False, False]])
+    b = torch.tensor([[2.0, 4.0, 6.0], [8.0, 10.0, 0.0]])
+    mb = torch.tensor([[True, True, True], [True, True, False]])
+    other = None
+
+    def gather(local):        # what accelerator.gather returns on process 0: the rows of every process
+        return torch.cat([local, other])
+
+    # the other process's contribution, as it computes it
+    captured = {}
+    weighted_token_stats({"x": b}, mb, gather=lambda t: captured.setdefault("b", t))
+    other = captured["b"]
+    got = weighted_token_stats({"x": a}, ma, gather=gather)["x"]
+    pooled = torch.tensor([1.0, 2, 4, 6, 8, 10], dtype=torch.float64)
+    assert got[0] == pytest.approx(pooled.mean().item())
+    assert got[1] == pytest.approx(pooled.std(unbiased=False).item())
+    assert got[0] != pytest.approx((1.0 + 6.0) / 2)                 # the mean of the per-process means
+    assert weighted_token_stats({"x": a}, torch.zeros_like(ma))["x"] == (0.0, 0.0)
+
+
+def test_importance_sampling_level():
+    class Args:
+        importance_sampling_level = "sequence"
+
+    with pytest.raises(ValueError, match="importance_sampling_level='token'"):
+        check_importance_sampling(Args(), "p2t")
+    check_importance_sampling(Args(), "outcome")
+    Args.importance_sampling_level = "sequence_token"
+    with pytest.raises(ValueError, match="sequence_token"):
+        check_importance_sampling(Args(), "process")
+    Args.importance_sampling_level = "token"
+    check_importance_sampling(Args(), "p2t")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        P2TGRPOTrainer(model=None, args=_p2t_args(Path("/tmp"), importance_sampling_level="sequence"),
+                       scorer=StandInScorer(0))
+
+
+def test_off_policy_mask_keeps_or_drops_whole_sequences():
+    """With (B, T) advantages TRL's test `advantages >= 0` would decide per token; the trainer decides on the
+    sequence advantage: a high-KL sequence with A^ < 0 is dropped whole, even where A~ > 0."""
+    from types import SimpleNamespace
+    adv = torch.tensor([[0.5, -0.2, 0.1], [-0.3, 0.4, -0.1], [0.2, -0.6, 0.3]])
+    seq = torch.tensor([-0.1, 0.2, -0.4])
+    logps = torch.zeros(3, 3)
+    sampling = torch.tensor([[1.0] * 3, [1.0] * 3, [0.0] * 3])    # rows 0 and 1 off-policy (KL 1), row 2 not
+    mask = torch.ones(3, 3)
+    me = SimpleNamespace(_p2t_seq_adv=seq)
+    got = P2TGRPOTrainer.get_off_policy_mask(me, adv, logps, sampling, mask, 0.5)
+    assert got.shape == (3, 1)
+    assert got[:, 0].tolist() == [0.0, 1.0, 1.0]
+    token_level = trl.GRPOTrainer.get_off_policy_mask(adv, logps, sampling, mask, 0.5)
+    assert token_level.shape == (3, 3) and token_level[0].tolist() == [1.0, 0.0, 1.0]   # what TRL alone would do
+
+
+def _callable_prm(prompts, responses, response_token_ids, method="taylor"):
+    """A stand-in PRM service: steps of 2 tokens, attributions and rewards from the token ids."""
+    out = []
+    for ids in response_token_ids:
+        steps = [k // 2 for k in range(len(ids))]
+        k = (len(ids) + 1) // 2
+        out.append({"scores": [math.sin(t) for t in ids], "step_ids": steps,
+                    "step_rewards": [1 / (1 + math.exp(-math.cos(j + len(ids)))) for j in range(k)]})
+    return out
+
+
+def test_callable_scorer_and_http_scorer(tmp_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    ids = [[5, 6, 7], [], [8, 9, 10, 11, 12]]
+    prompts, responses = ["p", "q", "r"], ["a b", "", "c d e"]
+    opts = _common.P2TOptions(mode="p2t", omega=0.6, temperature=0.5)
+    scorer = CallableScorer(_callable_prm)
+    r = _common.token_rewards(scorer, prompts, responses, ids, length=6, options=opts)
+    want = torch.zeros(3, 6)
+    for b in (0, 2):
+        res = _callable_prm(None, None, [ids[b]])[0]
+        seg = torch.tensor([res["step_ids"]])
+        want[b, :len(ids[b])] = p2t.segment_redistribute(torch.tensor([res["scores"]]), seg,
+                                                         torch.tensor(res["step_rewards"]), omega=0.6,
+                                                         temperature=0.5)[0]
+    torch.testing.assert_close(r, want)
+    assert r[2, :5].std() > 1e-4
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            res = _callable_prm(body["prompts"], body["responses"], body["response_token_ids"], body["method"])
+            data = json.dumps({"results": res}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        remote = http_scorer(f"http://127.0.0.1:{server.server_address[1]}/score", timeout=30)
+        torch.testing.assert_close(_common.token_rewards(remote, prompts, responses, ids, length=6, options=opts), r)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="one value per policy token"):
+        CallableScorer(lambda *a, **k: [{"scores": [0.0], "step_ids": [0], "step_rewards": [0.5]}]).score(
+            ["p"], ["a b"], response_token_ids=[[1, 2]])
+    with pytest.raises(ValueError, match="step_ids"):
+        CallableScorer(lambda *a, **k: [{"scores": [0.0], "step_ids": [3], "step_rewards": [0.5]}]).score(
+            ["p"], ["a"], response_token_ids=[[1]])
+    with pytest.raises(ValueError, match="results"):
+        CallableScorer(lambda *a, **k: []).score(["p"], ["a"], response_token_ids=[[1]])
+    with pytest.raises(ValueError, match="url"):
+        http_scorer("ftp://x")
+
+
+def test_prm_device():
+    assert prm_device(None, "cpu", 3) == torch.device("cpu")
+    assert prm_device("cuda:{local_rank}", "cpu", 3) == torch.device("cuda:3")
+    assert prm_device("cuda:7", "cuda:0", 1) == torch.device("cuda:7")
+
+
+def test_config_run_schedule_logging_off_policy_mask_and_a_callable_scorer(tmp_path, monkeypatch):
+    """Two steps from a P2TGRPOConfig: a CallableScorer (a PRM behind a function), alpha warm-up over 2 steps,
+    token-weighted stats in the logs, token-advantage columns in the completions table, and the off-policy
+    mask on whole sequences."""
+    import trl.trainer.grpo_trainer as grpo_mod
+
+    tok = _gpt2_tokenizer(tmp_path)
+    monkeypatch.setattr(grpo_mod, "shuffle_sequence_dict", lambda d: d)
+    args = _p2t_args(tmp_path, p2t_alpha=ALPHA, p2t_alpha_schedule="linear_warmup", p2t_alpha_steps=2,
+                     log_completions=True, off_policy_mask_threshold=0.5)
+    trainer = P2TGRPOTrainer(model=_policy(tok), reward_funcs=[lambda completions, **k: [float(len(c) % 4) for c in
+                                                                                      completions]],
+                             args=args, train_dataset=_dataset(), processing_class=tok,
+                             scorer=CallableScorer(_callable_prm))
+    seen, masks = [], []
+    orig = trainer._compute_loss
+
+    def spy(model, inputs):
+        seen.append({k: inputs[k].detach().clone() for k in ("advantages", "completion_mask",
+                                                             "p2t_sequence_advantages")})
+        return orig(model, inputs)
+
+    orig_mask = trainer.get_off_policy_mask
+
+    def spy_mask(**kw):
+        m = orig_mask(**kw)
+        masks.append(m)
+        return m
+
+    monkeypatch.setattr(trainer, "_compute_loss", spy)
+    monkeypatch.setattr(trainer, "get_off_policy_mask", spy_mask)
+    alphas = []
+    gen = trainer._generate_and_score_completions
+
+    def spy_gen(inputs):
+        out = gen(inputs)
+        alphas.append(trainer.p2t_last["alpha"])
+        return out
+
+    monkeypatch.setattr(trainer, "_generate_and_score_completions", spy_gen)
+    trainer.train()
+    assert alphas == [0.0, ALPHA / 2]                                # warm-up: step 0, step 1 of 2
+    first, second = seen
+    m0 = first["completion_mask"].bool()
+    torch.testing.assert_close(first["advantages"][m0],
+                               first["p2t_sequence_advantages"].unsqueeze(1).expand_as(m0)[m0])   # alpha 0
+    assert masks and all(m.shape == (m0.shape[0], 1) for m in masks)
+    logs = [h for h in trainer.state.log_history if "p2t/token_advantage_mean" in h]
+    assert len(logs) == 2 and [h["p2t/alpha"] for h in logs] == [0.0, ALPHA / 2]
+    last = trainer.p2t_last
+    mask = last["completion_mask"].bool()
+    adv = last["advantages"]
+    assert logs[-1]["p2t/token_advantage_mean"] == pytest.approx(adv[mask].double().mean().item(), abs=1e-6)
+    assert logs[-1]["p2t/token_reward_std"] == pytest.approx(last["token_rewards"][mask].double().std(
+        unbiased=False).item(), abs=1e-6)
+    cols = trainer._logs["extra"]
+    assert list(cols["p2t_token_adv_mean"])[-adv.shape[0]:] == pytest.approx(
+        [(adv[b][mask[b]].mean().item() if mask[b].any() else None) for b in range(adv.shape[0])])
+
+
+def test_heatmap_of_one_sample_per_logging_step(tmp_path):
+    tok = _gpt2_tokenizer(tmp_path)
+    scorer = _tiny_prm_scorer(tmp_path, tok)
+    args = _p2t_args(tmp_path, max_steps=1, p2t_log_heatmap=True)
+    trainer = P2TGRPOTrainer(model=_policy(tok), reward_funcs=[lambda completions, **k: [1.0] * len(completions)],
+                             args=args, train_dataset=_dataset(), processing_class=tok, scorer=scorer)
+    trainer.train()
+    page = (tmp_path / "out" / "p2t_heatmaps" / "step_000001.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("class='resp'") == 1 and "R=" in page
+
+
+def test_prm_loaded_from_the_config(tmp_path):
+    """p2t_prm (+ p2t_prm_kwargs, p2t_null, p2t_prm_device): each process builds its P2TScorer on the given
+    device, with the trainer's tokenizer as the policy tokenizer."""
+    tok = _gpt2_tokenizer(tmp_path)
+    scorer = _tiny_prm_scorer(tmp_path, tok)
+    scorer.tokenizer.save_pretrained(str(tmp_path / "prm"))
+    args = _p2t_args(tmp_path, p2t_prm=str(tmp_path / "prm"), p2t_null="eos", p2t_prm_device="cpu",
+                     p2t_prm_kwargs={"template": "{prompt}\n{response}", "system_prompt": None, "step_split": " "})
+    trainer = P2TGRPOTrainer(model=_policy(tok), reward_funcs=[lambda completions, **k: [1.0] * len(completions)],
+                             args=args, train_dataset=_dataset(), processing_class=tok)
+    s = trainer.p2t_scorer
+    assert s.null == "eos" and s.policy_tokenizer is tok and s.step_split == " "
+    assert next(s.model.parameters()).device == torch.device("cpu")

@@ -445,3 +445,16 @@ def test_verl_entry_point_composes_the_documented_config():
     cfg.trainer.use_v1 = True                                       # verl's default
     with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
         pv.check_reward_routing(cfg)
+
+
+def test_reward_manager_with_a_prm_service():
+    """reward_kwargs.prm_url: the manager scores through a PRM service (nothing loaded in the reward worker)."""
+    from omegaconf import OmegaConf
+
+    from p2t.integrations.scorers import CallableScorer
+
+    pv.P2TRewardManager._shared_scorer = None
+    rm = pv.P2TRewardManager(OmegaConf.create({"reward": {"reward_kwargs": {"prm_url": "http://127.0.0.1:9/score",
+                                                                              "prm_timeout": 5}}}),
+                             CharTokenizer(), None)
+    assert isinstance(rm.p2t_scorer, CallableScorer) and pv.P2TRewardManager._shared_scorer is None

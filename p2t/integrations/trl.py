@@ -1,4 +1,5 @@
-"""TRL integration: ``P2TGRPOTrainer``, TRL's ``GRPOTrainer`` with P2T token-level advantages.
+"""TRL integration: ``P2TGRPOTrainer``, TRL's ``GRPOTrainer`` with P2T token-level advantages, and
+``P2TGRPOConfig``, TRL's ``GRPOConfig`` with the P2T options.
 
 TRL generates completions, runs the reward functions and computes one GRPO advantage per
 completion, ``A^_b``, with its own group statistics (rewards gathered across processes, its
@@ -15,29 +16,38 @@ with ``r_i`` the P2T token rewards (``mode="p2t"``), or the step reward ``R_s`` 
 
 Example::
 
-    from p2t import P2TScorer
-    from p2t.integrations.trl import P2TGRPOTrainer
-    scorer = P2TScorer(prm, prm_tokenizer, kind="step_classifier", policy_tokenizer=tokenizer)
-    trainer = P2TGRPOTrainer(model=policy, reward_funcs=[correct], args=GRPOConfig(...),
-                             train_dataset=ds, processing_class=tokenizer,
-                             scorer=scorer, mode="p2t", omega=0.6, alpha=0.1)
+    from p2t.integrations.trl import P2TGRPOConfig, P2TGRPOTrainer
+    args = P2TGRPOConfig(output_dir="out", num_generations=8, p2t_prm="path/to/prm", p2t_alpha=0.1)
+    trainer = P2TGRPOTrainer(model=policy, reward_funcs=[correct], args=args, train_dataset=ds,
+                             processing_class=tokenizer)
     trainer.train()
+
+Every ``p2t_*`` option can come from YAML or the command line through ``trl.TrlParser`` and is saved with
+the training arguments. The trainer's keyword arguments (``scorer=``, ``mode=``, ``alpha=``, ...) still work:
+a keyword given explicitly overrides the config field, and the config then records the value used.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
 try:
     import trl
-    from trl import GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("p2t.integrations.trl needs TRL: pip install 'trl>=1.13'") from e
 
-from ._common import P2TOptions, check_scorer, token_rewards
+from ._common import MODES, NORMALIZE, P2TOptions, check_scorer, token_rewards
 
-__all__ = ["P2TGRPOTrainer"]
+__all__ = ["P2TGRPOTrainer", "P2TGRPOConfig", "ALPHA_SCHEDULES", "alpha_at", "weighted_token_stats", "prm_device"]
+
+ALPHA_SCHEDULES = ("constant", "linear_warmup", "linear_decay")
 
 
 def _version_tuple(v: str):
@@ -64,17 +74,193 @@ def check_liger(args, trainer_cls, mode: str) -> None:
             "Set use_liger_kernel=False, or use mode='outcome'.")
 
 
+def check_importance_sampling(args, mode: str) -> None:
+    """Token advantages need token-level importance ratios. With ``importance_sampling_level="sequence"``
+    (GSPO) TRL multiplies one ratio per sequence by the ``(B, T)`` advantages, and the gradient of that
+    ratio spreads every token's advantage over all tokens of the sequence: the token credit reduces to its
+    mean. TRL's ``GRPOTrainer`` has no ``"sequence_token"`` level (GSPO-token), so raise for anything but
+    ``"token"`` unless ``mode="outcome"``."""
+    level = getattr(args, "importance_sampling_level", "token") if args is not None else "token"
+    if mode == "outcome" or level == "token":
+        return
+    if level == "sequence":
+        raise ValueError(
+            f"importance_sampling_level='sequence' is not supported with mode={mode!r}: one importance ratio per "
+            "sequence spreads each token's advantage over the whole sequence in the gradient, so P2T's token "
+            "credit reduces to its mean. Set importance_sampling_level='token', or use mode='outcome'.")
+    raise ValueError(
+        f"importance_sampling_level={level!r} is not implemented by trl.GRPOTrainer {trl.__version__} (GSPO-token, "
+        "'sequence_token', lives in TRL's experimental trainers, which P2TGRPOTrainer does not extend). Set "
+        "importance_sampling_level='token'.")
+
+
+def alpha_at(alpha: float, schedule: str, step: int, steps: int) -> float:
+    """The token-reward weight at optimizer step ``step``: ``"constant"`` (``alpha``), ``"linear_warmup"``
+    (0 at step 0 rising linearly to ``alpha`` at ``steps``, then ``alpha``) or ``"linear_decay"`` (``alpha``
+    at step 0 falling linearly to 0 at ``steps``, then 0)."""
+    if schedule not in ALPHA_SCHEDULES:
+        raise ValueError(f"alpha_schedule must be one of {', '.join(ALPHA_SCHEDULES)}, got {schedule!r}")
+    if schedule == "constant":
+        return float(alpha)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"the {schedule} alpha schedule needs a positive number of steps, got {steps!r}")
+    frac = min(max(step, 0) / steps, 1.0)
+    return float(alpha) * (frac if schedule == "linear_warmup" else 1.0 - frac)
+
+
+def weighted_token_stats(values: Dict[str, torch.Tensor], mask: torch.Tensor,
+                         gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, tuple]:
+    """``{name: (mean, std)}`` of each ``[B, T]`` tensor over the True tokens of ``mask``, pooled over all
+    processes: each process contributes its token count, sum and sum of squares (``gather`` concatenates
+    a ``[1, K]`` tensor across processes, e.g. ``accelerator.gather``), so a process with more tokens
+    weighs more. ``(0, 0)`` when there is no token anywhere."""
+    names = list(values)
+    m = mask.bool()
+    parts = [m.sum().double()]
+    for k in names:
+        v = torch.where(m, values[k].double(), torch.zeros((), dtype=torch.float64, device=m.device))
+        parts += [v.sum(), (v * v).sum()]
+    local = torch.stack(parts).unsqueeze(0)
+    tot = (gather(local) if gather is not None else local).reshape(-1, local.shape[1]).sum(dim=0)
+    n = float(tot[0])
+    out = {}
+    for j, k in enumerate(names):
+        if n == 0:
+            out[k] = (0.0, 0.0)
+            continue
+        mean = float(tot[1 + 2 * j]) / n
+        var = max(float(tot[2 + 2 * j]) / n - mean * mean, 0.0)
+        out[k] = (mean, math.sqrt(var))
+    return out
+
+
+def prm_device(spec: Optional[str], policy_device, local_rank: int) -> torch.device:
+    """Where a PRM loaded from ``p2t_prm`` runs: ``spec`` with ``{local_rank}`` replaced (e.g.
+    ``"cuda:{local_rank}"``, or a spare GPU ``"cuda:7"``), or the policy's device when ``spec`` is None."""
+    if spec is None:
+        return torch.device(policy_device)
+    return torch.device(str(spec).replace("{local_rank}", str(int(local_rank))))
+
+
+def _null_value(v):
+    """``p2t_null`` from YAML/CLI: a token id given as digits becomes an int."""
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    return v
+
+
+@dataclass
+class P2TGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the P2T options (every ``p2t_*`` field), so they come from YAML or the command
+    line through ``trl.TrlParser`` and are saved with the training arguments. Accepted wherever a
+    ``GRPOConfig`` is (it is one)."""
+
+    p2t_mode: str = field(default="p2t", metadata={
+        "help": "'p2t' (A^ + alpha * r_i, r_i redistributed inside each step), 'process' (A^ + alpha * R_s on every "
+                "token of step s) or 'outcome' (TRL's advantages, no PRM call).", "choices": list(MODES)})
+    p2t_alpha: float = field(default=0.1, metadata={"help": "Weight of the token rewards: A^_b + alpha * r_i."})
+    p2t_alpha_schedule: str = field(default="constant", metadata={
+        "help": "'constant', 'linear_warmup' (0 -> alpha over p2t_alpha_steps) or 'linear_decay' (alpha -> 0).",
+        "choices": list(ALPHA_SCHEDULES)})
+    p2t_alpha_steps: Optional[int] = field(default=None, metadata={
+        "help": "Optimizer steps of the alpha warm-up/decay (default: the run's total steps)."})
+    p2t_omega: float = field(default=0.6, metadata={"help": "omega of the redistribution r_i = R_s + omega R_s w_i."})
+    p2t_temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature of the within-step weights w_i (not the sampling temperature)."})
+    p2t_standardize: bool = field(default=False, metadata={
+        "help": "Standardize the attributions within each step before the softmax."})
+    p2t_normalize: str = field(default="paper", metadata={
+        "help": "'paper' (r_i = R_s + omega R_s w_i) or 'sum' (divided by n_s + omega: a step's rewards sum to R_s).",
+        "choices": list(NORMALIZE)})
+    p2t_method: str = field(default="taylor", metadata={
+        "help": "Attribution method: 'taylor', 'taylor_per_step', 'integrated_gradients' or 'exact'."})
+    p2t_null: Optional[str] = field(default=None, metadata={
+        "help": "Null embedding e_null of a PRM loaded from p2t_prm: 'pad', 'eos', 'vocab_mean', 'zero' or a token "
+                "id (default: the scorer's, 'pad'). With a scorer passed to the trainer, it must match its null."})
+    p2t_prm: Optional[str] = field(default=None, metadata={
+        "help": "PRM path or id; the trainer loads it with P2TScorer.from_pretrained when no scorer is passed."})
+    p2t_prm_kind: str = field(default="step_classifier", metadata={"help": "PRM kind for P2TScorer.from_pretrained."})
+    p2t_prm_kwargs: Optional[str] = field(default=None, metadata={
+        "help": "More P2TScorer.from_pretrained options for p2t_prm, as a mapping (YAML) or a JSON object string "
+                "(command line), e.g. '{\"step_split\": \" \", \"system_prompt\": null}'."})
+    p2t_prm_device: Optional[str] = field(default=None, metadata={
+        "help": "Device of a PRM loaded from p2t_prm (default: each process's policy device); '{local_rank}' is "
+                "replaced by the process's local rank, e.g. 'cuda:{local_rank}' or a spare GPU 'cuda:7'."})
+    p2t_backend: str = field(default="auto", metadata={"help": "Ops backend of the redistribution."})
+    p2t_log_heatmap: bool = field(default=False, metadata={
+        "help": "At each logging step, write an HTML token heatmap of one scored completion to "
+                "<output_dir>/p2t_heatmaps/step_<N>.html (needs a P2TScorer, whose batches carry the PRM views)."})
+
+    def __post_init__(self):
+        self.p2t_null = _null_value(self.p2t_null)
+        if isinstance(self.p2t_prm_kwargs, str):
+            try:
+                self.p2t_prm_kwargs = json.loads(self.p2t_prm_kwargs)
+            except ValueError as e:
+                raise ValueError(f"p2t_prm_kwargs must be a mapping or a JSON object string: {e}") from None
+        if self.p2t_prm_kwargs is not None and not isinstance(self.p2t_prm_kwargs, dict):
+            raise TypeError(f"p2t_prm_kwargs must be a mapping, got {type(self.p2t_prm_kwargs).__name__}")
+        P2TOptions(mode=self.p2t_mode, alpha=self.p2t_alpha, omega=self.p2t_omega, temperature=self.p2t_temperature,
+                   standardize=self.p2t_standardize, normalize=self.p2t_normalize, method=self.p2t_method,
+                   backend=self.p2t_backend)
+        if self.p2t_alpha_schedule not in ALPHA_SCHEDULES:
+            raise ValueError(f"p2t_alpha_schedule must be one of {', '.join(ALPHA_SCHEDULES)}, "
+                             f"got {self.p2t_alpha_schedule!r}")
+        if self.p2t_alpha_steps is not None and (isinstance(self.p2t_alpha_steps, bool) or
+                                                 not isinstance(self.p2t_alpha_steps, int) or self.p2t_alpha_steps < 1):
+            raise ValueError(f"p2t_alpha_steps must be a positive int, got {self.p2t_alpha_steps!r}")
+        super().__post_init__()
+
+
+# trainer keyword -> config field
+_KEYWORDS = {"mode": "p2t_mode", "alpha": "p2t_alpha", "omega": "p2t_omega", "temperature": "p2t_temperature",
+             "standardize": "p2t_standardize", "normalize": "p2t_normalize", "method": "p2t_method",
+             "backend": "p2t_backend", "alpha_schedule": "p2t_alpha_schedule", "alpha_steps": "p2t_alpha_steps"}
+_DEFAULTS = {f.name: f.default for f in P2TGRPOConfig.__dataclass_fields__.values() if f.name.startswith("p2t_")}
+
+
+def _one_row(batch, b: int):
+    """Row ``b`` of a :class:`p2t.ScoredBatch` as a batch of its own (for the heatmap)."""
+    from ..attribution import ScoredBatch
+    first = sum(batch.steps_per_response[:b])
+    k = batch.steps_per_response[b]
+    seg = batch.segment_ids[b:b + 1]
+    seg = torch.where(seg >= 0, seg - first, seg)
+    return ScoredBatch(batch.scores[b:b + 1], seg, batch.segment_rewards[first:first + k],
+                       batch.segment_logits[first:first + k], batch.response_mask[b:b + 1], [k], [batch.prm[b]],
+                       batch.method, batch.objective)
+
+
+class _Recorder:
+    """Passes ``score`` calls through to the scorer and keeps the last batch and prompts (for the heatmap)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.last = None
+        self.last_prompts = None
+
+    def score(self, prompts, responses, **kw):
+        batch = self.scorer.score(prompts, responses, **kw)
+        self.last, self.last_prompts = batch, list(prompts)
+        return batch
+
+
 class P2TGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose loss receives P2T token-level advantages ``(B, T)``.
 
-    Takes every argument of ``trl.GRPOTrainer`` plus (keyword only):
+    Takes every argument of ``trl.GRPOTrainer``; ``args`` may be a :class:`P2TGRPOConfig` (the P2T options
+    as ``p2t_*`` fields) or a plain ``GRPOConfig``. Keyword only, each overriding the config field of the
+    same name (``p2t_<name>``) when given:
 
     Args:
-        scorer: a :class:`p2t.P2TScorer` (any object with the same ``score`` method); required unless
-            ``mode="outcome"``. When the PRM's tokenizer differs from the policy's, build the scorer
-            with ``policy_tokenizer=`` the trainer's tokenizer so rewards land on the policy's tokens.
+        scorer: a :class:`p2t.P2TScorer`, or any object with the same ``score`` method (e.g.
+            :class:`p2t.integrations.scorers.CallableScorer` around a remote PRM service). Required unless
+            ``mode="outcome"`` or the config names ``p2t_prm`` (then each process loads the PRM on
+            ``p2t_prm_device``, default its policy device). When the PRM's tokenizer differs from the
+            policy's, build the scorer with ``policy_tokenizer=`` the trainer's tokenizer.
         mode: ``"p2t"`` (default), ``"process"`` or ``"outcome"``.
-        alpha: token-reward weight in ``A^_b + alpha * r_i``.
+        alpha: token-reward weight in ``A^_b + alpha * r_i``; ``alpha_schedule`` (``"constant"``,
+            ``"linear_warmup"``, ``"linear_decay"``) over ``alpha_steps`` optimizer steps (default: the run).
         omega, temperature, standardize, normalize: redistribution options of
             :func:`p2t.segment_redistribute`.
         method: attribution method for ``scorer.score`` (``"taylor"`` by default).
@@ -83,26 +269,78 @@ class P2TGRPOTrainer(GRPOTrainer):
 
     After each generation, ``trainer.p2t_last`` holds the tensors of the local batch: ``token_rewards``
     ``[B, T]``, ``sequence_advantages`` ``[B]`` (TRL's), ``advantages`` ``[B, T]`` (what the loss gets),
-    ``completion_mask`` and ``rewards_per_func`` (TRL's rewards gathered across processes).
+    ``completion_mask``, ``rewards_per_func`` (TRL's rewards gathered across processes) and ``alpha``.
     """
 
-    def __init__(self, model, reward_funcs=None, args=None, *positional, scorer=None, mode: str = "p2t",
-                 alpha: float = 0.1, omega: float = 0.6, temperature: float = 1.0, standardize: bool = False,
-                 normalize: str = "paper", method: str = "taylor", score_kwargs: Optional[Dict[str, Any]] = None,
-                 backend: str = "auto", **kwargs):
+    def __init__(self, model, reward_funcs=None, args=None, *positional, scorer=None, mode: Optional[str] = None,
+                 alpha: Optional[float] = None, omega: Optional[float] = None, temperature: Optional[float] = None,
+                 standardize: Optional[bool] = None, normalize: Optional[str] = None, method: Optional[str] = None,
+                 score_kwargs: Optional[Dict[str, Any]] = None, backend: Optional[str] = None,
+                 alpha_schedule: Optional[str] = None, alpha_steps: Optional[int] = None, **kwargs):
         if _version_tuple(trl.__version__) < _MIN_TRL:
             raise ImportError(f"P2TGRPOTrainer needs trl>={'.'.join(map(str, _MIN_TRL))} "
                               f"(its loss must accept (B, T) advantages), found trl {trl.__version__}")
-        self.p2t_options = P2TOptions(mode=mode, alpha=alpha, omega=omega, temperature=temperature,
-                                      standardize=standardize, normalize=normalize, method=method,
-                                      score_kwargs=dict(score_kwargs or {}), backend=backend)
-        check_scorer(scorer, mode)
-        check_liger(args, type(self), mode)
+        given = {"mode": mode, "alpha": alpha, "omega": omega, "temperature": temperature,
+                 "standardize": standardize, "normalize": normalize, "method": method, "backend": backend,
+                 "alpha_schedule": alpha_schedule, "alpha_steps": alpha_steps}
+        from_config = isinstance(args, P2TGRPOConfig)
+        eff = {}
+        for kw, fname in _KEYWORDS.items():
+            if given[kw] is not None:
+                eff[kw] = given[kw]
+            else:
+                eff[kw] = getattr(args, fname) if from_config else _DEFAULTS[fname]
+        self.p2t_options = P2TOptions(mode=eff["mode"], alpha=eff["alpha"], omega=eff["omega"],
+                                      temperature=eff["temperature"], standardize=eff["standardize"],
+                                      normalize=eff["normalize"], method=eff["method"],
+                                      score_kwargs=dict(score_kwargs or {}), backend=eff["backend"])
+        alpha_at(eff["alpha"], eff["alpha_schedule"], 0, eff["alpha_steps"] or 1)   # checks the schedule
+        if eff["alpha_steps"] is not None and (isinstance(eff["alpha_steps"], bool) or
+                                               not isinstance(eff["alpha_steps"], int) or eff["alpha_steps"] < 1):
+            raise ValueError(f"alpha_steps must be a positive int, got {eff['alpha_steps']!r}")
+        self.p2t_alpha_schedule, self.p2t_alpha_steps = eff["alpha_schedule"], eff["alpha_steps"]
+        if from_config:   # the config records what is used, and is saved with the training arguments
+            for kw, fname in _KEYWORDS.items():
+                setattr(args, fname, eff[kw])
+        prm = getattr(args, "p2t_prm", None) if from_config else None
+        null = getattr(args, "p2t_null", None) if from_config else None
+        if scorer is None and prm is not None and self.p2t_options.mode != "outcome":
+            pass                                    # loaded below, once the tokenizer is known
+        else:
+            check_scorer(scorer, self.p2t_options.mode)
+            if scorer is not None and null is not None and getattr(scorer, "null", null) != null:
+                raise ValueError(f"p2t_null={null!r} but the scorer passed uses null={scorer.null!r}: set them alike "
+                                 "(the null embedding is fixed when the scorer is built)")
+        check_liger(args, type(self), self.p2t_options.mode)
+        check_importance_sampling(args, self.p2t_options.mode)
         self.p2t_scorer = scorer
         self.p2t_last: Optional[Dict[str, Any]] = None
         self._p2t_prompts = None
         self._p2t_rewards_per_func = None
+        self._p2t_seq_adv = None
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        if self.p2t_scorer is None and prm is not None and self.p2t_options.mode != "outcome":
+            self.p2t_scorer = self._p2t_load_scorer(args)
+        self._p2t_recorder = _Recorder(self.p2t_scorer) if self.p2t_scorer is not None else None
+
+    def _p2t_load_scorer(self, args):
+        from ..attribution import P2TScorer
+        device = prm_device(args.p2t_prm_device, self.accelerator.device, self.accelerator.local_process_index)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        extra = dict(args.p2t_prm_kwargs or {})
+        if args.p2t_null is not None:
+            extra["null"] = args.p2t_null
+        return P2TScorer.from_pretrained(args.p2t_prm, kind=args.p2t_prm_kind, policy_tokenizer=tokenizer,
+                                         device=device, **extra)
+
+    def p2t_alpha(self) -> float:
+        """The token-reward weight for the current optimizer step (the alpha schedule)."""
+        opts = self.p2t_options
+        if self.p2t_alpha_schedule == "constant":
+            return float(opts.alpha)
+        steps = self.p2t_alpha_steps or int(getattr(self.state, "max_steps", 0) or 0) or \
+            int(getattr(self.args, "max_steps", 0) or 0)
+        return alpha_at(opts.alpha, self.p2t_alpha_schedule, int(self.state.global_step), max(steps, 1))
 
     # TRL calls this with the local prompts/completions and returns rewards gathered across processes.
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -131,19 +369,79 @@ class P2TGRPOTrainer(GRPOTrainer):
         lengths = completion_mask.sum(dim=1).tolist()
         ids = [completion_ids[b, :int(n)].tolist() for b, n in enumerate(lengths)]
         responses = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-        r = token_rewards(self.p2t_scorer, prompts, responses, ids, length=completion_ids.shape[1],
+        # the scorer's tensors (on the PRM's device) are moved once, onto the policy's
+        r = token_rewards(self._p2t_recorder, prompts, responses, ids, length=completion_ids.shape[1],
                           options=opts, device=seq_adv.device)
-        adv = torch.where(mask, seq_adv.float().unsqueeze(1) + opts.alpha * r, torch.zeros_like(r))
+        alpha = self.p2t_alpha()
+        adv = torch.where(mask, seq_adv.float().unsqueeze(1) + alpha * r, torch.zeros_like(r))
         out["advantages"] = adv
+        if getattr(self, "off_policy_mask_threshold", None) is not None:
+            # the off-policy sequence mask keeps or drops whole sequences by their sequence advantage
+            out["p2t_sequence_advantages"] = seq_adv.float()
 
         m = "train" if self.model.training else "eval"
-        n_tok = mask.sum()
-        mean_r = (r * mask).sum() / n_tok.clamp(min=1)
-        std_r = (((r - mean_r) * mask) ** 2).sum().div(n_tok.clamp(min=1)).sqrt()
-        stats = self.accelerator.gather(torch.stack([mean_r, std_r]).unsqueeze(0)).mean(dim=0)
-        self._metrics[m]["p2t/token_reward_mean"].append(stats[0].item())
-        self._metrics[m]["p2t/token_reward_std"].append(stats[1].item())
+        stats = weighted_token_stats({"r": r, "adv": adv}, mask, gather=self.accelerator.gather)
+        self._metrics[m]["p2t/token_reward_mean"].append(stats["r"][0])
+        self._metrics[m]["p2t/token_reward_std"].append(stats["r"][1])
+        self._metrics[m]["p2t/token_advantage_mean"].append(stats["adv"][0])
+        self._metrics[m]["p2t/token_advantage_std"].append(stats["adv"][1])
+        self._metrics[m]["p2t/alpha"].append(alpha)
+        if getattr(self, "log_completions", False) and "extra" in getattr(self, "_logs", {}):
+            # completions table: the token advantages' range next to TRL's per-sequence advantage
+            from accelerate.utils import gather_object
+            n = mask.sum(dim=1).clamp(min=1)
+            big = torch.finfo(adv.dtype).max
+            cols = {"p2t_token_adv_mean": ((adv * mask).sum(dim=1) / n).tolist(),
+                    "p2t_token_adv_min": torch.where(mask, adv, big).min(dim=1).values.tolist(),
+                    "p2t_token_adv_max": torch.where(mask, adv, -big).max(dim=1).values.tolist()}
+            for k in sorted(cols):
+                vals = [v if mask[b].any() else None for b, v in enumerate(cols[k])]
+                self._logs["extra"][k].extend(gather_object(vals))
         self.p2t_last = {"token_rewards": r, "sequence_advantages": seq_adv, "advantages": adv,
                          "completion_mask": completion_mask, "rewards_per_func": self._p2t_rewards_per_func,
-                         "prompts": prompts, "completion_ids": ids}
+                         "prompts": prompts, "completion_ids": ids, "alpha": alpha}
         return out
+
+    def _compute_loss(self, model, inputs):
+        self._p2t_seq_adv = inputs.get("p2t_sequence_advantages")
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._p2t_seq_adv = None
+
+    def get_off_policy_mask(self, advantages, per_token_logps, sampling_per_token_logps, mask,
+                            off_policy_threshold):
+        """TRL's off-policy sequence mask (keep a sequence if its advantage is >= 0 or its mean KL is below
+        the threshold), decided on the sequence advantage ``A^_b``: with ``(B, T)`` token advantages TRL's
+        test ``advantages >= 0`` would keep or drop single tokens of a sequence. Returns ``(B, 1)``."""
+        seq = self._p2t_seq_adv
+        if seq is not None and seq.shape[0] == advantages.shape[0]:
+            advantages = seq.to(advantages.device).unsqueeze(1)
+        return GRPOTrainer.get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask,
+                                               off_policy_threshold)
+
+    def log(self, logs, start_time=None):
+        if (getattr(self.args, "p2t_log_heatmap", False) and self.model.training and
+                self.accelerator.is_main_process):
+            self._p2t_write_heatmap()
+        return super().log(logs, start_time)
+
+    def _p2t_write_heatmap(self):
+        rec = self._p2t_recorder
+        batch = getattr(rec, "last", None) if rec is not None else None
+        if batch is None:
+            return
+        if not hasattr(batch, "prm"):
+            if not getattr(self, "_p2t_heatmap_warned", False):
+                warnings.warn("p2t_log_heatmap: the scorer's batches carry no PRM views (not a P2TScorer); "
+                              "no heatmap is written", stacklevel=2)
+                self._p2t_heatmap_warned = True
+            return
+        from ..attribution.render import html_report
+        from ._common import prompt_text
+        page = html_report(_one_row(batch, 0), [prompt_text(rec.last_prompts[0])],
+                           title=f"p2t attribution, step {self.state.global_step}")
+        d = os.path.join(self.args.output_dir, "p2t_heatmaps")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"step_{self.state.global_step:06d}.html"), "w", encoding="utf-8") as f:
+            f.write(page)

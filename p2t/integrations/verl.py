@@ -4,23 +4,28 @@ verl hands an advantage estimator one ``(B, T)`` tensor, ``token_level_rewards``
 ``response_mask`` and ``index`` (the uid of each row's prompt group). The P2T reward manager
 therefore writes both parts of the P2T advantage into that one tensor:
 
-* the outcome reward ``o_b`` at the last response token (where verl's own reward managers put it),
+* the outcome reward ``o_b`` at the last response-mask token (in single-turn rows the last response
+  token, where verl's own reward managers put it),
 * ``alpha * r_i`` on every other response token (``r_i``: the P2T token rewards; ``R_s`` of the
   token's step with ``mode="process"``).
 
 The estimator reads them back and returns ``A~[b, i] = A^_b + alpha * r_i`` with ``A^_b`` the GRPO
 advantage of ``o_b`` within its uid group (unbiased std, ``algorithm.norm_adv_by_std_in_grpo``
-honoured), 0 outside ``response_mask``. The last token gets ``A^_b`` (its own token reward, usually
+honoured, a group of one as verl's GRPO: ``A^ = o``), 0 outside ``response_mask``. Scores that verl's
+managers put on masked tokens after the last response-mask token (multi-turn rows ending in tool
+output) count as the outcome, so with no token rewards the estimator equals verl's ``grpo``. The last token gets ``A^_b`` (its own token reward, usually
 that of an EOS token, which is in no step, is not carried). With ``algorithm.use_kl_in_reward=True``
 the per-token KL penalty verl subtracts lands in the token part, i.e. directly in the advantage.
 
 Importing this module registers both under the name ``"p2t"``; the ``verl.plugins`` entry point of
 the p2t package imports it when verl starts, so ``algorithm.adv_estimator=p2t`` and
 ``reward.reward_manager.name=p2t`` work without code changes. Options of the reward manager come
-from ``reward.reward_kwargs`` (``prm``, ``prm_kind``, ``mode``, ``alpha``, ``omega``, ``temperature``,
-``standardize``, ``normalize``, ``method``; any other key goes to ``P2TScorer.from_pretrained``).
-verl passes per-token rewards on only from its reward loop's batch pass (see
-:func:`check_reward_routing` for the settings); the estimator reads the layout above whoever writes it.
+from ``reward.reward_kwargs`` (``prm``, ``prm_kind``, ``prm_url``, ``prm_timeout``, ``mode``, ``alpha``,
+``omega``, ``temperature``, ``standardize``, ``normalize``, ``method``; any other key goes to
+``P2TScorer.from_pretrained``).
+verl passes per-token rewards on only from the reward loop's batch pass of its V0 trainer
+(``trainer.use_v1=False``; see :func:`check_reward_routing` for the settings); the estimator reads the
+layout above whoever writes it.
 """
 from __future__ import annotations
 
@@ -252,7 +257,9 @@ class P2TRewardManager(_NaiveRewardManager):
 
     ``run_single`` returns the whole row as ``reward_score`` and :meth:`assemble_rm_scores` lays the rows
     into ``rm_scores``. The PRM is loaded once per worker process from ``reward.reward_kwargs.prm``
-    (default ``reward.reward_model.model_path``; ``prm_kind`` for its kind), or passed as ``scorer=``.
+    (default ``reward.reward_model.model_path``; ``prm_kind`` for its kind, ``device`` for where it runs),
+    reached as a service at ``reward.reward_kwargs.prm_url`` (:func:`p2t.integrations.scorers.http_scorer`,
+    ``prm_timeout`` seconds), or passed as ``scorer=``.
     The rows reach ``rm_scores`` only through the reward loop's batch pass: see
     :func:`check_reward_routing`, which the constructor runs on verl's config.
     """
@@ -274,6 +281,11 @@ class P2TRewardManager(_NaiveRewardManager):
             rm = _cfg_get(_cfg_get(config, "reward", None) or {}, "reward_model", None)
             prm = _cfg_get(rm, "model_path", None) if rm is not None else None
         prm_kind = kw.pop("prm_kind", "step_classifier")
+        prm_url = kw.pop("prm_url", None)
+        prm_timeout = float(kw.pop("prm_timeout", 120.0))
+        if scorer is None and prm_url is not None and self.p2t_options.mode != "outcome":
+            from .scorers import http_scorer      # a PRM service elsewhere: nothing is loaded here
+            scorer = http_scorer(str(prm_url), timeout=prm_timeout)
         if scorer is None and self.p2t_options.mode != "outcome":
             if type(self)._shared_scorer is None:
                 if prm is None:
