@@ -345,6 +345,27 @@ def table(kernels: list) -> list:
     return lines
 
 
+def headline(doc: dict) -> list:
+    """The README's table: the fp32/bf16 kernels the headline cases run (no fp64/fp16 instances, the
+    attribution only with equal input dtypes), CUDA then Triton."""
+    lines = ["| backend | kernel | threads | regs | spills (B) | smem (B) | occupancy | bytes/elem | floor at "
+             f"{doc['bandwidth_gbps'] / 1000:.1f} TB/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for part in ("cuda", "triton"):
+        for k in (doc.get(part) or {}).get("kernels", []):
+            n = k["name"]
+            if re.search(r"double|Half|fp64|fp16", n) or "error" in k:
+                continue
+            if n.startswith("attribution_kernel") and not re.match(r"attribution_kernel<(BFloat16, BFloat16|float, float)", n):
+                continue
+            occ = f"{100 * k['occupancy']:.0f}%" + (f" ({k['limiter']})" if k.get("limiter") not in (None, "none") else "")
+            bpe = f"{k['bytes_per_elem']:.3g}/{'(tok,d)' if k['element'] == '(token, d)' else 'tok'}" \
+                if k.get("bytes_per_elem") else "—"
+            us = f"{k['predicted_us']:.3g} µs" if k.get("predicted_us") else "—"
+            lines.append(f"| {part} | `{n}` | {k.get('threads', '?')} | {k['registers']} | "
+                         f"{k['spill_stores'] + k['spill_loads']} | {k['smem']} | {occ} | {bpe} | {us} |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -352,7 +373,12 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="recompile even when the sources are unchanged")
     ap.add_argument("--bandwidth", type=float, default=4300.0, help="copy bandwidth in GB/s (H200 ~4300)")
     ap.add_argument("--only", choices=("cuda", "triton"), default=None)
+    ap.add_argument("--headline", action="store_true", help="print the README's table from the JSON in --out")
     a = ap.parse_args(argv)
+    if a.headline:
+        with open(os.path.join(a.out, NAME + ".json")) as f:
+            print("\n".join(headline(json.load(f))))
+        return 0
     os.makedirs(a.out, exist_ok=True)
     json_path = os.path.join(a.out, NAME + ".json")
     cache = {}
