@@ -18,6 +18,8 @@ def configure(parser):
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     parser.add_argument("--rep-ms", type=float, default=None, help="timed milliseconds per provider and case")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--host-time", action="store_true",
+                        help="also measure the host time per call (on a GPU: the Python layer and launches)")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="CPU timer: wall time, or this process's CPU time (use with --threads 1 on a shared machine)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -51,7 +53,7 @@ def run(args) -> int:
                   f"for all of them to be scheduled, which distorts the ratios: consider --threads 1 --clock cpu")
     rep = args.rep_ms if args.rep_ms is not None else (100.0 if device.startswith("cuda") else 300.0)
     rows = bench.run_suite(cases, device, provs, rep_ms=rep, memory=not args.no_memory, log=print,
-                           csv_path=args.out, clock=args.clock)
+                           csv_path=args.out, clock=args.clock, host=args.host_time)
     print()
     for line in bench.format_table(rows):
         print(line)
