@@ -16,6 +16,12 @@ enum Scale : int64_t { kGroup = 0, kBatch = 1, kNone = 2 };
 // standardised scores are 0. Same constant as p2t/ops/reference.py (ZERO_STD_RTOL).
 constexpr double kZeroStdRtol = 1e-6;
 
+// A GRPO group is constant when max - min <= rtol * max(1, |mean|): its advantages are 0 for every scale.
+// rtol by compute dtype, as p2t/ops/reference.py (CONST_RTOL).
+constexpr double kConstRtolFloat = 1e-6;
+constexpr double kConstRtolDouble = 1e-12;
+inline double const_rtol(at::ScalarType cd) { return cd == at::kDouble ? kConstRtolDouble : kConstRtolFloat; }
+
 // Results are float32, float64 when every floating input is float64.
 inline at::ScalarType compute_dtype(std::initializer_list<at::Tensor> ts) {
   for (const auto& t : ts) {
@@ -139,12 +145,15 @@ inline at::Tensor new_p2t_out(const at::Tensor& grad, const at::Tensor& embeds, 
 
 
 // GRPO advantage per row, computed in double on the host: (o - mean_g) / (std + eps) with the
-// unbiased std of the group (kGroup) or of the batch (kBatch), or o - mean_g (kNone). A zero std
-// gives 0 (every centred value is then 0), also with eps = 0.
-inline std::vector<double> group_advantages_host(const at::Tensor& outcome, int64_t G, int64_t scale, double eps) {
+// unbiased std of the group (kGroup) or of the batch (kBatch), or o - mean_g (kNone). A constant group
+// (max - min <= rtol * max(1, |mean_g|), rtol of the compute dtype cd) gives 0; so does a zero std
+// (every centred value is then 0), also with eps = 0.
+inline std::vector<double> group_advantages_host(const at::Tensor& outcome, int64_t G, int64_t scale, double eps,
+                                                 at::ScalarType cd) {
   auto o = outcome.to(at::kCPU, at::kDouble).contiguous();
   const double* p = o.data_ptr<double>();
   const int64_t B = o.numel();
+  const double rtol = const_rtol(cd);
   std::vector<double> adv(B);
   auto safe_div = [](double c, double den) { return den == 0.0 ? 0.0 : c / den; };
   double batch_std = 0.0;
@@ -157,9 +166,14 @@ inline std::vector<double> group_advantages_host(const at::Tensor& outcome, int6
     batch_std = std::sqrt(v / std::max<int64_t>(B - 1, 1));
   }
   for (int64_t g0 = 0; g0 < B; g0 += G) {
-    double m = 0.0;
-    for (int64_t i = g0; i < g0 + G; ++i) m += p[i];
+    double m = 0.0, lo = p[g0], hi = p[g0];
+    for (int64_t i = g0; i < g0 + G; ++i) {
+      m += p[i];
+      lo = std::min(lo, p[i]);
+      hi = std::max(hi, p[i]);
+    }
     m /= G;
+    const bool constant = hi - lo <= rtol * std::max(1.0, std::abs(m));
     double den = 1.0;
     if (scale == kGroup) {
       double v = 0.0;
@@ -168,7 +182,9 @@ inline std::vector<double> group_advantages_host(const at::Tensor& outcome, int6
     } else if (scale == kBatch) {
       den = batch_std + eps;
     }
-    for (int64_t i = g0; i < g0 + G; ++i) adv[i] = scale == kNone ? p[i] - m : safe_div(p[i] - m, den);
+    for (int64_t i = g0; i < g0 + G; ++i) {
+      adv[i] = constant ? 0.0 : scale == kNone ? p[i] - m : safe_div(p[i] - m, den);
+    }
   }
   return adv;
 }

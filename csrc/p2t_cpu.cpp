@@ -2,10 +2,14 @@
 //
 // attribution:  I_r = sum_d (embeds[r, d] - null[d]) * grad[r, d], fp32 accumulation (fp64 when all
 //               inputs are fp64), rows split over threads, the inner loop a SIMD reduction.
-// segments:     a segment is a maximal run of equal id >= 0 in the flattened token array (ids >= S count
-//               as -1). Threads take chunks of tokens; a chunk owns the runs that *start* inside it, so
-//               runs are never split and no atomics are needed. Per run: (standardise), / temperature,
-//               max, sum of exp, write r_i = c (R_s + omega R_s w_i) through an epilogue.
+// segments:     a segment is the set of tokens with its id >= 0 (ids >= S count as -1); its tokens may form
+//               several runs (holes between them). Pass 1: threads take chunks of tokens and list the
+//               runs starting in them (a run is never split, no atomics). Pass 2: the runs grouped by
+//               segment, in token order (a counting sort, skipped when every segment is one run).
+//               Pass 3, one task per segment (or several small ones): (standardise), / temperature, max,
+//               sum of exp, write r_i = c (R_s + omega R_s w_i) through an epilogue.
+// threads:      work is cut into many small tasks taken dynamically (csrc/parallel.h): a core kept busy
+//               by another process delays one small task, not a static half of the work.
 // advantages:   A~ = A^_b + alpha r (0 where mask is False), A^ from group statistics on the host.
 // p2t_advantages runs the attribution into a [R] buffer and the segment pass with the advantage
 // epilogue: one read of grad/embeds, no [B, N, D] intermediate.
@@ -18,6 +22,7 @@
 #include <limits>
 
 #include "common.h"
+#include "parallel.h"
 
 namespace p2t {
 namespace {
@@ -67,11 +72,12 @@ template <typename g_t, typename e_t, typename acc_t>
 void attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
                         const acc_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
                         int64_t R, int64_t D) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  // ~16K elements (64 KB of fp32) per tensor per task
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool avx2 = has_avx2();
 #endif
-  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+  parallel_ranges(R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (mask != nullptr && !mask[r]) {
         out[r] = acc_t(0);
@@ -141,19 +147,29 @@ struct EffectiveIds {
   }
 };
 
+struct Run {
+  int64_t s, begin, end;  // tokens [begin, end) of segment s
+};
+
 // Calls epi(i, r_i, in_segment) once for every token i in [0, R).
 template <typename s_t, typename acc_t, typename Ids, typename Epi>
 void segment_kernel(const s_t* __restrict__ scores, const Ids& eff, const acc_t* __restrict__ rewards, int64_t R,
                     const SegmentOptions& o, const Epi& epi) {
   const acc_t omega = static_cast<acc_t>(o.omega);
   const acc_t inv_t = static_cast<acc_t>(1.0 / o.temperature);
-  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    // a run that started in the previous chunk belongs to that chunk
-    if (i > 0) {
+  const int64_t S = eff.S;
+  // pass 1: the runs of each chunk (a chunk owns the runs that start in it); tokens in no segment
+  constexpr int64_t kChunk = 4096;
+  const int64_t n_chunks = (R + kChunk - 1) / kChunk;
+  std::vector<std::vector<Run>> chunk_runs(n_chunks);
+  parallel_tasks(n_chunks, [&](int64_t c) {
+    const int64_t end = std::min(R, (c + 1) * kChunk);
+    int64_t i = c * kChunk;
+    if (i > 0) {  // a run that started in the previous chunk belongs to that chunk
       const int64_t prev = eff(i - 1);
       while (i < end && prev >= 0 && eff(i) == prev) ++i;
     }
+    auto& runs = chunk_runs[c];
     while (i < end) {
       const int64_t s = eff(i);
       if (s < 0) {
@@ -163,39 +179,86 @@ void segment_kernel(const s_t* __restrict__ scores, const Ids& eff, const acc_t*
       }
       int64_t j = i + 1;
       while (j < R && eff(j) == s) ++j;
-      const int64_t n = j - i;
-      acc_t mean = 0, inv_std = 1;
-      bool constant = false;
-      if (o.standardize) {
-        for (int64_t k = i; k < j; ++k) mean += static_cast<acc_t>(scores[k]);
-        mean /= n;
-        acc_t var = 0;
-        for (int64_t k = i; k < j; ++k) {
-          const acc_t d = static_cast<acc_t>(scores[k]) - mean;
-          var += d * d;
-        }
-        var /= n;
-        const acc_t tol = static_cast<acc_t>(kZeroStdRtol) * std::abs(mean);
-        constant = var <= tol * tol;
-        inv_std = constant ? acc_t(0) : acc_t(1) / std::sqrt(var);
-      }
-      auto x = [&](int64_t k) -> acc_t {
-        const acc_t v = static_cast<acc_t>(scores[k]);
-        return (o.standardize ? (v - mean) * inv_std : v) * inv_t;
-      };
-      acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t k = i; k < j; ++k) mx = std::max(mx, x(k));
-      acc_t den = 0;
-      for (int64_t k = i; k < j; ++k) den += std::exp(x(k) - mx);
-      const acc_t Rs = rewards[s];
-      const acc_t c = o.normalize_sum ? acc_t(1) / (static_cast<acc_t>(n) + omega) : acc_t(1);
-      const acc_t inv_den = acc_t(1) / den;
-      for (int64_t k = i; k < j; ++k) {
-        const acc_t w = std::exp(x(k) - mx) * inv_den;
-        epi(k, c * (Rs + omega * Rs * w), true);
-      }
+      runs.push_back({s, i, j});
       i = j;
     }
+  });
+  std::vector<Run> runs;
+  for (auto& v : chunk_runs) runs.insert(runs.end(), v.begin(), v.end());
+  if (runs.empty()) return;
+  // pass 2: runs grouped by segment (segment k = runs [first[k], first[k + 1]) of `runs`), token order kept
+  std::vector<int64_t> first;
+  {
+    std::vector<int64_t> count(S, 0);
+    bool split = false;
+    for (const auto& r : runs) split |= ++count[r.s] > 1;
+    if (!split) {
+      first.resize(runs.size() + 1);
+      for (size_t k = 0; k <= runs.size(); ++k) first[k] = static_cast<int64_t>(k);
+    } else {
+      std::vector<int64_t> at(S + 1, 0);
+      for (int64_t s = 0; s < S; ++s) at[s + 1] = at[s] + count[s];
+      std::vector<Run> sorted(runs.size());
+      std::vector<int64_t> fill(at.begin(), at.end() - 1);
+      for (const auto& r : runs) sorted[fill[r.s]++] = r;
+      runs.swap(sorted);
+      for (int64_t s = 0; s < S; ++s) {
+        if (count[s] > 0) first.push_back(at[s]);
+      }
+      first.push_back(static_cast<int64_t>(runs.size()));
+    }
+  }
+  const int64_t n_seg = static_cast<int64_t>(first.size()) - 1;
+  auto segment = [&](int64_t k) {
+    const Run* r0 = runs.data() + first[k];
+    const Run* r1 = runs.data() + first[k + 1];
+    auto each = [&](auto&& f) {
+      for (const Run* r = r0; r != r1; ++r) {
+        for (int64_t t = r->begin; t < r->end; ++t) f(t);
+      }
+    };
+    const int64_t s = r0->s;
+    int64_t n = 0;
+    for (const Run* r = r0; r != r1; ++r) n += r->end - r->begin;
+    acc_t mean = 0, inv_std = 1;
+    if (o.standardize) {
+      each([&](int64_t t) { mean += static_cast<acc_t>(scores[t]); });
+      mean /= n;
+      acc_t var = 0;
+      each([&](int64_t t) {
+        const acc_t d = static_cast<acc_t>(scores[t]) - mean;
+        var += d * d;
+      });
+      var /= n;
+      const acc_t tol = static_cast<acc_t>(kZeroStdRtol) * std::abs(mean);
+      inv_std = var <= tol * tol ? acc_t(0) : acc_t(1) / std::sqrt(var);
+    }
+    auto x = [&](int64_t t) -> acc_t {
+      const acc_t v = static_cast<acc_t>(scores[t]);
+      return (o.standardize ? (v - mean) * inv_std : v) * inv_t;
+    };
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+    each([&](int64_t t) { mx = std::max(mx, x(t)); });
+    acc_t den = 0;
+    each([&](int64_t t) { den += std::exp(x(t) - mx); });
+    const acc_t Rs = rewards[s];
+    const acc_t c = o.normalize_sum ? acc_t(1) / (static_cast<acc_t>(n) + omega) : acc_t(1);
+    const acc_t inv_den = acc_t(1) / den;
+    each([&](int64_t t) { epi(t, c * (Rs + omega * Rs * (std::exp(x(t) - mx) * inv_den)), true); });
+  };
+  // pass 3: tasks of whole segments, ~4096 tokens each
+  std::vector<int64_t> task_first{0};
+  int64_t tokens = 0;
+  for (int64_t k = 0; k < n_seg; ++k) {
+    for (int64_t r = first[k]; r < first[k + 1]; ++r) tokens += runs[r].end - runs[r].begin;
+    if (tokens >= kChunk) {
+      task_first.push_back(k + 1);
+      tokens = 0;
+    }
+  }
+  if (task_first.back() != n_seg) task_first.push_back(n_seg);
+  parallel_tasks(static_cast<int64_t>(task_first.size()) - 1, [&](int64_t t) {
+    for (int64_t k = task_first[t]; k < task_first[t + 1]; ++k) segment(k);
   });
 }
 
@@ -240,7 +303,7 @@ void token_advantages_into(const at::Tensor& outcome, const at::Tensor& token_re
                            const c10::optional<at::Tensor>& mask_in, int64_t group_size, double alpha, int64_t scale,
                            double eps, at::Tensor& out) {
   check_token_advantages_args(outcome, token_rewards_in, mask_in, group_size, scale, out);
-  const auto adv = group_advantages_host(outcome, group_size, scale, eps);
+  const auto adv = group_advantages_host(outcome, group_size, scale, eps, compute_dtype({outcome, token_rewards_in}));
   const auto tr = token_rewards_in.contiguous();  // a no-op when tr is out (aliasing is elementwise-safe)
   const auto mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const bool* pm = mask.defined() ? mask.data_ptr<bool>() : nullptr;
@@ -254,7 +317,7 @@ void token_advantages_into(const at::Tensor& outcome, const at::Tensor& token_re
       using acc_t = scalar_t;  // float32 math for a float32 out
       const acc_t a = static_cast<acc_t>(alpha);
       const int64_t B = tr.size(0);
-      at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b0, int64_t b1) {
+      parallel_ranges(B, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const acc_t ab = static_cast<acc_t>(adv[b]);
           const t_t* row = pt + b * N;
@@ -308,7 +371,7 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
   // attribution of every token (masked tokens are skipped: they get advantage 0 anyway)
   auto scores = at::empty({R}, grad.options().dtype(cd));
   attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, pm, scores);
-  const auto adv = group_advantages_host(outcome, group_size, scale, eps);
+  const auto adv = group_advantages_host(outcome, group_size, scale, eps, cd);
   auto ids = ids_in.reshape({R}).contiguous();
   auto rewards = rewards_in.to(cd).contiguous();
   const SegmentOptions o{omega, temperature, standardize, normalize_sum};

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, _group_advantage, compute_dtype
+from ._common import CONST_RTOL, INTERPRET, _group_advantage, compute_dtype, device_guard
 from .segment import group_block
 
 
@@ -15,7 +15,7 @@ from .segment import group_block
 def _token_advantages_kernel(o_ptr, tr_ptr, mask_ptr, out_ptr, N, B, G, n_chunks,
                              alpha: tl.float64, eps: tl.float64,  # exact for fp64
                              HAS_MASK: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                             BLOCK_G: tl.constexpr):
+                             BLOCK_G: tl.constexpr, CONST_RTOL: tl.constexpr):
     """One program per (row b, BLOCK chunk): A^_b from the outcome rewards of b's group (or the
     batch), then out[b, i] = A^_b + alpha * tr[b, i], 0 where ~mask. Each element is read before
     it is written by the same program, so out may alias tr."""
@@ -30,7 +30,7 @@ def _token_advantages_kernel(o_ptr, tr_ptr, mask_ptr, out_ptr, N, B, G, n_chunks
     col = c * BLOCK + tl.arange(0, BLOCK)
     inb = col < N
     offs = b.to(tl.int64) * N + col
-    adv = _group_advantage(o_ptr, b, B, G, eps, CD, SCALE, BLOCK_G)
+    adv = _group_advantage(o_ptr, b, B, G, eps, CD, SCALE, BLOCK_G, CONST_RTOL)
     v = adv + alpha * tl.load(tr_ptr + offs, mask=inb, other=0).to(CD)
     if HAS_MASK:
         keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
@@ -51,10 +51,11 @@ def token_advantages_into(outcome_rewards: torch.Tensor, token_rewards: torch.Te
     block = 4096 if INTERPRET else 1024
     n_chunks = triton.cdiv(N, block)
     m = None if mask is None else mask.contiguous().view(torch.uint8)
-    _token_advantages_kernel[(B * n_chunks,)](
-        o, tr, m if m is not None else o, out, N, B, group_size, n_chunks, float(alpha), float(eps),
-        HAS_MASK=m is not None, SCALE=int(scale), BLOCK=block, BLOCK_G=group_block(group_size, B, scale),
-        num_warps=4)
+    with device_guard(out):
+        _token_advantages_kernel[(B * n_chunks,)](
+            o, tr, m if m is not None else o, out, N, B, group_size, n_chunks, float(alpha), float(eps),
+            HAS_MASK=m is not None, SCALE=int(scale), BLOCK=block, BLOCK_G=group_block(group_size, B, scale),
+            CONST_RTOL=CONST_RTOL[cd], num_warps=4)
     return out
 
 

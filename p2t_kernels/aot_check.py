@@ -48,12 +48,13 @@ def variants():
                     omega="fp64", temperature="fp64", alpha="fp64", eps="fp64")
         out.append((f"segment {cd} mask={mask} adv={adv} std={std} sum={nsum} scale={scale}", _segment_kernel, args,
                     dict(HAS_MASK=mask, HAS_ADV=adv, STANDARDIZE=std, NORMALIZE_SUM=nsum, SCALE=scale, BLOCK=128,
-                         FILL_BLOCK=1024, BLOCK_G=16)))
+                         FILL_BLOCK=1024, BLOCK_G=16, CONST_RTOL=1e-12 if cd == "fp64" else 1e-6)))
     for cd, mask, scale in [("fp32", True, 0), ("fp64", False, 1)]:
         args = dict(o_ptr="*" + cd, tr_ptr="*" + cd, mask_ptr="*u8", out_ptr="*fp32", N="i32", B="i32", G="i32",
                     n_chunks="i32", alpha="fp64", eps="fp64")
         out.append((f"token_advantages {cd} mask={mask} scale={scale}", _token_advantages_kernel, args,
-                    dict(HAS_MASK=mask, SCALE=scale, BLOCK=1024, BLOCK_G=64)))
+                    dict(HAS_MASK=mask, SCALE=scale, BLOCK=1024, BLOCK_G=64,
+                         CONST_RTOL=1e-12 if cd == "fp64" else 1e-6)))
     return out
 
 

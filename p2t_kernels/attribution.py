@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, _scatter_run_bounds, compute_dtype, next_pow2, row_major
+from ._common import INTERPRET, _scatter_run_bounds, compute_dtype, device_guard, next_pow2, row_major
 
 
 @triton.jit(do_not_specialize=["R", "N", "S"])
@@ -77,4 +77,5 @@ def token_attribution(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torc
     grad, embeds, null_embed = row_major(grad), row_major(embeds), null_embed.contiguous()
     out = torch.empty(grad.shape[0], device=grad.device, dtype=compute_dtype(grad, embeds, null_embed))
     m = None if mask is None else mask.contiguous().view(torch.uint8)
-    return launch_attribution(grad, embeds, null_embed, m, out)
+    with device_guard(grad):
+        return launch_attribution(grad, embeds, null_embed, m, out)

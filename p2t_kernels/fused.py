@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ._common import compute_dtype, row_major
+from ._common import check_tokens, compute_dtype, device_guard, init_bounds, row_major
 from .attribution import launch_attribution
 from .segment import launch_segment
 
@@ -30,12 +30,14 @@ def p2t_advantages_into(grad, embeds, null_embed, segment_ids, segment_rewards, 
     ids = segment_ids.reshape(R).contiguous()
     m = None if mask is None else mask.reshape(R).contiguous().view(torch.uint8)
     S = segment_rewards.shape[0]
-    scores = torch.empty(R, device=grad.device, dtype=cd)
-    pos = torch.empty(2 * max(S, 1), device=grad.device, dtype=torch.int32)
-    launch_attribution(g, e, nl, m, scores, ids=ids, pos=pos, N=N, S=S)
-    launch_segment(scores, ids, m, segment_rewards.contiguous(), outcome_rewards.to(cd).contiguous(), pos,
-                   out.reshape(R), B, N, group_size, omega, temperature, alpha, standardize, normalize_sum,
-                   scale, eps)
+    check_tokens(R)
+    with device_guard(grad):
+        scores = torch.empty(R, device=grad.device, dtype=cd)
+        pos = init_bounds(S, grad.device)
+        launch_attribution(g, e, nl, m, scores, ids=ids, pos=pos, N=N, S=S)
+        launch_segment(scores, ids, m, segment_rewards.contiguous(), outcome_rewards.to(cd).contiguous(), pos,
+                       out.reshape(R), B, N, group_size, omega, temperature, alpha, standardize, normalize_sum,
+                       scale, eps)
     return out
 
 

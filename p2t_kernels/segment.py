@@ -6,14 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, _effective_ids, _group_advantage, _scatter_run_bounds, compute_dtype,
-                      next_pow2)
-
+from ._common import (CONST_RTOL, INTERPRET, _effective_ids, _group_advantage, _scatter_run_bounds, check_tokens,
+                      compute_dtype, device_guard, init_bounds, next_pow2)
 
 
 @triton.jit(do_not_specialize=["R", "N", "S"])
 def _run_bounds_kernel(ids_ptr, mask_ptr, pos_ptr, R, N, S, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """pos[s] = first token of segment s's run, pos[S + s] = its last token + 1 (see _scatter_run_bounds)."""
+    """pos[s] = first token of segment s, pos[S + s] = -(its last token + 1) (see _scatter_run_bounds)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     _scatter_run_bounds(ids_ptr, mask_ptr, pos_ptr, offs, R, N, S, HAS_MASK)
 
@@ -37,13 +36,15 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
                     HAS_MASK: tl.constexpr,  # masked tokens are in no segment (and get 0)
                     HAS_ADV: tl.constexpr,  # write A^_b + alpha * r (p2t_advantages), else r
                     STANDARDIZE: tl.constexpr, NORMALIZE_SUM: tl.constexpr, SCALE: tl.constexpr,
-                    BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Programs 0..S-1: one per segment s, over its run [pos[s], pos[S+s]) in BLOCK chunks:
+                    BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
+                    CONST_RTOL: tl.constexpr):
+    """Programs 0..S-1: one per segment s, over its tokens in [pos[s], -pos[S+s]) in BLOCK chunks
+    (tokens of other segments in that range, e.g. inside a hole of s, are skipped):
         x = scores (or (scores - mean_s) / std_s, population std, 0 for a constant segment) / T
         w = exp(x - max_s x) / sum_s exp(x - max_s x)
         r = R_s (1 + omega w)  [/ (n_s + omega) with NORMALIZE_SUM];  out = r  or  A^_b + alpha r
-    A segment with no tokens has stale bounds: they fail the check ``ids[pos[s]] == s`` and the
-    program does nothing. Programs S..S+B*n_chunks-1: one per (row b, FILL_BLOCK chunk), writing the
+    A segment with no tokens keeps the INT32_MAX bounds of ``init_bounds`` and the program does
+    nothing. Programs S..S+B*n_chunks-1: one per (row b, FILL_BLOCK chunk), writing the
     tokens in no segment: 0, or with HAS_ADV A^_b where mask is True and 0 where it is False."""
     CD: tl.constexpr = x_ptr.dtype.element_ty
     # fp64 scalars (exact for a float64 computation) cast to CD; the zeros keep the interpreter, which
@@ -56,7 +57,7 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
     if pid < S:
         s = pid
         start = tl.load(pos_ptr + s)
-        end = tl.load(pos_ptr + S + s)
+        end = -tl.load(pos_ptr + S + s)
         ok = (start >= 0) & (start < end) & (end <= R)
         start = tl.where(ok, start, 0)
         first = _effective_ids(ids_ptr, mask_ptr, start, ok, S, HAS_MASK)
@@ -105,7 +106,7 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
         if NORMALIZE_SUM:
             scale_r = 1 / (n + omega)
         if HAS_ADV:
-            adv = _group_advantage(o_ptr, start // N, B, G, eps, CD, SCALE, BLOCK_G)
+            adv = _group_advantage(o_ptr, start // N, B, G, eps, CD, SCALE, BLOCK_G, CONST_RTOL)
         # pass 3: write
         for k in range(start, end, BLOCK):
             offs = k + tl.arange(0, BLOCK)
@@ -128,7 +129,7 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
         sid = _effective_ids(ids_ptr, mask_ptr, offs, inb, S, HAS_MASK)
         fill = tl.zeros([FILL_BLOCK], CD)
         if HAS_ADV:
-            adv = _group_advantage(o_ptr, b, B, G, eps, CD, SCALE, BLOCK_G)
+            adv = _group_advantage(o_ptr, b, B, G, eps, CD, SCALE, BLOCK_G, CONST_RTOL)
             keep = inb
             if HAS_MASK:
                 keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
@@ -153,6 +154,7 @@ def launch_segment(x, ids, mask, rewards, outcome, pos, out, B, N, group_size, o
     S = rewards.shape[0]
     if R == 0:
         return out
+    check_tokens(R)
     block, fill_block, warps = segment_blocks()
     n_chunks = triton.cdiv(N, fill_block)
     grid = (S + B * n_chunks,)
@@ -163,7 +165,7 @@ def launch_segment(x, ids, mask, rewards, outcome, pos, out, B, N, group_size, o
         HAS_MASK=mask is not None, HAS_ADV=has_adv, STANDARDIZE=bool(standardize),
         NORMALIZE_SUM=bool(normalize_sum), SCALE=int(scale),
         BLOCK=block, FILL_BLOCK=fill_block, BLOCK_G=group_block(group_size, B, scale),
-        num_warps=warps)
+        CONST_RTOL=CONST_RTOL[x.dtype], num_warps=warps)
     return out
 
 
@@ -180,9 +182,11 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
     out = torch.empty(R, device=x.device, dtype=cd)
     if R == 0:
         return out
-    pos = torch.empty(2 * max(S, 1), device=x.device, dtype=torch.int32)
-    if S > 0:
-        block = 4096 if INTERPRET else 1024
-        _run_bounds_kernel[(triton.cdiv(R, block),)](ids, ids, pos, R, R, S, HAS_MASK=False, BLOCK=block)
-    return launch_segment(x, ids, None, rewards, None, pos, out, 1, R, 1, omega, temperature, 0.0, standardize,
-                          normalize_sum, 2, 0.0)
+    check_tokens(R)
+    with device_guard(x):
+        pos = init_bounds(S, x.device)
+        if S > 0:
+            block = 4096 if INTERPRET else 1024
+            _run_bounds_kernel[(triton.cdiv(R, block),)](ids, ids, pos, R, R, S, HAS_MASK=False, BLOCK=block)
+        return launch_segment(x, ids, None, rewards, None, pos, out, 1, R, 1, omega, temperature, 0.0, standardize,
+                              normalize_sum, 2, 0.0)

@@ -1,8 +1,11 @@
-"""Helpers of the op tests: backends x devices parametrisation and the numerics rules."""
+"""Helpers of the op tests: backends x devices parametrisation, the numerics rules, segment layouts and
+pipeline inputs, and sample arguments of every op of the spec table (p2t/ops/_spec.py)."""
 import pytest
 import torch
 
 import p2t
+from p2t.ops import reference as ref
+from p2t.ops._spec import SPECS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -37,3 +40,80 @@ def assert_close_to_oracle(out, ref_out, oracle, floor):
     ref_err = (ref_out.double() - oracle).abs().max().item() if out.numel() else 0.0
     assert err <= 2 * ref_err + floor, f"err {err:.3g} > 2 x ref err {ref_err:.3g} + {floor:.3g}\n" + \
         max_err_report(out, oracle)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check(out, ref_out, oracle, floor=1e-5):
+    """out vs the float64 oracle: at most 2x the reference backend's own error + a small floor (relative to
+    the oracle's magnitude when it exceeds 1)."""
+    assert out.shape == oracle.shape, (out.shape, oracle.shape)
+    assert torch.isfinite(out).all(), "non-finite output"
+    err, ref_err = _err(out, oracle), _err(ref_out, oracle)
+    scale = max(1.0, oracle.abs().max().item()) if oracle.numel() else 1.0
+    assert err <= 2 * ref_err + floor * scale, f"err {err:.3g} vs reference err {ref_err:.3g} (floor {floor:.1g})"
+
+
+def segments(B, N, lengths, gaps=1, first=0, device="cpu", skip_rows=()):
+    """ids [B, N]: per row, runs of the given lengths (cycled) separated by ``gaps`` tokens with -1."""
+    ids = torch.full((B, N), -1, dtype=torch.long)
+    s, k = 0, 0
+    for b in range(B):
+        if b in skip_rows:
+            continue
+        i = first
+        while i < N:
+            n = lengths[k % len(lengths)]
+            k += 1
+            ids[b, i:i + n] = s
+            s += 1
+            i += n + gaps
+    return ids.to(device), s
+
+
+def pipeline(B, N, D, lengths, device, dtype=torch.float32, seed=0, **kw):
+    """(grad, embeds, null, ids, segment rewards, outcome rewards) of p2t_advantages, segments as ``segments``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids, S = segments(B, N, lengths, **kw)
+    g = torch.randn(B, N, D, generator=gen).to(device, dtype)
+    e = torch.randn(B, N, D, generator=gen).to(device, dtype)
+    n = (0.1 * torch.randn(D, generator=gen)).to(device, dtype)
+    R = torch.randn(S, generator=gen).to(device)
+    o = torch.randn(B, generator=gen).to(device)
+    return g, e, n, ids.to(device), R, o
+
+
+def oracle_p2t(g, e, n, ids, R, o, mask, G, **kw):
+    """p2t_advantages in float64 through the reference."""
+    args = dict(omega=0.6, alpha=0.1, temperature=1.0, standardize=False, normalize_sum=False, scale=0, eps=1e-6)
+    args.update(kw)
+    return ref.p2t_advantages(g.double(), e.double(), n.double(), ids, R.double(), o.double(), mask, G,
+                              args["omega"], args["alpha"], args["temperature"], args["standardize"],
+                              args["normalize_sum"], args["scale"], args["eps"])
+
+
+def sample_args(op, device, requires_grad=False):
+    """Arguments of op ``op`` of the spec table (normalised shapes, as p2t.ops passes them); the
+    differentiable inputs require grad when asked. Every op of SPECS has samples (a test checks it)."""
+    g, e, n, ids, R, o = pipeline(4, 11, 9, [3, 1, 4], device)
+    mask = torch.ones(4, 11, dtype=torch.bool, device=device)
+    mask[1, 8:] = False
+    tr = torch.randn(4, 11, device=device)
+    samples = {
+        "token_attribution": (g.reshape(44, 9), e.reshape(44, 9), n, mask.reshape(44)),
+        "segment_redistribute": (tr.reshape(44), ids.reshape(44), R, 0.6, 0.9, True, False),
+        "token_advantages": (o, tr, mask, 2, 0.3, 0, 1e-6),
+        "token_advantages_out": (o, tr, mask, 2, 0.3, 1, 1e-6, torch.empty(4, 11, device=device)),
+        "p2t_advantages": (g, e, n, ids, R, o, mask, 2, 0.6, 0.1, 1.0, False, True, 0, 1e-6),
+        "p2t_advantages_out": (g, e, n, ids, R, o, mask, 2, 0.6, 0.1, 1.0, False, True, 2, 1e-6,
+                               torch.empty(4, 11, device=device)),
+    }
+    args = list(samples[op])
+    if requires_grad:
+        names = SPECS[op].arg_names
+        for k in SPECS[op].differentiable:
+            i = names.index(k)
+            args[i] = args[i].clone().requires_grad_(True)
+    return tuple(args)

@@ -24,6 +24,8 @@ import pytest  # noqa: E402
 
 import p2t  # noqa: E402
 from p2t.ops import reference as ref  # noqa: E402
+from p2t.ops._spec import SPECS  # noqa: E402
+from _op_helpers import _err, check, oracle_p2t, pipeline, segments  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,55 +124,6 @@ def api(backend):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def check(out, ref_out, oracle, floor=1e-5):
-    """out vs the float64 oracle: at most 2x the reference backend's own error + a small floor."""
-    assert out.shape == oracle.shape, (out.shape, oracle.shape)
-    assert torch.isfinite(out).all(), "non-finite output"
-    err, ref_err = _err(out, oracle), _err(ref_out, oracle)
-    scale = max(1.0, oracle.abs().max().item()) if oracle.numel() else 1.0
-    assert err <= 2 * ref_err + floor * scale, f"err {err:.3g} vs reference err {ref_err:.3g} (floor {floor:.1g})"
-
-
-def segments(B, N, lengths, gaps=1, first=0, device="cpu", skip_rows=()):
-    """ids [B, N]: per row, runs of the given lengths (cycled) separated by ``gaps`` tokens with -1."""
-    ids = torch.full((B, N), -1, dtype=torch.long)
-    s, k = 0, 0
-    for b in range(B):
-        if b in skip_rows:
-            continue
-        i = first
-        while i < N:
-            n = lengths[k % len(lengths)]
-            k += 1
-            ids[b, i:i + n] = s
-            s += 1
-            i += n + gaps
-    return ids.to(device), s
-
-
-def pipeline(B, N, D, lengths, device, dtype=torch.float32, seed=0, **kw):
-    gen = torch.Generator().manual_seed(seed)
-    ids, S = segments(B, N, lengths, **kw)
-    g = torch.randn(B, N, D, generator=gen).to(device, dtype)
-    e = torch.randn(B, N, D, generator=gen).to(device, dtype)
-    n = (0.1 * torch.randn(D, generator=gen)).to(device, dtype)
-    R = torch.randn(S, generator=gen).to(device)
-    o = torch.randn(B, generator=gen).to(device)
-    return g, e, n, ids.to(device), R, o
-
-
-def oracle_p2t(g, e, n, ids, R, o, mask, G, **kw):
-    args = dict(omega=0.6, alpha=0.1, temperature=1.0, standardize=False, normalize_sum=False, scale=0, eps=1e-6)
-    args.update(kw)
-    return ref.p2t_advantages(g.double(), e.double(), n.double(), ids, R.double(), o.double(), mask, G,
-                              args["omega"], args["alpha"], args["temperature"], args["standardize"],
-                              args["normalize_sum"], args["scale"], args["eps"])
-
-
 # ------------------------------------------------------------------------------------------------ #
 # attribution: vector and scalar paths, mixed dtypes, offsets
 # ------------------------------------------------------------------------------------------------ #
@@ -262,6 +215,63 @@ def test_segment_extreme_scores_no_overflow(backend, device):
     check(out, ref.segment_redistribute(x.reshape(-1), ids.reshape(-1), R, 0.6, 0.1).reshape(1, 40), oracle)
 
 
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_segments_with_holes_issue_ids(backend, device):
+    """ids [0, 0, -1, 0, 0, 1, 1]: step 0 is one set of four tokens (not two runs racing for its bounds);
+    every token is written (out poisoned with NaN), validate=False as under torch.compile."""
+    ids = torch.tensor([[0, 0, -1, 0, 0, 1, 1]], device=device)
+    g, e = torch.randn(1, 7, 5, device=device), torch.randn(1, 7, 5, device=device)
+    n, R, o = torch.randn(5, device=device), torch.tensor([0.8, -0.3], device=device), torch.rand(1, device=device)
+    out = torch.full((1, 7), float("nan"), device=device)
+    api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=1, out=out, validate=False)
+    oracle = oracle_p2t(g, e, n, ids, R, o, None, 1)
+    check(out, p2t.p2t_advantages(g, e, n, ids, R, o, group_size=1, backend="reference"), oracle)
+    x = torch.randn(1, 7, device=device)
+    got = api(backend).segment_redistribute(x, ids, R, normalize="sum", validate=False)
+    torch.testing.assert_close(got[0, [0, 1, 3, 4]].sum(), R[0])
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("standardize", [False, True])
+def test_segments_with_holes_over_several_blocks(backend, device, standardize):
+    """Steps whose tokens are spread over hundreds of positions (interleaved with other steps and -1),
+    longer than a segment block; rows longer than a fill chunk."""
+    B, N = (1, 1100) if backend == EMULATED else (2, 4300)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(-1, 6, (B, N), generator=gen) + 6 * torch.arange(B)[:, None]
+    ids = torch.where(ids < 6 * torch.arange(B)[:, None], -1, ids).to(device)
+    S = 6 * B
+    x = (2 * torch.randn(B, N, generator=gen)).to(device)
+    R = torch.randn(S, generator=gen).to(device)
+    out = api(backend).segment_redistribute(x, ids, R, standardize=standardize, validate=False)
+    oracle = ref.segment_redistribute(x.double().reshape(-1), ids.reshape(-1), R.double(), 0.6, 1.0,
+                                      standardize).reshape(B, N)
+    check(out, p2t.segment_redistribute(x, ids, R, standardize=standardize, backend="reference"), oracle)
+    o = torch.rand(B, generator=gen).to(device)
+    mask = (torch.rand(B, N, generator=gen) > 0.2).to(device)
+    g, e = torch.randn(B, N, 4, generator=gen).to(device), torch.randn(B, N, 4, generator=gen).to(device)
+    n = torch.randn(4, generator=gen).to(device)
+    got = api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=1, mask=mask, standardize=standardize,
+                                      validate=False)
+    check(got, p2t.p2t_advantages(g, e, n, ids, R, o, group_size=1, mask=mask, standardize=standardize,
+                                  backend="reference"),
+          oracle_p2t(g, e, n, ids, R, o, mask, 1, standardize=standardize))
+
+
+@pytest.mark.skipif("triton" not in p2t.available_backends(), reason="triton backend not available")
+def test_triton_token_limit_and_device_guard():
+    from p2t_kernels._common import MAX_TOKENS, check_tokens, device_guard
+    check_tokens(MAX_TOKENS)
+    with pytest.raises(ValueError, match="too many tokens"):
+        check_tokens(MAX_TOKENS + 1)
+    with device_guard(torch.zeros(1)):  # CPU tensors: no CUDA device switch
+        pass
+    if torch.cuda.is_available():
+        t = torch.zeros(1, device=f"cuda:{torch.cuda.device_count() - 1}")
+        with device_guard(t):
+            assert torch.cuda.current_device() == t.device.index
+
+
 # ------------------------------------------------------------------------------------------------ #
 # the fused pipeline
 # ------------------------------------------------------------------------------------------------ #
@@ -344,15 +354,19 @@ def test_gradients_through_backend(backend, device):
 # ------------------------------------------------------------------------------------------------ #
 # registration and compilation
 # ------------------------------------------------------------------------------------------------ #
-@pytest.mark.skipif("triton" not in p2t.available_backends(), reason="triton backend not available")
-def test_triton_schemas_match_the_p2t_ops():
-    import p2t.ops._triton as tr
-    if "cpu" not in p2t.available_backends():
-        pytest.skip("p2t._C not built: no p2t schemas to compare with")
-    for name in tr.SCHEMAS:
-        a = str(getattr(torch.ops.p2t_triton, name).default._schema).split("::", 1)[1]
-        b = str(getattr(torch.ops.p2t, name).default._schema).split("::", 1)[1]
-        assert a == b, (a, b)
+def test_op_schemas_match_the_spec_table():
+    """Triton ops are registered from the spec table; the C++ ops (csrc/schemas.h) and the emulated CUDA
+    ops must declare the same schemas."""
+    namespaces = [ns for ns, ok in (("p2t", "cpu" in p2t.available_backends()),
+                                    ("p2t_triton", "triton" in p2t.available_backends())) if ok]
+    if not torch.cuda.is_available():
+        _emulated_ops()
+        namespaces.append("p2t_cuda_emulated")
+    assert namespaces
+    for ns in namespaces:
+        for name, spec in SPECS.items():
+            got = str(getattr(getattr(torch.ops, ns), name).default._schema).split("::", 1)[1]
+            assert got == name + spec.schema, (ns, got, spec.schema)
 
 
 def _kernels():

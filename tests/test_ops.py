@@ -10,7 +10,8 @@ import torch
 
 import p2t
 from p2t.ops import reference as ref
-from _op_helpers import assert_close_to_oracle, backend_device_params, max_err_report
+from p2t.ops._spec import SPECS
+from _op_helpers import assert_close_to_oracle, backend_device_params, max_err_report, sample_args
 
 BACKENDS = backend_device_params()
 FUSED = backend_device_params(include_reference=False)
@@ -384,27 +385,29 @@ def _namespaces():
     return out
 
 
+@pytest.mark.parametrize("op", list(SPECS))
 @pytest.mark.parametrize("ns,device", _namespaces())
-def test_opcheck(ns, device):
-    ops = getattr(torch.ops, ns)
-    x = _pipeline_inputs(B=4, N=11, D=9)
-    g, e, n = (x[k].float().to(device) for k in ("g64", "e64", "n64"))
-    ids, mask = x["ids"][:4].to(device), x["mask"][:4].to(device)
-    R, o = x["R"].float().to(device), x["o"][:4].float().to(device)
-    req = lambda t: t.clone().requires_grad_(True)  # noqa: E731
-    tr = torch.randn(4, 11, device=device)
-    cases = [
-        (ops.token_attribution, (req(g.reshape(44, 9)), req(e.reshape(44, 9)), req(n), mask.reshape(44))),
-        (ops.segment_redistribute, (req(tr.reshape(44)), ids.reshape(44), req(R), 0.6, 0.9, True, False)),
-        (ops.token_advantages, (req(o), req(tr), mask, 2, 0.3, 0, 1e-6)),
-        (ops.token_advantages_out, (o, tr, mask, 2, 0.3, 1, 1e-6, torch.empty(4, 11, device=device))),
-        (ops.p2t_advantages, (req(g), req(e), req(n), ids, req(R), req(o), mask, 2, 0.6, 0.1, 1.0, False, True, 0,
-                              1e-6)),
-        (ops.p2t_advantages_out, (g, e, n, ids, R, o, mask, 2, 0.6, 0.1, 1.0, False, True, 2, 1e-6,
-                                  torch.empty(4, 11, device=device))),
-    ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+def test_opcheck(ns, device, op):
+    """Every op of the spec table in every namespace: torch.library.opcheck (schema, fake, autograd
+    registration) and the value against the spec's reference forward."""
+    spec = SPECS[op]
+    args = sample_args(op, device, requires_grad=spec.backward is not None)
+    torch.library.opcheck(getattr(getattr(torch.ops, ns), op), args)
+    want = spec.reference(*args)
+    if spec.mutates:
+        getattr(getattr(torch.ops, ns), op)(*args)
+        got = args[spec.arg_names.index(spec.mutates[0])]
+    else:
+        got = getattr(getattr(torch.ops, ns), op)(*args)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_spec_table_is_complete():
+    for name, spec in SPECS.items():
+        assert len(sample_args(name, "cpu")) == len(spec.arg_names), name
+        assert set(spec.differentiable) <= set(spec.arg_names) and set(spec.mutates) <= set(spec.arg_names)
+        assert (spec.backward is None) == (not spec.differentiable), name
+    assert tuple(n for n, s in SPECS.items() if s.public) == p2t.ops._backends.OPS
 
 
 @pytest.mark.skipif("cpu" not in p2t.available_backends(), reason="C++ extension not built")
@@ -449,8 +452,6 @@ def _bad_cases():
         ("segment_ids", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids[:, :4], R)),
         ("segment_rewards", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R[:2])),
         ("segment_ids", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids - 2, R)),
-        ("split", ValueError, lambda: p2t.segment_redistribute(g[..., 0], torch.tensor([[0, 1, 0, -1, -1],
-                                                                                        [2, 2, 2, -1, -1]]), R)),
         ("split", ValueError, lambda: p2t.segment_redistribute(g[..., 0], torch.tensor([[0, 0, 1, 1, 2],
                                                                                         [2, -1, -1, -1, -1]]), R)),
         ("temperature", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, temperature=0.0)),
@@ -466,7 +467,14 @@ def _bad_cases():
         ("group_size", ValueError, lambda: p2t.p2t_advantages(g, g, n, ids, R, o, group_size=3)),
         ("scale", ValueError, lambda: p2t.p2t_advantages(g, g, n, ids, R, o, scale="seq", **ok)),
         ("split", ValueError, lambda: p2t.p2t_advantages(
-            g, g, n, ids, R, o, mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool), **ok)),
+            g, g, n, torch.tensor([[0, 0, 1, -1, 2], [2, 2, 2, -1, -1]]), R, o,
+            mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool), **ok)),
+        ("segment_ids", ValueError, lambda: p2t.process_token_rewards(ids + 1, R)),
+        ("segment_ids", ValueError, lambda: p2t.process_token_rewards(ids - 2, R)),
+        ("segment_ids", ValueError, lambda: p2t.process_token_rewards(ids, R[:0])),
+        ("split", ValueError, lambda: p2t.process_token_rewards(torch.tensor([[0, 0, 1, 1, 2], [2, -1, -1, -1, -1]]),
+                                                                R)),
+        ("validate", TypeError, lambda: p2t.process_token_rewards(ids, R, validate=1)),
     ]
 
 
@@ -534,3 +542,151 @@ def test_process_token_rewards():
     assert (p2t.process_token_rewards(torch.full((2, 3), -1), torch.zeros(0)) == 0).all()
     with pytest.raises(TypeError, match="segment_ids"):
         p2t.process_token_rewards(ids.float(), R)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# defined semantics of the corner cases (constant groups, steps with holes, out= and autograd, D = 0)
+# ------------------------------------------------------------------------------------------------ #
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_group_gets_zero_advantage(backend, device, scale, eps, dtype):
+    """A group of equal rewards (0.9: its rounded mean is not 0.9) gets A^ = 0 exactly, for every scale;
+    so does a group equal up to an ulp. The other group keeps its usual advantage."""
+    o = torch.tensor([0.9, 0.9, 0.9, 0.1, 0.7, 0.3], dtype=dtype)
+    if dtype == torch.float32:
+        o[1] = torch.nextafter(o[1], torch.tensor(1.0))  # one ulp off: still constant
+    want = ref.group_advantages(o, 3, ["group", "batch", "none"].index(scale), eps).double()
+    assert (want[:3] == 0).all()
+    assert (p2t.group_advantages(o, 3, scale=scale, eps=eps)[:3] == 0).all()
+    tr = torch.randn(6, 5, dtype=dtype)
+    out = p2t.token_advantages(o.to(device), tr.to(device), group_size=3, alpha=0.0, scale=scale, eps=eps,
+                               backend=backend).cpu()
+    assert (out[:3] == 0).all(), out[:3]
+    torch.testing.assert_close(out[3:, 0].double(), want[3:], rtol=1e-5, atol=1e-6)
+    g = torch.randn(6, 4, 3, dtype=dtype)
+    ids = torch.full((6, 4), -1)
+    adv = p2t.p2t_advantages(g.to(device), g.to(device), torch.zeros(3, dtype=dtype, device=device), ids.to(device),
+                             torch.zeros(0, dtype=dtype, device=device), o.to(device), group_size=3, scale=scale,
+                             eps=eps, backend=backend).cpu()
+    assert (adv[:3] == 0).all(), adv[:3]
+    torch.testing.assert_close(adv[3:, 0].double(), want[3:], rtol=1e-5, atol=1e-6)
+
+
+def test_constant_batch_gets_zero_advantage():
+    o = torch.full((6,), 0.3)
+    for scale in ("group", "batch", "none"):
+        assert (p2t.group_advantages(o, 2, scale=scale, eps=0.0) == 0).all()
+        assert (p2t.group_advantages(o, 6, scale=scale) == 0).all()
+
+
+def test_constant_group_gradient_is_zero():
+    o = torch.tensor([0.9, 0.9, 0.9, 0.1, 0.7, 0.3], requires_grad=True)
+    for scale in (0, 1, 2):
+        w = torch.randn(6)
+        (d,) = torch.autograd.grad((ref.group_advantages(o, 3, scale) * w).sum(), o)
+        d2 = ref.group_advantages_backward(w, o, 3, scale)
+        torch.testing.assert_close(d2, d)
+        if scale != 1:
+            assert (d[:3] == 0).all()
+
+
+def _holes():
+    """Two rows with steps split by holes (a tool call, a masked span) and one contiguous step."""
+    ids = torch.tensor([[0, 0, -1, 0, 0, 1, 1, -1, 0],
+                        [2, -1, 3, 3, 2, 2, -1, 3, -1]])
+    return ids, 4
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("standardize,normalize", [(False, "paper"), (True, "sum")])
+@pytest.mark.parametrize("validate", [True, False])
+def test_segment_with_holes_is_one_set(backend, device, standardize, normalize, validate):
+    """A step is the set of its tokens: [0, 0, -1, 0, 0] is one segment of four tokens (softmax over all
+    four, sum-normalised over four), on every backend, with or without validation."""
+    ids, S = _holes()
+    scores = torch.randn(2, 9, dtype=torch.float64)
+    R = torch.rand(S, dtype=torch.float64) + 0.5
+    oracle = loop_oracle(scores, ids, R, 0.6, 0.9, standardize, normalize == "sum")
+    out = p2t.segment_redistribute(scores.float().to(device), ids.to(device), R.float().to(device),
+                                   temperature=0.9, standardize=standardize, normalize=normalize,
+                                   validate=validate, backend=backend).cpu()
+    torch.testing.assert_close(out.double(), oracle, rtol=1e-5, atol=1e-6)
+    if normalize == "sum":
+        sums = torch.zeros(S, dtype=torch.float64).index_add_(0, ids[ids >= 0], out.double()[ids >= 0])
+        torch.testing.assert_close(sums, R, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_p2t_advantages_with_holes_poisoned_out(backend, device):
+    """Masked tokens inside a step (and ids with holes) leave no token unwritten: out is poisoned with NaN."""
+    ids, S = _holes()
+    gen = torch.Generator().manual_seed(11)
+    g, e = torch.randn(2, 9, 6, generator=gen), torch.randn(2, 9, 6, generator=gen)
+    n, R, o = torch.randn(6, generator=gen), torch.rand(S, generator=gen), torch.rand(2, generator=gen)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 3] = False  # a hole inside step 3
+    dev = [t.to(device) for t in (g, e, n, ids, R, o)]
+    out = torch.full((2, 9), float("nan"), device=device)
+    p2t.p2t_advantages(*dev, group_size=1, mask=mask.to(device), out=out, validate=False, backend=backend)
+    oracle = ref.p2t_advantages(g.double(), e.double(), n.double(), ids, R.double(), o.double(), mask, 1)
+    torch.testing.assert_close(out.cpu().double(), oracle, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_out_of_range_int64_ids_do_not_alias(backend, device):
+    """With validate=False an id outside [0, S) is in no segment; 2**32 must not wrap to segment 0."""
+    ids = torch.tensor([0, 2**32, 1, 2**31 + 1, 0, -(2**32)])
+    scores, R = torch.randn(6), torch.tensor([1.0, 2.0])
+    out = p2t.segment_redistribute(scores.to(device), ids.to(device), R.to(device), validate=False,
+                                   backend=backend).cpu()
+    want = loop_oracle(scores, torch.tensor([0, -1, 1, -1, 0, -1]), R.double(), 0.6, 1.0, False, False)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_out_refuses_autograd(backend, device):
+    """out= is not differentiable on any backend (as torch's own out= ops): a clear error naming out
+    when an input requires grad under grad mode; fine under no_grad or without grad."""
+    o = torch.rand(4, device=device, requires_grad=True)
+    tr = torch.randn(4, 3, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="out="):
+        p2t.token_advantages(o, tr, group_size=2, out=torch.empty(4, 3, device=device), backend=backend)
+    g = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    ids = torch.tensor([[0, 0, -1]] * 4, device=device) + torch.arange(4, device=device)[:, None]
+    ids = torch.where(ids < torch.arange(4, device=device)[:, None], -1, ids)
+    args = (g, g.detach(), torch.zeros(5, device=device), ids, torch.rand(4, device=device), o.detach())
+    with pytest.raises(ValueError, match="out=.*grad"):
+        p2t.p2t_advantages(*args, group_size=2, out=torch.empty(4, 3, device=device), backend=backend)
+    with torch.no_grad():
+        out = p2t.token_advantages(o, tr, group_size=2, out=torch.empty(4, 3, device=device), backend=backend)
+        p2t.p2t_advantages(*args, group_size=2, out=torch.empty(4, 3, device=device), backend=backend)
+    torch.testing.assert_close(out, p2t.token_advantages(o, tr, group_size=2, backend="reference").detach())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_token_attribution_zero_hidden_size(backend, device):
+    g = torch.randn(3, 4, 0, device=device, requires_grad=True)
+    out = p2t.token_attribution(g, g.detach(), torch.randn(0, device=device), backend=backend)
+    assert out.shape == (3, 4) and out.dtype == torch.float32 and (out == 0).all()
+    out.sum().backward()
+    assert g.grad.shape == g.shape
+    assert p2t.token_attribution(torch.randn(5, 0, device=device), torch.randn(5, 0, device=device),
+                                 torch.randn(0, device=device), mask=torch.ones(5, dtype=torch.bool, device=device),
+                                 backend=backend).shape == (5,)
+
+
+def test_process_token_rewards_shares_segment_checks():
+    ids = torch.tensor([[0, 0, -1, 1], [2, -1, 2, -1]])  # step 2 has a hole: fine
+    R = torch.tensor([0.2, 0.7, 0.9])
+    torch.testing.assert_close(p2t.process_token_rewards(ids, R),
+                               torch.tensor([[0.2, 0.2, 0.0, 0.7], [0.9, 0.0, 0.9, 0.0]]))
+    # masked tokens are in no step (a step crossing rows only through masked tokens is fine)
+    crossing = torch.tensor([[0, 0, 1, 2], [2, -1, -1, -1]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    torch.testing.assert_close(p2t.process_token_rewards(crossing, R, mask=mask),
+                               torch.tensor([[0.2, 0.2, 0.7, 0.0], [0.9, 0.0, 0.0, 0.0]]))
+    # validate=False: ids outside [0, S) are in no step, never an IndexError
+    torch.testing.assert_close(p2t.process_token_rewards(torch.tensor([0, 3, -2, 2]), R, validate=False),
+                               torch.tensor([0.2, 0.0, 0.0, 0.9]))

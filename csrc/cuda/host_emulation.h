@@ -62,6 +62,13 @@ inline thread_local BlockState* block_state = nullptr;
 
 inline void __syncthreads() { block_state->block->wait(); }
 
+inline int atomicMin(int* address, int val) {
+  int old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (val < old && !__atomic_compare_exchange_n(address, &old, val, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return old;
+}
+
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(double), "shuffle of a wider type");
@@ -108,6 +115,7 @@ void launch(int64_t grid, int64_t block, Kernel kernel, Args... args) {
 
 using p2t_emu::__shfl_xor_sync;
 using p2t_emu::__syncthreads;
+using p2t_emu::atomicMin;
 using p2t_emu::blockDim;
 using p2t_emu::blockIdx;
 using p2t_emu::threadIdx;

@@ -4,12 +4,13 @@
 // attribution:  I_r = sum_d (embeds[r, d] - null[d]) * grad[r, d]; one warp per row, 16-byte vector loads
 //               when D, the row strides and the base pointers allow it (scalar loads otherwise), fp32
 //               accumulation (fp64 when every input is fp64), warp-shuffle reduction.
-// segments:     a segment is a maximal run of equal id >= 0 inside one row of the flat token array (ids
-//               >= S and masked tokens count as -1). A bounds pass stores each run's first and past-the-end
-//               token in pos[2S]; then one block per segment runs over [pos[s], pos[S+s]): (standardise),
+// segments:     a segment is the set of tokens with its id (ids outside [0, S) and masked tokens count as
+//               -1); its tokens may form several runs (holes between them). A bounds pass folds each run's
+//               first and past-the-end token into pos[2S] by atomic minima (pos[s] = first token,
+//               pos[S+s] = -(last token + 1), pos filled with INT32_MAX first); then one block per
+//               segment runs over [pos[s], -pos[S+s]), skipping the tokens of other ids: (standardise),
 //               / temperature, max, sum of exp, write r_i = R_s (1 + omega w_i) [/ (n_s + omega)], or
 //               A^_b + alpha r_i. Extra blocks, one per (row, chunk), write the tokens in no segment.
-//               Stale bounds of a segment without tokens fail the check ids[pos[s]] == s: no memset.
 // advantages:   A^_b from the outcome rewards of b's group (or the batch) on the device, per block.
 // p2t_advantages: the attribution kernel also stores the run bounds, then the segment kernel with the
 //               advantage epilogue: two launches, no host synchronisation, no [B, N, D] intermediate.
@@ -113,25 +114,35 @@ struct Ids {
   }
 };
 
-// pos[s] = first token of the run of s, pos[S + s] = its last token + 1, for token i of the flat [R]
-// array made of rows of N tokens (a run never crosses a row boundary).
+// Folds the run of token i (flat [R] array made of rows of N tokens; a run never crosses a row boundary)
+// into its segment's bounds: pos[s] = min first token, pos[S + s] = -max(last token + 1), atomic minima
+// over a pos filled with INT32_MAX.
 __device__ __forceinline__ void scatter_run_bounds(const Ids& ids, int32_t* pos, int64_t i, int64_t R, int64_t N) {
   const int64_t s = ids(i);
   if (s < 0) return;
   const int64_t prv = (i % N != 0) ? ids(i - 1) : -1;
   const int64_t nxt = (i + 1 < R && (i + 1) % N != 0) ? ids(i + 1) : -1;
-  if (prv != s) pos[s] = static_cast<int32_t>(i);
-  if (nxt != s) pos[ids.S + s] = static_cast<int32_t>(i + 1);
+  if (prv != s) atomicMin(pos + s, static_cast<int32_t>(i));
+  if (nxt != s) atomicMin(pos + ids.S + s, -static_cast<int32_t>(i + 1));
 }
 
 // A^_b of GRPO (block-wide): (o_b - mean_g) / (std + eps), std the unbiased std of the group (scale 0)
 // or the batch (scale 1), 0 when its variance is 0 or there is one value; scale 2: o_b - mean_g.
+// 0 for a constant group: max - min <= rtol * max(1, |mean_g|) (const_rtol of common.h).
 template <typename acc_t>
 __device__ acc_t group_advantage(const acc_t* o, int64_t b, int64_t B, int64_t G, int64_t scale, acc_t eps) {
   const int64_t g0 = (b / G) * G;
-  acc_t t = 0;
-  for (int64_t i = threadIdx.x; i < G; i += blockDim.x) t += o[g0 + i];
+  acc_t t = 0, hi = acc_t(-INFINITY), lw = acc_t(INFINITY);
+  for (int64_t i = threadIdx.x; i < G; i += blockDim.x) {
+    const acc_t v = o[g0 + i];
+    t += v;
+    hi = max(hi, v);
+    lw = min(lw, v);
+  }
   const acc_t mean_g = block_sum(t) / static_cast<acc_t>(G);
+  const acc_t spread = block_max(hi) + block_max(-lw);
+  const acc_t rtol = std::is_same<acc_t, double>::value ? acc_t(kConstRtolDouble) : acc_t(kConstRtolFloat);
+  if (spread <= rtol * max(acc_t(1), abs(mean_g))) return acc_t(0);  // uniform over the block
   const acc_t centered = o[b] - mean_g;
   if (scale == kNone) return centered;
   int64_t lo = g0, n = G;
@@ -277,7 +288,7 @@ segment_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__ r
   const acc_t omega = p.omega, temperature = p.temperature, alpha = p.alpha, eps = p.eps;
   if (blk < p.S) {
     const int64_t s = blk;
-    int64_t start = pos[s], end = pos[p.S + s];
+    const int64_t start = pos[s], end = -static_cast<int64_t>(pos[p.S + s]);
     const bool ok = start >= 0 && start < end && end <= p.R && ids(start) == s;
     if (!ok) return;  // uniform over the block
     // pass 1: count, sum, max
@@ -378,6 +389,11 @@ void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* name) {
 #endif
 }
 
+// pos [2S] of scatter_run_bounds, every slot INT32_MAX (one fill launch, no host synchronisation).
+at::Tensor new_bounds(int64_t S, const at::Tensor& like) {
+  return at::full({2 * std::max<int64_t>(S, 1)}, std::numeric_limits<int32_t>::max(), like.options().dtype(at::kInt));
+}
+
 Ids make_ids(const at::Tensor& ids, const at::Tensor* mask, int64_t S) {
   return Ids{ids.data_ptr(), ids.scalar_type() == at::kLong, mask != nullptr ? mask->data_ptr<bool>() : nullptr, S};
 }
@@ -414,7 +430,7 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
   TORCH_CHECK(R < std::numeric_limits<int32_t>::max(), "scores has too many tokens: ", R);
   auto out = at::empty({R}, x.options());
   if (R == 0) return out;
-  auto pos = at::empty({2 * std::max<int64_t>(S, 1)}, x.options().dtype(at::kInt));
+  auto pos = new_bounds(S, x);
   const Ids id = make_ids(ids, nullptr, S);
   if (S > 0) {
     auto* kernel = &run_bounds_kernel;
@@ -515,7 +531,7 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
   auto outcome = outcome_in.to(cd).contiguous();
   const int64_t S = rewards.size(0);
   auto scores = at::empty({R}, grad.options().dtype(cd));
-  auto pos = at::empty({2 * std::max<int64_t>(S, 1)}, grad.options().dtype(at::kInt));
+  auto pos = new_bounds(S, grad);
   const Ids id = make_ids(ids, m.defined() ? &m : nullptr, S);
   // reshape: a view for the usual contiguous layouts; rows_unit_stride inside copies only when needed
   attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, nullptr, scores, id,

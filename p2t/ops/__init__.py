@@ -78,6 +78,8 @@ def token_attribution(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torc
     chk.same_device(grad=grad, embeds=embeds, null_embed=null_embed, mask=mask)
     fn = _backends.get(backend, "token_attribution", _device_type(grad))
     lead = grad.shape[:-1]
+    if D == 0:  # an empty sum: zeros (through the reference, so the result keeps its autograd graph)
+        return reference.token_attribution(grad, embeds, null_embed, mask)
     out = fn(grad.reshape(-1, D), embeds.reshape(-1, D), null_embed,
              None if mask is None else mask.reshape(-1))
     return out.reshape(lead)
@@ -108,8 +110,9 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
     Args:
         scores: float ``[B, N]`` or ``[T]`` attributions I.
         segment_ids: int64/int32, same shape; ids in ``[0, S)`` are global across the batch, -1 marks
-            tokens in no segment (prompt, separators, padding). Each segment is one contiguous run of
-            tokens inside one sequence.
+            tokens in no segment (prompt, separators, padding). A segment is the set of its tokens:
+            they need not be contiguous (``[0, 0, -1, 0, 1]`` gives segment 0 three tokens, e.g. around
+            a tool call), but with ``[B, N]`` ids they lie inside one row.
         segment_rewards: float ``[S]``, the step rewards R_s.
         omega: redistribution strength (0.6 in the paper).
         temperature: softmax temperature (> 0).
@@ -117,8 +120,9 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
             one-token segments) instead of the raw scores.
         normalize: ``"paper"`` (Eq. 3 as written) or ``"sum"`` (divided by ``n_s + omega`` so a segment's
             token rewards sum to R_s).
-        validate: check that ids are in range and segments contiguous (one device sync; skipped
-            under torch.compile). With ``validate=False`` out-of-range ids are undefined behaviour.
+        validate: check that ids are in ``[-1, S)`` and no segment crosses rows (one device sync;
+            skipped under torch.compile). With ``validate=False`` ids outside ``[0, S)`` count as -1
+            and a segment crossing rows gets unspecified (finite) values.
     Returns:
         float32 tensor shaped like scores, 0 for tokens with id -1. Differentiable w.r.t. scores and
         segment_rewards.
@@ -134,19 +138,30 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
 
 
 def process_token_rewards(segment_ids: torch.Tensor, segment_rewards: torch.Tensor, *,
-                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          mask: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
     """Process-reward baseline without redistribution: ``R_s`` on every token of step s, 0 on tokens in no
     step (id -1) and where ``mask`` is False. float32 (float64 for float64 rewards), shaped like
-    segment_ids. Differentiable w.r.t. segment_rewards. Plain torch ops (one gather)."""
+    segment_ids. Differentiable w.r.t. segment_rewards. Plain torch ops (one gather).
+
+    ``segment_ids`` follow :func:`segment_redistribute` (and its ``validate``: ids in ``[-1, S)``, a
+    segment inside one row; with ``validate=False`` ids outside ``[0, S)`` count as -1)."""
     chk.tensor("segment_ids", segment_ids, dtypes=chk.INDEX_DTYPES, kind="int64 or int32")
     chk.floating("segment_rewards", segment_rewards, dims=(1,))
     chk.mask("mask", mask, segment_ids.shape)
     chk.same_device(segment_ids=segment_ids, segment_rewards=segment_rewards, mask=mask)
-    keep = segment_ids >= 0 if mask is None else (segment_ids >= 0) & mask
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+    S = segment_rewards.shape[0]
+    if validate:
+        ids = segment_ids if mask is None else torch.where(mask, segment_ids, torch.full_like(segment_ids, -1))
+        chk.segment_values(ids, S, rows=segment_ids.shape[0] if segment_ids.dim() == 2 else None)
+    keep = (segment_ids >= 0) & (segment_ids < S)
+    if mask is not None:
+        keep = keep & mask
     R = segment_rewards.to(reference.compute_dtype(segment_rewards))
     if R.numel() == 0:
         return R.new_zeros(segment_ids.shape)
-    gathered = R[segment_ids.clamp(min=0).long()]
+    gathered = R[torch.where(keep, segment_ids, torch.zeros_like(segment_ids)).long()]
     return torch.where(keep, gathered, torch.zeros_like(gathered))
 
 
@@ -156,8 +171,10 @@ def group_advantages(outcome_rewards: torch.Tensor, group_size: int, *, scale: s
 
     Groups are contiguous blocks of ``group_size`` rows. ``scale="group"``: unbiased std of the group
     (as TRL and verl); ``"batch"``: std of the whole batch; ``"none"``: no scaling (Dr. GRPO). Group
-    size 1 and constant groups give 0, never NaN. Plain torch ops (B values): the fused ops compute
-    the same inside their kernels.
+    size 1 and constant groups give 0 for every scale, never NaN: a group is constant when
+    ``max - min <= rtol * max(1, |mean|)``, rtol 1e-6 in float32 and 1e-12 in float64
+    (``reference.CONST_RTOL``). Plain torch ops (B values): the fused ops compute the same inside
+    their kernels.
     """
     chk.group(outcome_rewards, group_size)
     s = chk.choice("scale", scale, chk.SCALES)
@@ -165,7 +182,7 @@ def group_advantages(outcome_rewards: torch.Tensor, group_size: int, *, scale: s
     return reference.group_advantages(outcome_rewards, group_size, s, eps)
 
 
-def _out(out, shape, device):
+def _out(out, shape, device, op, **inputs):
     if out is None:
         return None
     chk.tensor("out", out, dtypes=(torch.float32, torch.float64), kind="float32 or float64")
@@ -174,6 +191,12 @@ def _out(out, shape, device):
         raise ValueError(f"out is on {out.device} but the inputs are on {device}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
+    if torch.is_grad_enabled():
+        needs = [k for k, v in inputs.items() if v is not None and v.requires_grad]
+        if needs or out.requires_grad:
+            what = ", ".join(needs) if needs else "out"
+            raise ValueError(f"{op}(): out= does not support automatic differentiation, but {what} requires grad "
+                             f"(as torch's own out= ops): call {op} without out=, or under torch.no_grad()")
     return out
 
 
@@ -185,7 +208,9 @@ def token_advantages(outcome_rewards: torch.Tensor, token_rewards: torch.Tensor,
     Args:
         outcome_rewards: float ``[B]``; groups are contiguous blocks of ``group_size`` rows.
         token_rewards: float ``[B, N]`` (e.g. from :func:`segment_redistribute`).
-        out: optional float32 ``[B, N]`` written in place and returned (may alias token_rewards).
+        out: optional float32 ``[B, N]`` written in place and returned (may alias token_rewards). Like
+            torch's own ``out=`` ops it is not differentiable: a ValueError when an input requires
+            grad under grad mode.
     """
     chk.group(outcome_rewards, group_size)
     chk.floating("token_rewards", token_rewards, dims=(2,))
@@ -197,7 +222,8 @@ def token_advantages(outcome_rewards: torch.Tensor, token_rewards: torch.Tensor,
     alpha = chk.finite("alpha", alpha)
     s = chk.choice("scale", scale, chk.SCALES)
     eps = chk.finite("eps", eps, nonnegative=True)
-    out = _out(out, token_rewards.shape, token_rewards.device)
+    out = _out(out, token_rewards.shape, token_rewards.device, "token_advantages",
+               outcome_rewards=outcome_rewards, token_rewards=token_rewards)
     fn = _backends.get(backend, "token_advantages", _device_type(token_rewards))
     return fn(outcome_rewards, token_rewards, mask, group_size, alpha, s, eps, out=out)
 
@@ -214,9 +240,13 @@ def p2t_advantages(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torch.T
         grad, embeds: ``[B, N, D]``; null_embed ``[D]``; segment_ids ``[B, N]``; segment_rewards ``[S]``;
         outcome_rewards ``[B]``. Tokens where ``mask`` is False are treated as in no segment and get
         advantage 0; tokens with id -1 and mask True get ``A^_b``.
+        Segments follow :func:`segment_redistribute`: a segment is the set of its tokens inside one
+        row (need not be contiguous; masked tokens leave holes).
+        out: optional float32/float64 ``[B, N]`` written in place; not differentiable (a ValueError
+        when an input requires grad under grad mode, as torch's own ``out=`` ops).
     Returns:
         float32 ``[B, N]`` (``out`` when given). Differentiable w.r.t. grad, embeds, null_embed,
-        segment_rewards and outcome_rewards.
+        segment_rewards and outcome_rewards (without ``out``).
     """
     chk.floating("grad", grad, dims=(3,))
     chk.floating("embeds", embeds)
@@ -242,7 +272,8 @@ def p2t_advantages(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torch.T
     normalize_sum = chk.choice("normalize", normalize, chk.NORMALIZE) == 1
     s = chk.choice("scale", scale, chk.SCALES)
     eps = chk.finite("eps", eps, nonnegative=True)
-    out = _out(out, (B, N), grad.device)
+    out = _out(out, (B, N), grad.device, "p2t_advantages", grad=grad, embeds=embeds, null_embed=null_embed,
+               segment_rewards=segment_rewards, outcome_rewards=outcome_rewards)
     if validate:
         ids = segment_ids if mask is None else torch.where(mask, segment_ids, torch.full_like(segment_ids, -1))
         chk.segment_values(ids, segment_rewards.shape[0], rows=B)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
+from ._spec import PUBLIC_OPS
+
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
-OPS = ("token_attribution", "segment_redistribute", "token_advantages", "p2t_advantages")
+OPS = PUBLIC_OPS  # the ops of the spec table that the dispatch table serves
 
 # What "auto" picks, per device type and op, first available wins. On CUDA the order is the
 # measured winner per op (benchmarks/NOTES.md gives the card and the numbers behind it).
@@ -41,6 +43,9 @@ class Backend:
     segment_redistribute: Callable
     token_advantages: Callable
     p2t_advantages: Callable
+
+
+assert tuple(f.name for f in dataclasses.fields(Backend))[2:] == OPS, "Backend's fields are the ops of _spec"
 
 
 _REGISTRY: dict[str, Backend] = {}

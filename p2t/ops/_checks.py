@@ -1,8 +1,8 @@
 """Argument checks for the public ops: clear ValueError / TypeError naming the argument.
 
 Shape, dtype and device checks are metadata-only and always run (they trace under
-torch.compile). Checks that read tensor values (segment ids in range, each segment one
-contiguous run) synchronise with the device; they run when ``validate=True`` (the default)
+torch.compile). Checks that read tensor values (segment ids in range, each segment inside one
+sequence) synchronise with the device; they run when ``validate=True`` (the default)
 and are skipped inside torch.compile traces and when the caller passes ``validate=False``.
 """
 from __future__ import annotations
@@ -91,9 +91,11 @@ def _tracing() -> bool:
 
 
 def segment_values(segment_ids, num_segments, rows=None):
-    """Value checks: ids in [-1, S) and each segment one contiguous run inside one row.
+    """Value checks: ids in [-1, S) and, with ``rows``, every segment inside one row.
 
-    ``rows`` is the number of sequences when ids are [B, N] flattened (a run may not cross rows).
+    A segment is the set of its tokens: its tokens need not be one contiguous run (a tool call or a
+    masked span may sit between them). ``rows`` is the number of sequences when ids are [B, N]
+    flattened: a segment may not have tokens in two rows (a step belongs to one response).
     """
     if _tracing() or segment_ids.numel() == 0:
         return
@@ -104,14 +106,17 @@ def segment_values(segment_ids, num_segments, rows=None):
     if hi >= num_segments:
         raise ValueError(f"segment_ids contains {hi} but segment_rewards has only {num_segments} segments "
                          f"(ids must be < {num_segments})")
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    if rows is not None and rows > 1:
-        starts.view(rows, -1)[:, 0] = True
-    run_ids = ids[starts & (ids >= 0)]
-    if run_ids.numel():
-        counts = torch.bincount(run_ids.long(), minlength=num_segments)
-        worst = int(counts.argmax())
-        if int(counts[worst]) > 1:
-            raise ValueError(f"segment {worst} is split over {int(counts[worst])} runs: each segment must be one "
-                             f"contiguous run of tokens inside one sequence (after masking)")
+    if rows is None or rows <= 1 or hi < 0:
+        return
+    row = torch.arange(rows, device=ids.device).repeat_interleave(ids.numel() // rows)
+    keep = ids >= 0
+    s, r = ids[keep].long(), row[keep]
+    first = torch.full((num_segments,), rows, device=ids.device, dtype=torch.long).scatter_reduce(
+        0, s, r, reduce="amin")
+    last = torch.full((num_segments,), -1, device=ids.device, dtype=torch.long).scatter_reduce(
+        0, s, r, reduce="amax")
+    crossing = (last > first).nonzero()
+    if crossing.numel():
+        worst = int(crossing[0, 0])
+        raise ValueError(f"segment {worst} is split over rows {int(first[worst])} and {int(last[worst])}: the "
+                         f"tokens of a segment must lie inside one sequence (after masking)")

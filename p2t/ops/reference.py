@@ -20,6 +20,17 @@ SCALES = {"group": 0, "batch": 1, "none": 2}
 # A segment whose population std is at most this fraction of |mean| counts as constant: its
 # standardised scores are 0 (uniform weights). Catches the fp rounding of mean((c, c, c)) != c.
 ZERO_STD_RTOL = 1e-6
+# A GRPO group is constant when max - min <= CONST_RTOL * max(1, |mean|) (the tolerance of the compute
+# dtype): its advantages are 0 for every scale. max - min of equal values is exactly 0, unlike the
+# variance around a rounded mean; the tolerance also absorbs rewards equal up to a few ulps.
+CONST_RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def constant_groups(og):
+    """Bool [n_groups, 1]: which rows of the grouped rewards ``og [n_groups, G]`` are constant."""
+    og = og.detach()
+    spread = og.amax(1, keepdim=True) - og.amin(1, keepdim=True)
+    return spread <= CONST_RTOL[og.dtype] * og.mean(1, keepdim=True).abs().clamp_min(1.0)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -43,10 +54,11 @@ def _segment_sum(values, index, num_buckets):
 def segment_weights(scores, segment_ids, num_segments, temperature=1.0, standardize=False):
     """Within-segment softmax weights w [R] (0 for tokens with id -1) and the bucket index [R].
 
-    Segment ``s`` has bucket ``s``; tokens in no segment go to the dummy bucket ``num_segments``.
+    Segment ``s`` has bucket ``s``; tokens in no segment (ids outside ``[0, S)``) go to the dummy bucket
+    ``num_segments``. A segment is the set of its tokens: they need not be contiguous.
     """
     S1 = num_segments + 1
-    valid = segment_ids >= 0
+    valid = (segment_ids >= 0) & (segment_ids < num_segments)
     idx = torch.where(valid, segment_ids.long(), torch.full_like(segment_ids, num_segments, dtype=torch.long))
     x = scores
     if standardize:
@@ -78,16 +90,18 @@ def segment_redistribute(scores, segment_ids, segment_rewards, omega=0.6, temper
     if normalize_sum:
         count = _segment_sum(torch.ones_like(scores), idx, S + 1)
         r = r / (count[idx] + omega)
-    return torch.where(segment_ids >= 0, r, torch.zeros_like(r))
+    return torch.where(idx < S, r, torch.zeros_like(r))
 
 
 def group_advantages(outcome_rewards, group_size, scale=0, eps=1e-6):
-    """(o - mean_g) / (std + eps): std of the group (scale 0, unbiased), of the batch (1), or 1 (2)."""
+    """(o - mean_g) / (std + eps): std of the group (scale 0, unbiased), of the batch (1), or 1 (2);
+    0 for every row of a constant group (``constant_groups``)."""
     dt = compute_dtype(outcome_rewards)
     o = outcome_rewards.to(dt)
     B = o.shape[0]
     og = o.reshape(B // group_size, group_size)
-    centered = og - og.mean(1, keepdim=True)
+    const = constant_groups(og)
+    centered = torch.where(const, torch.zeros_like(og), og - og.mean(1, keepdim=True))
     if scale == 2:
         return centered.reshape(B)
     if scale == 0:
@@ -152,7 +166,7 @@ def segment_redistribute_backward(grad_out, scores, segment_ids, segment_rewards
     x = scores.detach().to(dt)
     S = segment_rewards.shape[0]
     S1 = S + 1
-    valid = segment_ids >= 0
+    valid = (segment_ids >= 0) & (segment_ids < S)
     g = torch.where(valid, grad_out.to(dt), torch.zeros((), dtype=dt, device=x.device))
     w, idx = segment_weights(x, segment_ids, S, temperature, standardize)
     count = _segment_sum(torch.ones_like(x), idx, S1)
@@ -182,9 +196,10 @@ def group_advantages_backward(grad_out, outcome_rewards, group_size, scale=0, ep
     o = outcome_rewards.detach().to(dt)
     B = o.shape[0]
     G = group_size
-    ga = grad_out.to(dt).reshape(B // G, G)
     og = o.reshape(B // G, G)
-    centered = og - og.mean(1, keepdim=True)
+    const = constant_groups(og)
+    ga = torch.where(const, torch.zeros((), dtype=dt, device=o.device), grad_out.to(dt).reshape(B // G, G))
+    centered = torch.where(const, torch.zeros_like(og), og - og.mean(1, keepdim=True))
     if scale == 2:
         return (ga - ga.mean(1, keepdim=True)).reshape(B).to(outcome_rewards.dtype)
     if scale == 0:
