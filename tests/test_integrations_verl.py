@@ -234,13 +234,19 @@ def test_verl_plugins_entry_point_registers_p2t(tmp_path):
 
 
 def test_reward_routing_is_checked_against_verls_own_config():
-    """verl's default config computes rewards inside the agent loop (one float per sequence): a clear error;
-    the colocated reward-model settings route the rows through assemble_rm_scores."""
+    """verl's default config (V1 trainer, rewards inside the agent loop) without p2t's agent-loop manager: a
+    clear error naming it. V0: rewards inside the agent loop (one float per sequence) are refused, the
+    colocated reward-model settings route the rows through assemble_rm_scores. V1: the colocated pass is
+    refused, the agent-loop route with p2t's manager is accepted."""
     import verl
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), "trainer", "config",
                                       "_generated_ppo_trainer.yaml"))
+    assert cfg.trainer.use_v1                  # verl's default trainer
+    with pytest.raises(ValueError, match=r"agent_loop_manager_class=p2t\.integrations\.verl\.P2TAgentLoopManager"):
+        pv.P2TRewardManager(cfg, CharTokenizer(), None, scorer=StandInScorer())
+    cfg.trainer.use_v1 = False
     with pytest.raises(ValueError, match="reward.reward_model.enable=True"):
         pv.P2TRewardManager(cfg, CharTokenizer(), None, scorer=StandInScorer())
     cfg.reward.reward_model.enable = True
@@ -248,13 +254,20 @@ def test_reward_routing_is_checked_against_verls_own_config():
         pv.check_reward_routing(cfg)
     cfg.reward.custom_reward_function.path = "my_reward.py"
     cfg.reward.reward_model.model_path = "/nonexistent/prm"
-    assert cfg.trainer.use_v1                  # verl's default trainer: refused, naming the setting
-    with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
-        pv.check_reward_routing(cfg)
-    cfg.trainer.use_v1 = False
     pv.check_reward_routing(cfg)
     rm = pv.P2TRewardManager(cfg, CharTokenizer(), None, scorer=StandInScorer())
     assert rm.p2t_options.mode == "p2t"
+    cfg.trainer.use_v1 = True                  # V1 with a colocated reward model: no ground truth there
+    with pytest.raises(ValueError, match=r"reward\.reward_model\.enable=False"):
+        pv.check_reward_routing(cfg)
+    cfg.actor_rollout_ref.rollout.agent.agent_loop_manager_class = pv.AGENT_LOOP_MANAGER
+    with pytest.raises(ValueError, match=r"reward\.reward_model\.enable=False"):
+        pv.check_reward_routing(cfg)
+    cfg.reward.reward_model.enable_resource_pool = True     # a reward model on its own pool: streamed
+    pv.check_reward_routing(cfg)
+    cfg.reward.reward_model.enable = False
+    cfg.reward.custom_reward_function.path = None            # verl's default_compute_score
+    pv.check_reward_routing(cfg)
 
 
 def test_reward_manager_with_a_real_prm(tmp_path):
@@ -399,9 +412,10 @@ def test_reward_manager_multi_turn_rows_follow_the_response_mask():
     torch.testing.assert_close(token[0, :6], torch.where(rmask[0, :6].bool(), row[:6], torch.zeros(6)))
 
 
-def test_v1_trainer_is_refused_with_the_setting_to_change():
-    """verl's default trainer.use_v1=True: a clear error naming trainer.use_v1=False, also when the reward
-    settings are right; a config without a trainer section is not refused."""
+def test_v1_trainer_routes():
+    """V1 (verl's default trainer.use_v1=True): refused with the settings to change (p2t's agent-loop manager,
+    or the V0 trainer) unless rewards stream through the agent loop with p2t's manager; a config without a
+    trainer section is taken as V0."""
     from omegaconf import OmegaConf
 
     ok = {"reward": {"reward_model": {"enable": True, "enable_resource_pool": False, "model_path": "/prm"},
@@ -410,41 +424,63 @@ def test_v1_trainer_is_refused_with_the_setting_to_change():
     pv.check_reward_routing(OmegaConf.create({**ok, "trainer": {"use_v1": False}}))
     with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
         pv.check_reward_routing(OmegaConf.create({**ok, "trainer": {"use_v1": True}}))
-    with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
+    with pytest.raises(ValueError, match=r"agent_loop_manager_class"):
         pv.P2TRewardManager(OmegaConf.create({**ok, "trainer": {"use_v1": True}}), CharTokenizer(), None,
                             scorer=StandInScorer())
+    v1 = {"trainer": {"use_v1": True}, "reward": {"reward_model": {"enable": False, "model_path": "/prm"}},
+          "actor_rollout_ref": {"rollout": {"agent": {"agent_loop_manager_class": pv.AGENT_LOOP_MANAGER}}}}
+    pv.check_reward_routing(OmegaConf.create(v1))
+    pv.P2TRewardManager(OmegaConf.create(v1), CharTokenizer(), None, scorer=StandInScorer())
 
 
 def test_verl_entry_point_composes_the_documented_config():
     """The install brings what verl's entry points import: `python -m verl.trainer.main_ppo` composes its Hydra
     config with the documented p2t overrides (--cfg job: composition only, no Ray), its V0 and V1 trainer
-    modules import, and the composed config passes check_reward_routing; verl's default (use_v1) is refused."""
+    modules import, and the composed configs pass check_reward_routing: V0 with a colocated reward model, V1
+    with p2t's agent-loop manager (resolved by verl's own class loader); verl's default V1 route is refused."""
     from omegaconf import OmegaConf
 
-    overrides = ["algorithm.adv_estimator=p2t", "reward.reward_manager.name=p2t", "trainer.use_v1=False",
-                 "reward.reward_model.enable=True", "reward.reward_model.enable_resource_pool=False",
-                 "reward.reward_model.model_path=/path/to/prm", "reward.custom_reward_function.path=my_reward.py",
-                 "reward.custom_reward_function.name=compute_score", "+reward.reward_kwargs.prm_kind=step_classifier",
-                 "+reward.reward_kwargs.alpha=0.1", "+reward.reward_kwargs.omega=0.6"]
+    common = ["algorithm.adv_estimator=p2t", "reward.reward_manager.name=p2t",
+              "reward.reward_model.model_path=/path/to/prm", "+reward.reward_kwargs.prm_kind=step_classifier",
+              "+reward.reward_kwargs.alpha=0.1", "+reward.reward_kwargs.omega=0.6"]
+    v0 = ["trainer.use_v1=False", "reward.reward_model.enable=True", "reward.reward_model.enable_resource_pool=False",
+          "reward.custom_reward_function.path=my_reward.py", "reward.custom_reward_function.name=compute_score"]
+    v1 = [f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={pv.AGENT_LOOP_MANAGER}"]
     code = textwrap.dedent(f"""
         import runpy, sys
         import hydra, torchdata, transfer_queue                      # noqa: F401
         import verl.trainer.main_ppo_v0                             # noqa: F401  (trainer.use_v1=False)
         from verl.trainer.main_ppo import TaskRunnerV1              # noqa: F401
         from verl.trainer.ppo.v1 import get_trainer_cls             # noqa: F401  (trainer.use_v1=True)
-        sys.argv = ["main_ppo", "--cfg", "job"] + {overrides!r}
+        from verl.utils.import_utils import load_class_from_fqn
+        sys.argv = ["main_ppo", "--cfg", "job"] + {common + v0!r}
         runpy.run_module("verl.trainer.main_ppo", run_name="__main__")
+        from hydra import compose, initialize_config_module
+        from hydra.core.global_hydra import GlobalHydra
+        from omegaconf import OmegaConf
+        GlobalHydra.instance().clear()
+        with initialize_config_module("verl.trainer.config", version_base=None):
+            cfg = compose("ppo_trainer", overrides={common + v1!r})
+        cls = load_class_from_fqn(cfg.actor_rollout_ref.rollout.agent.agent_loop_manager_class, "AgentLoopManager")
+        print("=== V1 " + cls.__module__ + "." + cls.__name__)
+        print(OmegaConf.to_yaml(cfg))
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
-    cfg = OmegaConf.create(res.stdout)
+    first, _, rest = res.stdout.partition("=== V1 ")
+    loaded, _, second = rest.partition("\n")
+    assert loaded.startswith("p2t.integrations.verl") and loaded.endswith("P2TAgentLoopManager")
+    cfg = OmegaConf.create(first)
     assert cfg.algorithm.adv_estimator == "p2t" and cfg.reward.reward_kwargs.alpha == 0.1
     pv.check_reward_routing(cfg)
-    cfg.trainer.use_v1 = True                                       # verl's default
+    cfg.trainer.use_v1 = True                                       # verl's default, colocated: refused
     with pytest.raises(ValueError, match=r"trainer\.use_v1=False"):
         pv.check_reward_routing(cfg)
+    cfg1 = OmegaConf.create(second)
+    assert cfg1.trainer.use_v1 and not cfg1.reward.reward_model.enable
+    pv.check_reward_routing(cfg1)
 
 
 def test_reward_manager_with_a_prm_service():
@@ -458,3 +494,65 @@ def test_reward_manager_with_a_prm_service():
                                                                               "prm_timeout": 5}}}),
                              CharTokenizer(), None)
     assert isinstance(rm.p2t_scorer, CallableScorer) and pv.P2TRewardManager._shared_scorer is None
+
+
+def test_v1_agent_loop_worker_stores_the_p2t_row():
+    """V1 route: p2t's agent-loop worker turns the p2t manager's reward (a row) into the trajectory's rm_scores
+    row (no token reward on tool tokens, the outcome on the last policy token); a session's other outputs get
+    the outcome on their last token, with a warning; the estimator reads the outcome back."""
+    pytest.importorskip("transfer_queue")
+    import warnings
+
+    from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
+    from p2t.integrations.verl import P2TAgentLoopManager, P2TAgentLoopWorker
+
+    assert issubclass(P2TAgentLoopManager, __import__("verl.trainer.ppo.v1.agent_loop_tq",
+                                                      fromlist=["x"]).AgentLoopManagerTQ)
+    scorer = StandInScorer()
+    rm = pv.P2TRewardManager(OmegaConf.create({"reward": {"reward_kwargs": {"alpha": 1.0}}}), CharTokenizer(),
+                             lambda **kw: 2.5, scorer=scorer)
+
+    class Handle:                                  # a reward-loop worker: its compute_score calls run_single
+        class compute_score:                       # noqa: N801
+            @staticmethod
+            def remote(data):
+                return rm.run_single(data)
+
+    worker = object.__new__(P2TAgentLoopWorker)
+    worker.reward_loop_worker_handles = [Handle()]
+    worker.processor = None
+    worker.mm_processor_kwargs = None
+    kwargs = {"data_source": "toy", "reward_model": {"ground_truth": "x"}, "uid": "u",
+              "raw_prompt": [{"role": "user", "content": "What is 2+2?"}]}
+
+    # one output: policy, tool, policy, then a trailing tool token
+    rmask = [1, 1, 1, 0, 0, 1, 1, 0]
+    out = AgentLoopOutput(prompt_ids=[3, 4], response_ids=list(range(1, 9)), response_mask=rmask,
+                          metrics=AgentLoopMetrics())
+    rm.loop.run_until_complete(worker._compute_score([out], kwargs=kwargs))
+    d = out.as_dict()
+    row = d["rm_scores"]
+    assert row.shape == (8,) and "p2t_row" not in d.get("extra_fields", {})
+    assert row[6] == 2.5 and (row[torch.tensor(rmask) == 0] == 0).all() and (row[[0, 1, 2, 5]] != 0).all()
+    assert scorer.calls[-1][0] == ["What is 2+2?"] and scorer.calls[-1][2] == [list(range(1, 9))]
+    outcome, token = pv.split_token_level_rewards(row.unsqueeze(0), torch.tensor([rmask]))
+    assert outcome.item() == 2.5 and token[0, 6] == 0
+
+    # a session with two outputs: the final one carries the row, the other the outcome on its last token
+    first = AgentLoopOutput(prompt_ids=[3], response_ids=[9, 10, 11], response_mask=[1, 1, 1],
+                            metrics=AgentLoopMetrics())
+    final = AgentLoopOutput(prompt_ids=[3, 9], response_ids=[12, 13, 14, 15], response_mask=[1, 1, 1, 1],
+                            metrics=AgentLoopMetrics())
+    outs = [first, final]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        type(worker)._p2t_warned = False
+        rm.loop.run_until_complete(worker._compute_score(outs, kwargs=kwargs))
+    assert any("several outputs" in str(w.message) for w in caught)
+    for o in outs[:-1]:                            # what verl's _agent_loop_postprocess does next
+        o.reward_score = outs[-1].reward_score
+    rows = [o.as_dict()["rm_scores"] for o in outs]
+    assert rows[0].tolist() == [0.0, 0.0, 2.5]
+    assert rows[1][3] == 2.5 and (rows[1][:3] != 0).all()

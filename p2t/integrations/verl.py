@@ -23,13 +23,14 @@ the p2t package imports it when verl starts, so ``algorithm.adv_estimator=p2t`` 
 from ``reward.reward_kwargs`` (``prm``, ``prm_kind``, ``prm_url``, ``prm_timeout``, ``mode``, ``alpha``,
 ``omega``, ``temperature``, ``standardize``, ``normalize``, ``method``; any other key goes to
 ``P2TScorer.from_pretrained``).
-verl passes per-token rewards on only from the reward loop's batch pass of its V0 trainer
-(``trainer.use_v1=False``; see :func:`check_reward_routing` for the settings); the estimator reads the
-layout above whoever writes it.
+verl passes the rows on through the agent loop of its V1 trainer (verl's default) with this module's
+``P2TAgentLoopManager``, or from the reward loop's batch pass of its V0 trainer (see
+:func:`check_reward_routing` for the settings); the estimator reads the layout above whoever writes it.
 """
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -44,7 +45,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("p2t.integrations.verl needs verl: pip install verl") from e
 
 __all__ = ["compute_p2t_advantage", "split_token_level_rewards", "group_index", "p2t_reward_rows",
-           "P2TRewardManager", "check_reward_routing", "register"]
+           "P2TRewardManager", "check_reward_routing", "register", "session_rows", "AGENT_LOOP_MANAGER"]
 
 NAME = "p2t"
 
@@ -209,21 +210,23 @@ from verl.experimental.reward_loop.reward_manager import register as _register_r
 
 
 def check_reward_routing(config) -> None:
-    """Raise unless verl will build ``rm_scores`` with :meth:`P2TRewardManager.assemble_rm_scores`.
+    """Raise unless verl will hand the p2t manager's per-token rows to the advantage estimator.
 
-    Trainer: verl 0.9's default trainer (``trainer.use_v1=True``) does not pass per-token rows from a reward
-    manager to the advantage estimator on either of its reward routes. With a colocated reward model its
-    batch pass hands the reward loop only ``prompts``, ``responses``, ``attention_mask`` and ``raw_prompt``
-    (no ``data_source`` and no ``reward_model.ground_truth``, so no outcome reward can be computed); without
-    one, each trajectory's reward is computed inside the agent loop and stored as one float on its last
-    token. The p2t manager therefore needs ``trainer.use_v1=False`` (verl's ``main_ppo_v0`` trainer).
+    verl 0.9's default trainer (``trainer.use_v1=True``, V1): the reward of each trajectory is computed
+    inside the agent loop as it finishes (no colocated reward model, or a reward model with its own
+    resource pool) and stored as one float on its last token; :class:`P2TAgentLoopManager` (set as
+    ``actor_rollout_ref.rollout.agent.agent_loop_manager_class``) stores the p2t row instead. V1's other
+    route, the batch pass of a colocated reward model, hands the reward loop only ``prompts``,
+    ``responses``, ``attention_mask`` and ``raw_prompt`` (no ``data_source`` and no ground truth, so no outcome
+    reward can be computed) and is refused.
 
-    Reward route (``trainer.use_v1=False``): verl computes rewards in one of two places. Inside the agent loop (its default: no colocated reward
-    model), each trajectory's reward is one float written on the last token, so per-token rows cannot get
-    through. In the reward loop's batch pass (``RewardLoopManager.compute_rm_score``, used when
-    ``reward.reward_model.enable=True`` without a separate resource pool), the manager class lays the rows
-    out itself; the manager's ``run_single`` is called there when ``reward.custom_reward_function.path``
-    is set (otherwise verl sends the sample to its own reward model server).
+    V0 trainer (``trainer.use_v1=False``): rewards computed inside the agent loop are one float per sequence;
+    the reward loop's batch pass (``RewardLoopManager.compute_rm_score``, used when
+    ``reward.reward_model.enable=True`` without a separate resource pool) lays the rows out with
+    :meth:`P2TRewardManager.assemble_rm_scores`, calling the manager's ``run_single`` when
+    ``reward.custom_reward_function.path`` is set (otherwise verl sends the sample to its own reward model
+    server).
+
     A config without a ``reward.reward_model`` section (direct use, tests) is not checked; one without a
     ``trainer`` section is taken as ``trainer.use_v1=False``.
     """
@@ -232,23 +235,40 @@ def check_reward_routing(config) -> None:
     if rm is None:
         return
     crf = _cfg_get(reward, "custom_reward_function", None)
+    has_crf = crf is not None and _cfg_get(crf, "path", None) is not None
+    enable = bool(_cfg_get(rm, "enable", False))
+    pool = bool(_cfg_get(rm, "enable_resource_pool", False))
     trainer = _cfg_get(config, "trainer", None)
     problems = []
     if trainer is not None and bool(_cfg_get(trainer, "use_v1", False)):
-        problems.append("trainer.use_v1=False")
-    if not bool(_cfg_get(rm, "enable", False)):
+        rollout = _cfg_get(_cfg_get(config, "actor_rollout_ref", None) or {}, "rollout", None) or {}
+        agent = _cfg_get(rollout, "agent", None) or {}
+        if _cfg_get(agent, "agent_loop_manager_class", None) != AGENT_LOOP_MANAGER:
+            problems.append(f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={AGENT_LOOP_MANAGER}")
+        if enable and not pool:
+            problems.append("reward.reward_model.enable=False (or reward.reward_model.enable_resource_pool=True)")
+        if enable and not has_crf:
+            problems.append("reward.custom_reward_function.path=<file with your outcome compute_score>")
+        if problems:
+            raise ValueError(
+                "on verl's V1 trainer (trainer.use_v1=True) the p2t manager's per-token rows reach the advantage "
+                "estimator only through the agent loop, with p2t's agent-loop manager; V1's colocated reward-model "
+                "pass hands the reward manager no data_source or ground truth. Set " + ", ".join(problems) +
+                " (or use the V0 trainer: trainer.use_v1=False with a colocated reward model, see "
+                "docs/integrations.md).")
+        return
+    if not enable:
         problems.append("reward.reward_model.enable=True")
-    if bool(_cfg_get(rm, "enable_resource_pool", False)):
+    if pool:
         problems.append("reward.reward_model.enable_resource_pool=False")
-    if crf is None or _cfg_get(crf, "path", None) is None:
+    if not has_crf:
         problems.append("reward.custom_reward_function.path=<file with your outcome compute_score>")
     if problems:
         raise ValueError(
-            "the p2t reward manager writes one reward per token, which verl passes on only from the reward "
-            "loop's batch pass of its V0 trainer (trainer.use_v1=False), not from rewards computed inside the "
-            "agent loop (one float per sequence) nor from the V1 trainer's batch pass (no data_source or "
-            "ground truth reaches the reward manager there). Set " + ", ".join(problems) +
-            " (reward.reward_model.model_path: the PRM).")
+            "the p2t reward manager writes one reward per token, which verl's V0 trainer (trainer.use_v1=False) "
+            "passes on only from the reward loop's batch pass, not from rewards computed inside the agent loop "
+            "(one float per sequence). Set " + ", ".join(problems) + " (reward.reward_model.model_path: the "
+            "PRM), or use the V1 trainer with p2t's agent-loop manager (see docs/integrations.md).")
 
 
 class P2TRewardManager(_NaiveRewardManager):
@@ -260,8 +280,9 @@ class P2TRewardManager(_NaiveRewardManager):
     (default ``reward.reward_model.model_path``; ``prm_kind`` for its kind, ``device`` for where it runs),
     reached as a service at ``reward.reward_kwargs.prm_url`` (:func:`p2t.integrations.scorers.http_scorer`,
     ``prm_timeout`` seconds), or passed as ``scorer=``.
-    The rows reach ``rm_scores`` only through the reward loop's batch pass: see
-    :func:`check_reward_routing`, which the constructor runs on verl's config.
+    The rows reach ``rm_scores`` through :class:`P2TAgentLoopManager`'s workers (V1 trainer) or the reward
+    loop's batch pass (V0 trainer): see :func:`check_reward_routing`, which the constructor runs on verl's
+    config.
     """
 
     _shared_scorer = None
@@ -373,3 +394,89 @@ def register() -> None:
 
 
 _register_reward_manager_cls()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verl's V1 trainer: token rows through the agent loop (actor_rollout_ref.rollout.agent.agent_loop_manager_class).
+
+AGENT_LOOP_MANAGER = "p2t.integrations.verl.P2TAgentLoopManager"
+
+
+def session_rows(row: Sequence[float], outcome: float, response_mask: Sequence[int]) -> list:
+    """A trajectory's ``rm_scores`` row from the p2t manager's row (over all response tokens): no token reward
+    on tool/observation tokens (``response_mask`` 0), the outcome on the last policy token (the last token
+    when no token is the policy's)."""
+    n = len(response_mask)
+    if len(row) != n:
+        raise ValueError(f"the p2t reward row has {len(row)} values for {n} response tokens")
+    out = [float(v) if m else 0.0 for v, m in zip(row, response_mask)]
+    if n:
+        last = max((i for i, m in enumerate(response_mask) if m), default=n - 1)
+        out[last] = float(outcome)
+    return out
+
+
+def _agent_loop_classes():
+    """``(P2TAgentLoopManager, P2TAgentLoopWorker)``, built on first use (verl's V1 agent loop imports Ray and
+    TransferQueue)."""
+    cached = globals().get("_V1_CLASSES")
+    if cached is not None:
+        return cached
+    import ray
+    from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
+
+    worker_base = getattr(AgentLoopWorkerTQ, "__ray_actor_class__", AgentLoopWorkerTQ)
+
+    class P2TAgentLoopOutput(AgentLoopOutput):
+        """An agent-loop output whose ``rm_scores`` is a whole row (``extra_fields["p2t_row"]``) instead of
+        one float on the last token."""
+
+        def as_dict(self):
+            row = self.extra_fields.pop("p2t_row", None)
+            out = super().as_dict()
+            if row is not None:
+                out["rm_scores"] = torch.tensor(row, dtype=torch.float32)
+                out.get("extra_fields", {}).pop("p2t_row", None)
+            return out
+
+    class P2TAgentLoopWorker(worker_base):
+        """verl's V1 agent-loop worker; a trajectory's reward from the p2t manager (a row of per-token rewards)
+        becomes its ``rm_scores`` row. Other outputs of a multi-output session get the outcome on their last
+        token, as verl gives them the session's score."""
+
+        async def _compute_score(self, outputs, kwargs):
+            await super()._compute_score(outputs, kwargs)
+            final = outputs[-1]
+            score = final.reward_score
+            if not isinstance(score, (list, tuple, np.ndarray, torch.Tensor)):
+                return
+            row = [float(v) for v in (score.tolist() if hasattr(score, "tolist") else score)]
+            info = final.extra_fields.get("reward_extra_info", None) or {}
+            outcome = float(info.get("p2t_outcome", row[-1] if row else 0.0))
+            final.extra_fields["p2t_row"] = session_rows(row, outcome, final.response_mask)
+            final.reward_score = outcome
+            object.__setattr__(final, "__class__", P2TAgentLoopOutput)
+            if len(outputs) > 1 and not getattr(type(self), "_p2t_warned", False):
+                type(self)._p2t_warned = True
+                warnings.warn("p2t: an agent loop returned several outputs for one session; each output is a row "
+                              "of its uid group for the 'p2t' estimator (verl's GRPO groups only the session's "
+                              "final output), and only the final output carries token rewards", stacklevel=2)
+
+    class P2TAgentLoopManager(AgentLoopManagerTQ):
+        """verl's V1 agent-loop manager with :class:`P2TAgentLoopWorker` workers: set
+        ``+actor_rollout_ref.rollout.agent.agent_loop_manager_class=p2t.integrations.verl.P2TAgentLoopManager``."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.agent_loop_workers_class = ray.remote(P2TAgentLoopWorker)
+
+    globals()["_V1_CLASSES"] = (P2TAgentLoopManager, P2TAgentLoopWorker, P2TAgentLoopOutput)
+    return globals()["_V1_CLASSES"]
+
+
+def __getattr__(name):
+    if name in ("P2TAgentLoopManager", "P2TAgentLoopWorker", "P2TAgentLoopOutput"):
+        manager, worker, output = _agent_loop_classes()
+        return {"P2TAgentLoopManager": manager, "P2TAgentLoopWorker": worker, "P2TAgentLoopOutput": output}[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
