@@ -319,6 +319,10 @@ def test_config_from_yaml_and_command_line_is_saved_with_the_training_args(tmp_p
     saved = torch.load(str(tmp_path / "saved" / "training_args.bin"), weights_only=False)
     assert isinstance(saved, P2TGRPOConfig) and saved.p2t_omega == 0.7 and saved.p2t_alpha_schedule == "linear_warmup"
     assert '"p2t_alpha": 0.3' in args.to_json_string()
+    # it is a GRPOConfig wherever one goes: TRL's own trainer takes it (and ignores the p2t_* fields)
+    plain = trl.GRPOTrainer(model=_policy(tok), reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                            args=args, train_dataset=_dataset(), processing_class=tok)
+    assert plain.args is args
 
 
 def test_config_checks_its_options():

@@ -13,8 +13,9 @@ The estimator reads them back and returns ``A~[b, i] = A^_b + alpha * r_i`` with
 advantage of ``o_b`` within its uid group (unbiased std, ``algorithm.norm_adv_by_std_in_grpo``
 honoured, a group of one as verl's GRPO: ``A^ = o``), 0 outside ``response_mask``. Scores that verl's
 managers put on masked tokens after the last response-mask token (multi-turn rows ending in tool
-output) count as the outcome, so with no token rewards the estimator equals verl's ``grpo``. The last token gets ``A^_b`` (its own token reward, usually
-that of an EOS token, which is in no step, is not carried). With ``algorithm.use_kl_in_reward=True``
+output) count as the outcome, so with no token rewards the estimator equals verl's ``grpo``. The last
+token gets ``A^_b`` (its own token reward, usually that of an EOS token, which is in no step, is not
+carried). With ``algorithm.use_kl_in_reward=True``
 the per-token KL penalty verl subtracts lands in the token part, i.e. directly in the advantage.
 
 Importing this module registers both under the name ``"p2t"``; the ``verl.plugins`` entry point of
