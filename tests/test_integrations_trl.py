@@ -588,3 +588,48 @@ def test_prm_loaded_from_the_config(tmp_path):
     s = trainer.p2t_scorer
     assert s.null == "eos" and s.policy_tokenizer is tok and s.step_split == " "
     assert next(s.model.parameters()).device == torch.device("cpu")
+
+
+def _stats_rank(rank, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 0:
+            x, m = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[True, False, False]])
+        else:
+            x = torch.tensor([[2.0, 4.0, 6.0], [8.0, 10.0, 0.0]])
+            m = torch.tensor([[True, True, True], [True, True, False]])
+
+        def gather(t):                  # what accelerator.gather does: concatenate along dim 0
+            parts = [torch.empty_like(t) for _ in range(2)]
+            dist.all_gather(parts, t)
+            return torch.cat(parts)
+
+        out[rank] = weighted_token_stats({"x": x}, m, gather=gather)["x"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_token_stats_over_two_real_processes():
+    """The same pooling over two gloo processes: both ranks log the stats of all 6 tokens."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")      # no re-import of the test module in the children
+    out = ctx.Manager().dict()
+    procs = [ctx.Process(target=_stats_rank, args=(rank, port, out)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    for p in procs:
+        if p.is_alive():                            # a hung rendezvous: stop it, the assert below reports it
+            p.terminate()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    pooled = torch.tensor([1.0, 2, 4, 6, 8, 10], dtype=torch.float64)
+    for rank in (0, 1):
+        assert out[rank][0] == pytest.approx(pooled.mean().item())
+        assert out[rank][1] == pytest.approx(pooled.std(unbiased=False).item())
