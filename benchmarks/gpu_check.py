@@ -59,9 +59,12 @@ def _nvcc(cuda_home: str) -> str:
 def preflight() -> int:
     """Prints what the check depends on; exit status 0 when the CUDA kernels can be built, 3 when not
     (the check then goes on with the Triton and reference backends)."""
-    import torch
-
     print(f"python {sys.version.split()[0]} ({sys.executable})")
+    try:
+        import torch
+    except ImportError as e:
+        print(f"torch cannot be imported by {sys.executable}: {e} (set PYTHON to the interpreter that has it)")
+        return 1
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); cuda available: {torch.cuda.is_available()}"
           + (f"; {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)} (sm_"
              f"{''.join(map(str, torch.cuda.get_device_capability(0)))})" if torch.cuda.is_available() else ""))
@@ -287,7 +290,7 @@ def timings(argv) -> int:
                 shown.add(line)
                 print("TARGET " + line, flush=True)
 
-    for i, (case, with_compile) in enumerate(cases):
+    for case, with_compile in cases:
         label = f"{case.kernel} {case.layout} {case.dtype} {case.shape}"
         if time.time() - t_start > a.budget_s:
             print(f"time budget of {a.budget_s:.0f} s spent: skipping {label}", flush=True)
@@ -305,7 +308,7 @@ def timings(argv) -> int:
             continue
         print(f"{label} ({time.time() - t0:.0f} s)", flush=True)
         report(new)
-        if case.kernel == "segment_stage" and i == 1:
+        if case.kernel == "segment_stage" and case.shape == stage_shape:
             try:
                 report(stage_direct(bench, device, env, backends, rep, warm, a.dry_run))
             except Exception as e:  # noqa: BLE001
