@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,23 @@ def test_preflight_without_cuda_toolkit_says_so(tmp_path):
                        env=_env(CUDA_HOME=str(tmp_path / "no-cuda"), PATH=path))
     assert p.returncode == 3, p.stdout + p.stderr
     assert "build: NO" in p.stdout and "no nvcc" in p.stdout, p.stdout
+
+
+def test_gpu_bench_script_is_consistent():
+    """gpu_bench.sh (the second GPU command, not rehearsed end to end): valid bash, and every option it
+    passes to a benchmark script is one that script accepts."""
+    path = os.path.join(HERE, "gpu_bench.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    with open(path) as f:
+        text = f.read().replace("\\\n", " ")
+    calls: dict = {}
+    for line in text.splitlines():
+        for script in re.findall(r"benchmarks/(\w+\.py)", line):
+            calls.setdefault(script, set()).update(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line.split(script, 1)[1]))
+    assert {"e2e_reward_step.py", "bench_ops.py", "recompile_check.py"} <= set(calls), calls
+    for script, flags in calls.items():
+        p = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=_env())
+        assert p.returncode == 0, p.stdout + p.stderr
+        missing = {f for f in flags if f not in p.stdout}
+        assert not missing, f"{script} does not accept {sorted(missing)}"
