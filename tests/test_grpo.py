@@ -182,8 +182,9 @@ def test_advantages_reaching_the_loss_are_p2ts(tmp_path, cache, monkeypatch, mod
     got = torch.cat(seen, dim=0)
     # recompute from the scorer's own output, independently of the trainer's alignment code
     b = r.scored
-    keep = [i for i, s in enumerate(r.responses) if s.strip()]
     B, N = r.completion_mask.shape
+    # the scored batch covers every row, aligned to the completion (rows without a step have no segment)
+    keep = list(range(B)) if b.scores.shape[0] == B else [i for i, s in enumerate(r.responses) if s.strip()]
     scores = torch.zeros(B, N)
     seg = torch.full((B, N), -1, dtype=torch.long)
     n = min(N, b.scores.shape[1])

@@ -2,15 +2,17 @@
 
 ``P2TScorer`` wraps a process reward model (a step classifier, a value head, an LM judge or a reward
 function of your own) and returns a :class:`ScoredBatch` whose ``scores``, ``segment_ids`` and
-``segment_rewards`` go straight into :func:`p2t.segment_redistribute` / :func:`p2t.p2t_advantages`.
+``segment_rewards`` go straight into :func:`p2t.segment_redistribute` / :func:`p2t.p2t_advantages`;
+:func:`token_rewards` turns it into the token rewards of each mode (outcome / process / p2t).
 """
 from __future__ import annotations
 
+from .batch import MODES, NORMALIZE, SCALES, token_rewards  # noqa: F401
 from .scorer import (KINDS, METHODS, NULLS, PRESETS, AttributionWarning, P2TScorer, PRMView,  # noqa: F401
                      ScoredBatch)
 
 __all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "KINDS", "METHODS", "NULLS", "PRESETS",
-           "MiniLMStepReward"]
+           "MiniLMStepReward", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
 
 
 def __getattr__(name):

@@ -7,7 +7,10 @@ no tensors, no model. Tokenizers are duck-typed: ``encode(text, add_special_toke
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 Span = Tuple[int, int]
 StepSplit = Union[str, None, Callable[[str], List[Span]]]
@@ -106,6 +109,9 @@ def offsets_from_ids(tokenizer, ids: Sequence[int], text: Optional[str] = None) 
     such as character-level ones), and as a last resort by decoding growing prefixes.
     """
     ids = list(ids)
+    fast = _byte_level_offsets(tokenizer, ids)
+    if fast is not None:
+        return fast
     if text is not None and getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if list(enc["input_ids"]) == ids:
@@ -138,6 +144,69 @@ def offsets_from_ids(tokenizer, ids: Sequence[int], text: Optional[str] = None) 
         spans.extend([(committed, end)] * pending)
         committed, pending = end, 0
     return full, _contiguous(spans, 0, len(full))
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict:
+    """The byte-level BPE alphabet (GPT-2's ``bytes_to_unicode``) inverted: character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _byte_level_offsets(tokenizer, ids: List[int]) -> Optional[Tuple[str, List[Span]]]:
+    """Offsets of a byte-level BPE tokenizer (GPT-2, Qwen, Llama-3) from its token strings, without
+    re-encoding: each token's bytes through the byte alphabet, character positions from the UTF-8
+    lead bytes. A token made only of continuation bytes (the rest of a character split over tokens)
+    gets an empty span after the token that starts the character. ``None`` when the tokenizer is not
+    byte-level or the bytes do not decode to what the tokenizer decodes (then the general path runs)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None or type(decoder).__name__ != "ByteLevel" or not ids:
+        return None
+    table = _unicode_to_byte()
+    special = special_ids(tokenizer)
+    try:
+        toks = tokenizer.convert_ids_to_tokens(ids)
+    except Exception:  # noqa: BLE001 - the general path handles it
+        return None
+    cache = getattr(tokenizer, "_p2t_bytes", None)
+    if cache is None:
+        cache = {}
+        try:
+            tokenizer._p2t_bytes = cache
+        except Exception:  # noqa: BLE001 - no attribute allowed: no cache
+            pass
+    pieces = []
+    for t, s in zip(ids, toks):
+        p = cache.get(t)
+        if p is None:
+            if t in special or s is None:
+                p = b""
+            elif all(c in table for c in s):
+                p = bytes(table[c] for c in s)
+            else:  # an added token: its text as is
+                p = s.encode("utf-8")
+            cache[t] = p
+        pieces.append(p)
+    raw = b"".join(pieces)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text != _decode(tokenizer, ids):
+        return None
+    lead = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80
+    chars = np.concatenate([[0], np.cumsum(lead)])
+    ends = np.cumsum([len(p) for p in pieces])
+    starts = ends - np.asarray([len(p) for p in pieces])
+    a, b = chars[starts].tolist(), chars[ends].tolist()
+    return text, _contiguous([(x, y) for x, y in zip(a, b)], 0, len(text))
 
 
 def overlap(a: Span, b: Span) -> int:
@@ -173,6 +242,45 @@ def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span],
                 best, best_ov = j, ov
             j += 1
         out.append(best)
+    return out
+
+
+def assign_steps_array(spans: np.ndarray, steps: np.ndarray, has_text: Optional[np.ndarray] = None) -> np.ndarray:
+    """:func:`assign_steps` on arrays (``spans`` ``[n, 2]``, ``steps`` ``[K, 2]``, sorted), vectorised
+    over tokens: int64 ``[n]``."""
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    steps = np.asarray(steps, dtype=np.int64).reshape(-1, 2)
+    n, K = spans.shape[0], steps.shape[0]
+    out = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return out
+    a, b = spans[:, 0], spans[:, 1]
+    s0, s1 = steps[:, 0], steps[:, 1]
+    k = np.searchsorted(s1, a, side="right")  # the first step ending after the token's start
+    empty = b <= a
+    if K:
+        best_ov = np.zeros(n, dtype=np.int64)
+        j = 0
+        while True:  # the candidate steps of each token, one offset at a time (tokens rarely span two)
+            kk = k + j
+            kc = np.minimum(kk, K - 1)
+            valid = ~empty & (kk < K) & (s0[kc] < b)
+            if not valid.any():
+                break
+            ov = np.minimum(b, s1[kc]) - np.maximum(a, s0[kc])
+            better = valid & (ov > best_ov)
+            out = np.where(better, kc, out)
+            best_ov = np.where(better, ov, best_ov)
+            j += 1
+        kc = np.minimum(k, K - 1)
+        inside = empty & (k < K) & (s0[kc] < a) & (a < s1[kc])  # no text: strictly inside a step
+        out = np.where(inside, kc, out)
+    if has_text is not None:
+        cont = empty & np.asarray(has_text, dtype=bool)
+        cont[0] = False  # nothing before the first token: the no-text rule
+        if cont.any():
+            anchor = np.maximum.accumulate(np.where(cont, -1, np.arange(n)))
+            out = np.where(cont, out[np.maximum(anchor, 0)], out)
     return out
 
 

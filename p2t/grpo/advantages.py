@@ -5,32 +5,44 @@
 * ``p2t``: ``A^_b + alpha * r_i`` with ``r_i`` from :func:`p2t.segment_redistribute` of the PRM's token
   attributions (the paper's Eq. 3, with the op's omega / temperature / standardize / normalize).
 
-Tokens in no step (separators, the EOS token) get ``A^_b``; padding gets 0.
+Tokens in no step (separators, the EOS token) get ``A^_b``; padding gets 0. The token rewards of every
+mode come from one function, :func:`p2t.attribution.token_rewards`.
+
+Why the trainer does not end in the fused :func:`p2t.p2t_advantages`: the fused op takes the PRM's
+``[B, N, D]`` gradient and embeddings, which the scorer reduces to ``[B, N]`` attributions micro-batch
+by micro-batch (the point of its token budget: one micro-batch's activations alive at a time). Holding
+them for the whole batch to fuse the last two steps would cost ``2 * B * N * D`` floats for a saving of
+two ``[B, N]`` passes; the unfused tail (:func:`p2t.segment_redistribute` then
+:func:`p2t.token_advantages`) is what it fuses, bit for bit within the ops' tolerances.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 import torch
 
 import p2t
+from p2t.attribution.batch import token_rewards as _token_rewards
 from p2t.ops.reference import segment_weights
 
 
 def token_rewards(mode: str, scores: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor],
                   segment_rewards: Optional[torch.Tensor], mask: torch.Tensor, *, omega: float = 0.6,
                   temperature: float = 1.0, standardize: bool = False, normalize: str = "paper") -> torch.Tensor:
-    """Per-token rewards ``[B, N]`` (zeros in outcome mode)."""
+    """Per-token rewards ``[B, N]`` (zeros in outcome mode) from loose tensors; see
+    :func:`p2t.attribution.token_rewards` for a scored batch."""
     if mode == "outcome":
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    if segment_ids is None or segment_rewards is None:
+    if mode in ("process", "p2t") and (segment_ids is None or segment_rewards is None):
         raise ValueError(f"mode={mode!r} needs segment_ids and segment_rewards from a PRM")
-    if mode == "process":
-        return p2t.process_token_rewards(segment_ids, segment_rewards.float())
-    if mode == "p2t":
-        return p2t.segment_redistribute(scores.float(), segment_ids, segment_rewards.float(), omega=omega,
-                                        temperature=temperature, standardize=standardize, normalize=normalize)
-    raise ValueError(f"unknown mode {mode!r}: choose one of outcome, process, p2t")
+    if mode == "p2t" and scores is None:
+        raise ValueError("mode='p2t' needs the attribution scores")
+    batch = SimpleNamespace(scores=None if scores is None else scores.float(), segment_ids=segment_ids,
+                            segment_rewards=segment_rewards.float() if segment_rewards is not None else None,
+                            response_mask=None)
+    return _token_rewards(batch, mode, omega=omega, temperature=temperature, standardize=standardize,
+                          normalize=normalize)
 
 
 def compute_advantages(mode: str, outcome_rewards: torch.Tensor, mask: torch.Tensor, *, group_size: int,
@@ -45,6 +57,42 @@ def compute_advantages(mode: str, outcome_rewards: torch.Tensor, mask: torch.Ten
     return adv, tr
 
 
+def advantages_from_scored(mode: str, outcome_rewards: torch.Tensor, mask: torch.Tensor, scored, *,
+                           group_size: int, alpha: float, scale: str, omega: float = 0.6, temperature: float = 1.0,
+                           standardize: bool = False, normalize: str = "paper") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, token rewards) ``[B, N]`` from a :class:`p2t.ScoredBatch` aligned to ``mask``'s
+    columns (``None`` in outcome mode), on its device."""
+    if mode == "outcome" or scored is None:
+        if mode != "outcome":
+            raise ValueError(f"mode={mode!r} needs a scored batch from a PRM")
+        tr = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    else:
+        tr = _token_rewards(scored, mode, omega=omega, temperature=temperature, standardize=standardize,
+                            normalize=normalize).float()
+    adv = p2t.token_advantages(outcome_rewards.float(), tr, group_size=group_size,
+                               alpha=alpha if mode != "outcome" else 0.0, mask=mask, scale=scale)
+    return adv, tr
+
+
+def _stats(scores: torch.Tensor, segment_ids: torch.Tensor, S: int, temperature: float, standardize: bool):
+    """[attr_abs_mean, attr_entropy] as a float64 tensor on the scores' device (no host sync)."""
+    sel = segment_ids >= 0
+    ids = segment_ids[sel]
+    if S == 0 or ids.numel() == 0:
+        return torch.tensor([0.0, 1.0], dtype=torch.float64, device=scores.device)
+    # the same within-step weights as the ops (reference formulas, float64)
+    w, _ = segment_weights(scores[sel].double(), ids, S, temperature, standardize)
+    n = torch.bincount(ids, minlength=S).double()
+    ent = torch.zeros(S, dtype=torch.float64, device=scores.device).index_add_(
+        0, ids, -w * torch.log(w.clamp(min=1e-300)))
+    multi = n > 1
+    norm = ent[multi] / torch.log(n[multi])
+    one = torch.ones((), dtype=torch.float64, device=scores.device)
+    entropy = norm.mean() if norm.numel() else one
+    abs_mean = scores[sel].abs().float().mean().double() if ids.numel() else 0 * one
+    return torch.stack([abs_mean, entropy])
+
+
 @torch.no_grad()
 def attribution_stats(scores: torch.Tensor, segment_ids: torch.Tensor, *, temperature: float = 1.0,
                       standardize: bool = False) -> Dict[str, float]:
@@ -53,12 +101,18 @@ def attribution_stats(scores: torch.Tensor, segment_ids: torch.Tensor, *, temper
     sel = segment_ids >= 0
     if not bool(sel.any()):
         return {"attr_abs_mean": 0.0, "attr_entropy": 1.0}
-    ids = segment_ids[sel]
-    S = int(ids.max()) + 1
-    # the same within-step weights as the ops (reference formulas, float64)
-    w, _ = segment_weights(scores[sel].double(), ids, S, temperature, standardize)
-    n = torch.bincount(ids, minlength=S).double()
-    ent = torch.zeros(S, dtype=torch.float64).index_add_(0, ids, -w * torch.log(w.clamp(min=1e-300)))
-    multi = n > 1
-    norm_ent = (ent[multi] / torch.log(n[multi])).mean().item() if bool(multi.any()) else 1.0
-    return {"attr_abs_mean": scores[sel].abs().float().mean().item(), "attr_entropy": norm_ent}
+    S = int(segment_ids[sel].max()) + 1
+    a, e = _stats(scores, segment_ids, S, temperature, standardize).tolist()
+    return {"attr_abs_mean": a, "attr_entropy": e}
+
+
+@torch.no_grad()
+def scored_stats(scored, *, temperature: float = 1.0, standardize: bool = False) -> Dict[str, float]:
+    """The log's view of a scored batch, moved to the CPU in one copy: mean step reward and
+    :func:`attribution_stats`."""
+    R = scored.segment_rewards
+    S = int(R.numel())
+    st = _stats(scored.scores, scored.segment_ids, S, temperature, standardize)
+    step = R.float().mean().double() if S else torch.zeros((), dtype=torch.float64, device=R.device)
+    a, e, r = torch.cat([st, step.reshape(1).to(st.device)]).tolist()
+    return {"step_reward": r, "attr_abs_mean": a, "attr_entropy": e}

@@ -14,10 +14,9 @@ from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hi
 
 from .lab.models import LabConfig
 
-MODES = ("outcome", "process", "p2t")
+from ..attribution.batch import MODES, NORMALIZE, SCALES  # noqa: F401  (defined once)
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALES = ("group", "batch", "none")
-NORMALIZE = ("paper", "sum")
 PRM_KINDS = ("step_classifier", "value_head", "lm_judge")
 
 
@@ -122,10 +121,10 @@ class GRPOConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.attr_temperature <= 0:
             raise ValueError(f"attr_temperature must be > 0, got {self.attr_temperature}")
-        if self.mode != "outcome" and self.prm is None and self.policy is not None:
+        if self.mode != "outcome" and self.prm is None and not self.uses_lab:
             raise ValueError(f"mode={self.mode!r} needs a process reward model: set prm (an HF id or a local path) "
                              "or use mode='outcome'")
-        if self.train_data is None and self.policy is not None:
+        if self.train_data is None and not self.uses_lab:
             raise ValueError("a policy of your own needs train_data (a JSONL of prompts) and a reward")
         if self.train_data is not None and self.reward is None:
             raise ValueError("train_data needs reward='module:function' (the outcome reward)")
@@ -133,7 +132,8 @@ class GRPOConfig:
 
     @property
     def uses_lab(self) -> bool:
-        return self.policy is None
+        from .setup import uses_lab  # no policy, or a lab policy saved by an earlier run
+        return uses_lab(self)
 
     @property
     def clip_high(self) -> float:

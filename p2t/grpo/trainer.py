@@ -14,14 +14,11 @@ checkpoint continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import copy
-import importlib
-import json
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -30,6 +27,7 @@ from . import loss as loss_mod
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GRPOConfig
 from .metrics import MetricsLog, plot_curves
+from .setup import DatasetPrompts, LabPrompts, resolve  # noqa: F401  (re-exported)
 
 RewardFn = Callable[..., List[float]]
 
@@ -55,21 +53,6 @@ class Rollout:
     ref_logp: Optional[torch.Tensor] = None
 
 
-def _import_fn(spec: str) -> Callable:
-    if ":" not in spec:
-        raise ValueError(f"reward must look like 'module:function', got {spec!r}")
-    mod, name = spec.split(":", 1)
-    return getattr(importlib.import_module(mod), name)
-
-
-def _read_jsonl(path: str) -> List[dict]:
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows or any("prompt" not in r for r in rows):
-        raise ValueError(f"{path}: every line must be a JSON object with a 'prompt'")
-    return rows
-
-
 def fill_step_holes(segment_ids: torch.Tensor) -> torch.Tensor:
     """Tokens with id -1 lying between two tokens of the same step join that step.
 
@@ -85,41 +68,6 @@ def fill_step_holes(segment_ids: torch.Tensor) -> torch.Tensor:
     next_id = torch.where(nxt < N, segment_ids.gather(1, nxt.clamp(max=N - 1)), torch.full_like(pos, -2))
     hole = ~valid & (prev_id == next_id)
     return torch.where(hole, prev_id, segment_ids)
-
-
-class LabPrompts:
-    """The lab's prompt source: fresh addition chains per update, never one of the evaluation prompts."""
-
-    def __init__(self, seed: int, eval_prompts: Sequence[str]):
-        self.seed = seed
-        self.held_out = set(eval_prompts)
-
-    def __call__(self, update: int, n: int) -> List[dict]:
-        from .lab import task
-        rng = random.Random(self.seed * 1_000_003 + update)
-        out = []
-        while len(out) < n:
-            p = task.sample_problem(rng)
-            if p.prompt not in self.held_out:
-                out.append({"prompt": p.prompt, "answer": p.answer})
-        return out
-
-
-class DatasetPrompts:
-    """Rows of a JSONL file, reshuffled every epoch from (seed, epoch)."""
-
-    def __init__(self, rows: List[dict], seed: int):
-        self.rows, self.seed = rows, seed
-
-    def __call__(self, update: int, n: int) -> List[dict]:
-        out, k = [], update * n
-        while len(out) < n:
-            epoch, i = divmod(k, len(self.rows))
-            order = list(range(len(self.rows)))
-            random.Random(self.seed * 7919 + epoch).shuffle(order)
-            out.append(self.rows[order[i]])
-            k += 1
-        return out
 
 
 class GRPOTrainer:
@@ -143,62 +91,11 @@ class GRPOTrainer:
         self.log = log or (lambda s: None)
         if c.threads:
             torch.set_num_threads(c.threads)
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto"
-                                   else c.device)
-        if c.bf16 and self.device.type != "cuda":
-            raise ValueError("bf16=True needs a GPU (device cuda)")
-        lab_paths = None
-        if policy is None and c.uses_lab:
-            from .lab.models import ensure_lab
-            lab_paths = ensure_lab(c.lab, c.lab_cache, log=self.log, packaged=c.lab_packaged)
-        if policy is None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            path = c.policy or lab_paths["policy"]
-            policy = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=c.trust_remote_code)
-            if tokenizer is None and c.uses_lab:
-                from .lab.tokenizer import CharTokenizer
-                tokenizer = CharTokenizer.from_pretrained(path)
-            elif tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=c.trust_remote_code)
-        if tokenizer is None:
-            raise ValueError("a policy passed as a model needs its tokenizer")
-        self.policy = policy.to(self.device)
-        self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        if c.mode != "outcome" and scorer is None:
-            if c.prm is None and lab_paths is None:
-                raise ValueError(f"mode={c.mode!r} needs a process reward model: pass scorer= or set prm "
-                                 "(an HF id or a local path), or use mode='outcome'")
-            from p2t.attribution import P2TScorer
-            prm_path = c.prm or lab_paths["prm"]
-            scorer = P2TScorer.from_pretrained(prm_path, kind=c.prm_kind, device=self.device,
-                                               **self._scorer_options(tokenizer))
-        self.scorer = scorer
-        if reward_fn is None:
-            if c.reward is not None:
-                reward_fn = _import_fn(c.reward)
-            elif c.uses_lab:
-                from .lab.task import outcome_reward as reward_fn
-            else:
-                raise ValueError("set reward='module:function' (the outcome reward)")
-        self.reward_fn = reward_fn
-        if eval_rows is None:
-            if c.eval_data:
-                eval_rows = _read_jsonl(c.eval_data)
-            elif c.uses_lab:
-                from .lab import task
-                eval_rows = [{"prompt": p.prompt, "answer": p.answer} for p in task.problems(c.eval_seed, c.eval_prompts)]
-            else:
-                eval_rows = []
-        self.eval_rows = eval_rows[:c.eval_prompts]
-        if prompt_source is None:
-            if c.train_data:
-                prompt_source = DatasetPrompts(_read_jsonl(c.train_data), c.seed)
-            else:
-                prompt_source = LabPrompts(c.seed, [r["prompt"] for r in self.eval_rows])
-        self.prompt_source = prompt_source
+        setup = resolve(c, policy=policy, tokenizer=tokenizer, scorer=scorer, reward_fn=reward_fn,
+                        prompt_source=prompt_source, eval_rows=eval_rows, log=self.log)
+        self.device, self.policy, self.tokenizer = setup.device, setup.policy, setup.tokenizer
+        self.scorer, self.reward_fn, self.prompt_source = setup.scorer, setup.reward_fn, setup.prompt_source
+        self.eval_rows, self.lab = setup.eval_rows, setup.lab
         self.ref_model = None
         if c.beta > 0:  # frozen copy of the starting policy; nothing is loaded when beta == 0
             self.ref_model = copy.deepcopy(self.policy).eval()
@@ -209,22 +106,6 @@ class GRPOTrainer:
         self.update = 0          # completed updates
         self.last_rollout: Optional[Rollout] = None
         self.history: List[dict] = []
-
-    def _scorer_options(self, policy_tokenizer) -> dict:
-        """P2TScorer options: the kind's conventions unless the config overrides them. The lab's PRM reads
-        ``BOS prompt step\\n step\\n ...`` and shares the policy's tokenizer (identity token mapping)."""
-        c = self.config
-        opts = {}
-        if c.uses_lab and c.prm is None:
-            opts = dict(tokenizer=policy_tokenizer, step_separator="\n", step_split="\n",
-                        template="{prompt}{response}")
-        else:
-            opts["policy_tokenizer"] = policy_tokenizer
-        for key, value in (("step_separator", c.step_separator), ("step_split", c.step_split),
-                           ("template", c.prm_template)):
-            if value is not None:
-                opts[key] = value
-        return opts
 
     # ------------------------------------------------------------------ sampling
     def _generate(self, prompts: List[str], num_samples: int, temperature: float, seed: int):
@@ -280,40 +161,21 @@ class GRPOTrainer:
         B, N = cmask.shape
         if c.mask_truncated_completions:  # no EOS: cut at max_new_tokens, left out of the loss (TRL's meaning)
             cmask = cmask & (ids[:, P:] == self.tokenizer.eos_token_id).any(-1, keepdim=True)
-        scored = scores = seg = seg_rewards = None
-        if c.mode != "outcome":
-            scored, scores, seg, seg_rewards = self._score(expanded, responses, resp_ids, N)
-        adv, tr = adv_mod.compute_advantages(
-            c.mode, o, cmask, group_size=c.group_size, alpha=c.alpha, scale=c.scale_rewards, scores=scores,
-            segment_ids=seg, segment_rewards=seg_rewards, omega=c.omega, temperature=c.attr_temperature,
-            standardize=c.standardize, normalize=c.normalize)
-        r = Rollout(expanded, responses, columns, ids, attn, P, cmask, o, adv, tr, scored, seg, scores, seg_rewards)
+        scored = None
+        if c.mode != "outcome":  # one call: aligned to the completion columns, on the policy's device
+            scored = self.scorer.score_ids(expanded, resp_ids, method=c.attribution_method, length=N,
+                                           device=self.device)
+        adv, tr = adv_mod.advantages_from_scored(
+            c.mode, o, cmask, scored, group_size=c.group_size, alpha=c.alpha, scale=c.scale_rewards, omega=c.omega,
+            temperature=c.attr_temperature, standardize=c.standardize, normalize=c.normalize)
+        r = Rollout(expanded, responses, columns, ids, attn, P, cmask, o, adv, tr, scored,
+                    *((scored.segment_ids, scored.scores, scored.segment_rewards) if scored is not None else ()))
         with torch.no_grad():
             if c.num_iterations > 1:
                 r.old_logp = self._logps(self.policy, ids, attn, P)
             if self.ref_model is not None:
                 r.ref_logp = self._logps(self.ref_model, ids, attn, P)
         return r
-
-    def _score(self, prompts, responses, resp_ids, N):
-        """Scorer output aligned to the completion columns: (batch, scores, segment_ids, segment_rewards).
-
-        Empty responses are not sent to the PRM (they have no step): their tokens get no step."""
-        B = len(prompts)
-        keep = [i for i in range(B) if responses[i].strip()]
-        scores = torch.zeros(B, N, dtype=torch.float32)
-        seg = torch.full((B, N), -1, dtype=torch.long)
-        if not keep:
-            return None, scores.to(self.device), seg.to(self.device), torch.zeros(0, device=self.device)
-        batch = self.scorer.score([prompts[i] for i in keep], [responses[i] for i in keep],
-                                  method=self.config.attribution_method,
-                                  response_token_ids=[resp_ids[i] for i in keep])
-        s, g = batch.scores.detach().float().cpu(), batch.segment_ids.cpu().long()
-        n = min(N, s.shape[1])
-        scores[keep, :n] = s[:, :n]
-        seg[keep, :n] = g[:, :n]
-        seg = fill_step_holes(seg)
-        return batch, scores.to(self.device), seg.to(self.device), batch.segment_rewards.detach().float().to(self.device)
 
     # ------------------------------------------------------------------ optimisation
     def compute_loss(self, r: Rollout, rows: slice, num_items_in_batch: int):
@@ -373,12 +235,9 @@ class GRPOTrainer:
                "accuracy": (r.outcome_rewards >= 1.0).float().mean().item(),
                "completion_length": lengths.mean().item(), **opt,
                "rollout_s": round(t_roll, 3), "update_s": round(time.time() - t0, 3)}
-        if r.segment_ids is not None:
-            seg_r = r.segment_rewards
-            rec["step_reward"] = seg_r.mean().item() if seg_r.numel() else 0.0
-            rec.update(adv_mod.attribution_stats(r.token_scores, r.segment_ids, temperature=c.attr_temperature,
-                                                 standardize=c.standardize))
-        if c.uses_lab:
+        if r.scored is not None:  # the scorer's results reach the CPU here, once, for the log
+            rec.update(adv_mod.scored_stats(r.scored, temperature=c.attr_temperature, standardize=c.standardize))
+        if self.lab:
             from .lab import task
             labels = [l for p, s in zip(r.prompts, r.responses) for l in task.step_labels(task.parse_prompt(p), s)]
             rec["step_accuracy"] = sum(labels) / max(len(labels), 1)

@@ -10,10 +10,8 @@ from typing import Any, Dict, Sequence
 
 import torch
 
-from ..ops import process_token_rewards, segment_redistribute
-
-MODES = ("outcome", "process", "p2t")
-NORMALIZE = ("paper", "sum")
+from ..attribution.batch import MODES, NORMALIZE  # noqa: F401  (the option values, defined once)
+from ..attribution.batch import token_rewards as scored_token_rewards
 
 
 @dataclass(frozen=True)
@@ -100,6 +98,14 @@ def token_rewards(scorer, prompts: Sequence[Any], responses: Sequence[str], resp
     out = torch.zeros(B, length, dtype=torch.float32, device=device)
     if options.mode == "outcome":
         return out
+    if callable(getattr(scorer, "score_ids", None)):  # a P2TScorer: one call, aligned and padded to length on device
+        longest = max((len(x) for x in response_ids), default=0)
+        if longest > length:
+            raise ValueError(f"a response has {longest} tokens but the reward tensor has room for {length}")
+        batch = scorer.score_ids([prompt_text(p) for p in prompts], [list(map(int, x)) for x in response_ids],
+                                 method=options.method, length=length, device=out.device, **options.score_kwargs)
+        return rewards_from_scored(batch, options).to(torch.float32)
+    # any other object with score(): the rows it scored, placed into the reward tensor
     # rows without a token or with only whitespace/special tokens have no step: not sent to the PRM
     rows = [b for b in range(B) if len(response_ids[b]) > 0 and str(responses[b]).strip()]
     if not rows:
@@ -119,14 +125,7 @@ def token_rewards(scorer, prompts: Sequence[Any], responses: Sequence[str], resp
 def rewards_from_scored(batch, options: P2TOptions) -> torch.Tensor:
     """Token rewards ``[B, N]`` from a scored batch (``scores``, ``segment_ids``, ``segment_rewards``,
     ``response_mask``): ``R_s`` per step token (``"process"``) or the redistributed ``r_i`` (``"p2t"``)."""
-    ids = batch.segment_ids
-    mask = getattr(batch, "response_mask", None)
-    if mask is not None:
-        ids = torch.where(mask.bool(), ids, torch.full_like(ids, -1))
-    R = batch.segment_rewards
-    if options.mode == "process":
-        return process_token_rewards(ids, R.float())
-    return segment_redistribute(batch.scores, ids, R, omega=options.omega, temperature=options.temperature,
+    return scored_token_rewards(batch, options.mode, omega=options.omega, temperature=options.temperature,
                                 standardize=options.standardize, normalize=options.normalize,
                                 backend=options.backend)
 

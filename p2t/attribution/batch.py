@@ -1,0 +1,133 @@
+"""The scorer's output contract: :class:`ScoredBatch` (tensors aligned to the policy's tokens, padded,
+on one device), its per-response :class:`PRMView` s (built on first access) and :func:`token_rewards`,
+the one place where a scored batch becomes the token rewards of each mode."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+
+from ..ops._checks import NORMALIZE, SCALES  # noqa: F401  (re-exported: the option values, defined once)
+
+__all__ = ["ScoredBatch", "PRMView", "PRMViews", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
+
+MODES = ("outcome", "process", "p2t")
+
+
+@dataclass
+class PRMView:
+    """The PRM-level view of one response, for inspection.
+
+    ``input_ids``/``tokens``: the PRM input (prompt template, steps, separators); ``attributions``:
+    ``[L]`` per PRM token (0 outside steps); ``step_index``: ``[L]`` local step of each PRM token, -1 for
+    prompt, separators and template; ``readout_positions``: where each step is read;
+    ``step_rewards``/``step_logits``: R_s and its log-odds per step; ``step_spans``: character spans of
+    the steps in ``response_text``; ``policy_spans``: character spans of the policy tokens.
+    """
+    input_ids: List[int]
+    tokens: List[str]
+    attributions: torch.Tensor
+    step_index: torch.Tensor
+    readout_positions: List[int]
+    step_rewards: torch.Tensor
+    step_logits: torch.Tensor
+    step_spans: List[tuple]
+    response_text: str
+    policy_spans: List[tuple]
+    prompt_length: int
+
+
+class PRMViews(Sequence):
+    """One :class:`PRMView` per response, built on first access (token strings, CPU copies), so a
+    training step that never looks at them pays nothing for them."""
+
+    def __init__(self, n: int, build: Callable[[int], Optional[PRMView]]):
+        self._n, self._build, self._cache = n, build, {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(f"response {i} out of range for {self._n} responses")
+        i %= self._n
+        if i not in self._cache:
+            self._cache[i] = self._build(i)
+        return self._cache[i]
+
+    def __repr__(self) -> str:
+        return f"PRMViews({self._n} responses)"
+
+
+@dataclass
+class ScoredBatch:
+    """Attributions on the policy's tokens, ready for :func:`p2t.segment_redistribute` /
+    :func:`p2t.p2t_advantages` or :meth:`token_rewards`.
+
+    scores: ``[B, N]`` attribution per policy response token (N = ``length`` when given, else the
+        longest response; left aligned: column 0 is the first response token), 0 on padding. float32
+        (float64 for a float64 PRM).
+    segment_ids: int64 ``[B, N]`` global step ids in ``[0, S)`` (a step is the set of its tokens), -1 for
+        tokens in no step (separators, whitespace between steps, special tokens, truncated steps,
+        responses without a step, padding).
+    segment_rewards: ``[S]`` step rewards R_s as probabilities in [0, 1].
+    segment_logits: ``[S]`` their log-odds (what ``objective="logit"`` differentiates).
+    response_mask: bool ``[B, N]``, True on the response's tokens.
+    steps_per_response: number of steps of each response (ids of response b follow those of b-1).
+    prm: one :class:`PRMView` per response (``None`` for a response that was not scored).
+    """
+    scores: torch.Tensor
+    segment_ids: torch.Tensor
+    segment_rewards: torch.Tensor
+    segment_logits: torch.Tensor
+    response_mask: torch.Tensor
+    steps_per_response: List[int]
+    prm: Any = field(repr=False)
+    method: str = "taylor"
+    objective: str = "logit"
+
+    def to(self, device) -> "ScoredBatch":
+        """The same batch with its tensors (not the PRM views) on ``device``."""
+        return ScoredBatch(self.scores.to(device), self.segment_ids.to(device), self.segment_rewards.to(device),
+                           self.segment_logits.to(device), self.response_mask.to(device),
+                           list(self.steps_per_response), self.prm, self.method, self.objective)
+
+    def token_rewards(self, mode: str = "p2t", *, omega: float = 0.6, temperature: float = 1.0,
+                      standardize: bool = False, normalize: str = "paper", backend: str = "auto") -> torch.Tensor:
+        """:func:`token_rewards` of this batch."""
+        return token_rewards(self, mode, omega=omega, temperature=temperature, standardize=standardize,
+                             normalize=normalize, backend=backend)
+
+
+def token_rewards(batch, mode: str = "p2t", *, omega: float = 0.6, temperature: float = 1.0,
+                  standardize: bool = False, normalize: str = "paper", backend: str = "auto") -> torch.Tensor:
+    """Per-token rewards ``[B, N]`` of a scored batch, on its device, in its dtype.
+
+    * ``"outcome"``: zeros (the outcome advantage alone);
+    * ``"process"``: R_s on every token of step s (:func:`p2t.process_token_rewards`);
+    * ``"p2t"``: ``r_i = R_s + omega * R_s * softmax_{j in s}(I_j / temperature)_i``
+      (:func:`p2t.segment_redistribute` with ``standardize`` / ``normalize``).
+
+    Tokens in no step and padding get 0. ``batch`` is a :class:`ScoredBatch` (or anything with
+    ``scores``, ``segment_ids``, ``segment_rewards`` and optionally ``response_mask``).
+    """
+    from .. import ops
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {', '.join(map(repr, NORMALIZE))}, got {normalize!r}")
+    ids = batch.segment_ids
+    mask = getattr(batch, "response_mask", None)
+    R = batch.segment_rewards
+    if mode == "outcome" or R.numel() == 0:  # no step anywhere: nothing to reward
+        dtype = batch.scores.dtype if batch.scores is not None else torch.float32
+        return torch.zeros(ids.shape, dtype=dtype, device=ids.device)
+    if mode == "process":
+        return ops.process_token_rewards(ids, R, mask=None if mask is None else mask.bool())
+    if mask is not None:
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, -1))
+    return ops.segment_redistribute(batch.scores, ids, R, omega=omega, temperature=temperature,
+                                    standardize=standardize, normalize=normalize, backend=backend)

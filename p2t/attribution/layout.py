@@ -1,0 +1,291 @@
+"""PRM inputs: one :class:`Row` per response (template, steps, separators, readout positions and the map
+from PRM positions onto the policy's tokens), and the padded tensors of a micro-batch.
+
+Layout of one PRM input: ``[specials] before(prompt) step_1 sep [suffix] step_2 sep [suffix] ...
+after [specials]``; step k is read at the last token of its separator (``read_at="separator"``) or the
+whole response at the last token (``read_at="last"``).
+
+Policy tokens and steps:
+
+* a policy token belongs to the step holding most of its characters (the earlier one on a tie); a
+  token of a character split over several tokens (byte-level BPE) belongs to the step of the token
+  that starts the character; a special token (no text) joins a step only when it lies strictly
+  inside it; everything else (separators, whitespace between steps) is in no step (-1);
+* same tokenizer for policy and PRM: the PRM input of step k is exactly the policy ids of step k that
+  have text, in order (an identity on ids; attributions copied one to one);
+* different tokenizers: each step's text is encoded with the PRM tokenizer and a PRM token's
+  attribution is split over the policy tokens in proportion to the characters they share (mass
+  preserved); a policy token spanning two steps keeps the mass of both.
+
+Everything here is host work on NumPy arrays, vectorised over tokens.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .align import Span, assign_steps_array, encode_with_offsets, offsets_from_ids, overlap_map, special_ids, split_steps
+
+__all__ = ["Row", "Layout", "AttributionWarning", "pack"]
+
+
+class AttributionWarning(UserWarning):
+    """Something in the inputs was changed to make them fit (truncation, re-decoded responses)."""
+
+
+@dataclass
+class Row:
+    """One response's PRM input and its map onto the policy tokens (NumPy int64 arrays)."""
+    index: int
+    input_ids: np.ndarray      # [L] PRM input
+    token_step: np.ndarray     # [L] local step of each PRM position, -1 elsewhere
+    readout: np.ndarray        # [K] positions where each step is read
+    prompt_length: int
+    map_prm: np.ndarray        # PRM positions ...
+    map_policy: np.ndarray     # ... whose attribution goes to these policy tokens ...
+    map_weight: Optional[np.ndarray]  # ... with these weights (None: 1, the identity map)
+    policy_step: np.ndarray    # [n] local step of each policy token, -1 in none
+    policy_spans: np.ndarray   # [n, 2] character spans of the policy tokens in ``text``
+    steps: List[Span]
+    text: str
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.readout.shape[0])
+
+    @property
+    def num_policy(self) -> int:
+        return int(self.policy_step.shape[0])
+
+
+def _as_array(x, dtype=np.int64) -> np.ndarray:
+    return np.asarray(x, dtype=dtype).reshape(-1)
+
+
+class Layout:
+    """Builds :class:`Row` s for one PRM tokenizer and layout (set once by :class:`P2TScorer`)."""
+
+    def __init__(self, tokenizer, policy_tokenizer, same_tokenizer: bool, *, template, system_prompt,
+                 add_special_tokens: bool, step_separator: str, separator_suffix: str, step_split, read_at: str,
+                 max_length: Optional[int], truncation: str):
+        self.tokenizer, self.policy_tokenizer, self.same_tokenizer = tokenizer, policy_tokenizer, same_tokenizer
+        self.template, self.system_prompt = template, system_prompt
+        self.add_special_tokens = add_special_tokens
+        self.step_separator, self.separator_suffix = step_separator, separator_suffix
+        self.step_split, self.read_at = step_split, read_at
+        self.max_length, self.truncation = max_length, truncation
+        self.sep_ids = self.encode(step_separator) if step_separator else []
+        self.suffix_ids = self.encode(separator_suffix) if separator_suffix else []
+        self.specials = self._special_wrap()
+        self.policy_special = special_ids(policy_tokenizer)
+        self.policy_vocab = _vocab_size(policy_tokenizer)
+
+    # ------------------------------------------------------------------ tokenizer helpers
+    def encode(self, text: str) -> List[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _special_wrap(self) -> Tuple[List[int], List[int]]:
+        """Special tokens the tokenizer puts before and after a single sequence (BOS, CLS ... SEP)."""
+        if not self.add_special_tokens:
+            return [], []
+        core = self.encode("a")
+        full = list(self.tokenizer.encode("a", add_special_tokens=True))
+        for i in range(len(full) - len(core) + 1):
+            if full[i:i + len(core)] == core:
+                return full[:i], full[i + len(core):]
+        return [], []
+
+    def template_parts(self, prompt: str) -> Tuple[List[int], List[int]]:
+        if self.template == "chat":
+            mark = "\u2063P2T_RESPONSE\u2063"
+            msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": mark}]
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+            if text.count(mark) != 1:
+                raise ValueError("template='chat': the chat template does not render the assistant turn verbatim; "
+                                 "pass a string template")
+            before, after = text.split(mark)
+        elif callable(self.template):
+            before, after = self.template(prompt)
+        else:
+            before, after = self.template.split("{response}", 1)
+            before, after = before.replace("{prompt}", prompt), after.replace("{prompt}", prompt)
+        head, tail = self.specials
+        return (head + (self.encode(before) if before else []),
+                (self.encode(after) if after else []) + tail)
+
+    # ------------------------------------------------------------------ rows
+    def rows(self, prompts: Sequence[str], responses: Sequence[Optional[str]],
+             policy_ids: Optional[Sequence[Sequence[int]]], *, hint: bool = True, skip_empty: bool = False,
+             stacklevel: int = 4) -> List[Optional[Row]]:
+        """One row per response; ``None`` for a response without a step when ``skip_empty``."""
+        parts: Dict[str, Tuple[List[int], List[int]]] = {}  # prompts repeat (GRPO groups): encode once
+        out: List[Optional[Row]] = []
+        for i, prompt in enumerate(prompts):
+            if prompt not in parts:
+                parts[prompt] = self.template_parts(prompt)
+            ids = None if policy_ids is None else policy_ids[i]
+            out.append(self.row(i, parts[prompt], None if responses is None else responses[i], ids, hint=hint,
+                                skip_empty=skip_empty, stacklevel=stacklevel + 1))
+        return out
+
+    def _policy_offsets(self, i, response, ids, hint: bool, skip_empty: bool, stacklevel: int):
+        ptok = self.policy_tokenizer
+        if ids is None:
+            if not response:
+                if skip_empty:
+                    return None
+                raise ValueError(f"responses[{i}] is empty")
+            ids, spans = encode_with_offsets(ptok, response)
+            return response, np.asarray(ids, dtype=np.int64), spans
+        ids = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids), dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            if skip_empty:
+                return None
+            raise ValueError(f"response_token_ids[{i}] is empty")
+        bad = (ids < 0) | (ids >= self.policy_vocab)
+        if bad.any():
+            raise ValueError(f"response_token_ids[{i}] holds the id {int(ids[bad.argmax()])}, outside the policy "
+                             f"tokenizer's vocabulary [0, {self.policy_vocab})")
+        text, spans = offsets_from_ids(ptok, ids.tolist(), text=response if hint else None)
+        if response is not None and text != response:
+            warnings.warn(f"responses[{i}] differs from the decoded response_token_ids[{i}]; steps are taken "
+                          "from the decoded tokens", AttributionWarning, stacklevel=stacklevel)
+        if not text:
+            if skip_empty:
+                return text, ids, spans
+            raise ValueError(f"response_token_ids[{i}] decodes to an empty response")
+        return text, ids, spans
+
+    def row(self, i: int, parts, response: Optional[str], policy_ids, *, hint: bool = True,
+            skip_empty: bool = False, stacklevel: int = 5) -> Optional[Row]:
+        got = self._policy_offsets(i, response, policy_ids, hint, skip_empty, stacklevel + 1)
+        if got is None:
+            return None
+        text, ids, pspans = got
+        spans = np.asarray(pspans, dtype=np.int64).reshape(-1, 2)
+        steps = split_steps(text, None if self.read_at == "last" else self.step_split)
+        if not steps:
+            if skip_empty:
+                return None
+            raise ValueError(f"responses[{i}] has no step: nothing but whitespace between the step splits "
+                             f"({self.step_split!r})")
+        has_text = (spans[:, 1] > spans[:, 0]) | ~np.isin(ids, list(self.policy_special))
+        policy_step = assign_steps_array(spans, np.asarray(steps, dtype=np.int64).reshape(-1, 2), has_text)
+        head, tail = parts
+        nsep, nsuf = len(self.sep_ids), len(self.suffix_ids)
+        per_sep = nsep + nsuf
+
+        if self.same_tokenizer:  # the PRM input of step k: the policy ids of step k that have text
+            sel = np.nonzero((policy_step >= 0) & has_text)[0]
+            counts = np.bincount(policy_step[sel], minlength=len(steps))
+            step_tokens = None
+        else:
+            step_tokens = [encode_with_offsets(self.tokenizer, text[a:b]) for a, b in steps]
+            counts = np.asarray([len(t) for t, _ in step_tokens], dtype=np.int64)
+        per_step = counts + per_sep
+        keep = len(steps)
+        if self.max_length is not None:
+            total = len(head) + int(per_step.sum()) + len(tail)
+            if total > self.max_length:
+                if self.truncation == "error":
+                    raise ValueError(f"responses[{i}]: the PRM input has {total} tokens, more than max_length="
+                                     f"{self.max_length}; shorten it or pass truncation='steps'")
+                fits = len(head) + np.cumsum(per_step) + len(tail) <= self.max_length
+                keep = int(fits.sum())  # the cumulative length grows: the steps that fit are a prefix
+                if keep == 0:
+                    raise ValueError(f"responses[{i}]: not even its first step fits in the PRM's max_length="
+                                     f"{self.max_length} ({len(head) + int(per_step[0]) + len(tail)} tokens with the "
+                                     "prompt)")
+                warnings.warn(f"responses[{i}]: the PRM input has {total} tokens, more than max_length="
+                              f"{self.max_length}; kept the first {keep} of {len(steps)} steps (the rest get "
+                              "segment id -1 and score 0)", AttributionWarning, stacklevel=stacklevel)
+        steps = steps[:keep]
+        policy_step = np.where(policy_step < keep, policy_step, -1)
+        counts = counts[:keep]
+
+        # positions: step k's tokens start after the head, the earlier steps and their separators
+        starts = len(head) + np.concatenate([[0], np.cumsum(counts)[:-1]]) + np.arange(keep) * per_sep
+        L = len(head) + int(counts.sum()) + keep * per_sep + len(tail)
+        input_ids = np.empty(L, dtype=np.int64)
+        token_step = np.full(L, -1, dtype=np.int64)
+        input_ids[:len(head)] = head
+        input_ids[L - len(tail):] = tail
+        sep_at = starts + counts  # first separator position of each step
+        for o, t in enumerate(self.sep_ids + self.suffix_ids):
+            input_ids[sep_at + o] = t
+        if self.same_tokenizer:
+            sel = sel[policy_step[sel] >= 0]
+            order = np.argsort(policy_step[sel], kind="stable")  # already sorted unless steps were given unordered
+            sel = sel[order]
+            k = policy_step[sel]
+            rank = np.arange(sel.size) - np.concatenate([[0], np.cumsum(counts)])[k]
+            pos = starts[k] + rank
+            input_ids[pos] = ids[sel]
+            token_step[pos] = k
+            map_prm, map_policy, map_weight = pos, sel, None
+        else:
+            pos_l, span_l = [], []
+            for k in range(keep):
+                t, sp = step_tokens[k]
+                a = steps[k][0]
+                p = starts[k] + np.arange(len(t))
+                input_ids[p] = t
+                token_step[p] = k
+                pos_l.append(p)
+                span_l += [(a + s0, a + s1) for s0, s1 in sp]
+            pos = np.concatenate(pos_l) if pos_l else np.zeros(0, dtype=np.int64)
+            trip = overlap_map(span_l, [tuple(s) for s in spans.tolist()])
+            src = np.asarray([s for s, _, _ in trip], dtype=np.int64)
+            map_prm = pos[src] if src.size else src
+            map_policy = np.asarray([d for _, d, _ in trip], dtype=np.int64)
+            map_weight = np.asarray([w for _, _, w in trip], dtype=np.float64)
+        if self.read_at == "separator":
+            readout = sep_at + nsep - 1
+        else:
+            readout = np.asarray([L - 1], dtype=np.int64)
+        return Row(i, input_ids, token_step, readout.astype(np.int64), len(head), _as_array(map_prm),
+                   _as_array(map_policy), map_weight, policy_step, spans, list(steps), text)
+
+
+def _vocab_size(tokenizer) -> int:
+    """Number of token ids of a tokenizer (added tokens included)."""
+    try:
+        return int(len(tokenizer))
+    except TypeError:
+        n = getattr(tokenizer, "vocab_size", None)
+        return int(n) if isinstance(n, int) else 1 << 62
+
+
+def pack(rows: List[Row], pad_id: int, device) -> dict:
+    """The padded tensors of a micro-batch on ``device``: ``input_ids``, ``attention_mask``,
+    ``step_index``, ``prompt_mask`` ``[b, L]``, ``readout_positions`` ``[K, 2]`` (row, position),
+    ``row_index`` ``[b]``; and ``local`` ``[K]`` (each readout's step within its row) with
+    ``num_local`` (its maximum + 1) for the per-step method. Built in NumPy, one copy each."""
+    b = len(rows)
+    lens = np.asarray([r.length for r in rows], dtype=np.int64)
+    L = int(lens.max())
+    ids = np.full((b, L), pad_id, dtype=np.int64)
+    tstep = np.full((b, L), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :r.length] = r.input_ids
+        tstep[i, :r.length] = r.token_step
+    cols = np.arange(L)[None, :]
+    attn = (cols < lens[:, None]).astype(np.int64)
+    pmask = cols < np.asarray([r.prompt_length for r in rows])[:, None]
+    k = np.asarray([r.num_steps for r in rows], dtype=np.int64)
+    ro = np.stack([np.repeat(np.arange(b), k), np.concatenate([r.readout for r in rows])], axis=1)
+    local = np.concatenate([np.arange(n) for n in k])
+    row_index = np.asarray([r.index for r in rows], dtype=np.int64)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
+    return dict(input_ids=t(ids), attention_mask=t(attn), step_index=t(tstep), prompt_mask=t(pmask),
+                readout_positions=t(ro), row_index=t(row_index), local=t(local),
+                num_local=int(k.max()) if k.size else 0)

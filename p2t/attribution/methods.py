@@ -1,0 +1,154 @@
+"""The attribution methods, as functions of a differentiable ``f(inputs_embeds) -> m`` (the step
+log-odds ``[K]`` of a micro-batch, in readout order).
+
+Every method returns ``(scores [b, L], m [K])``: the attribution of every PRM input position (0
+outside the steps, ``amask``) and the step log-odds at the unperturbed input. ``objective`` maps the
+log-odds to what is differentiated: the log-odds themselves (``"logit"``) or ``sigmoid(m)``
+(``"prob"``).
+
+* :func:`taylor`: one forward and one backward w.r.t. ``inputs_embeds``, all step objectives summed;
+  ``I_i = (x_i - e_null) . dF/dx_i``.
+* :func:`taylor_per_step`: the tokens of step s with ``dF_s`` only (K batched gradient outputs).
+* :func:`integrated_gradients`: the gradient averaged over ``e_null + (j/k)(x - e_null)``, j = 1..k.
+* :func:`exact`: each step token replaced by ``e_null`` and the PRM re-run: the oracle.
+
+The input embeddings are never copied: ``x`` is the embedding output (a leaf) and is flagged as
+requiring a gradient for the backward only.
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+
+__all__ = ["METHODS", "taylor", "taylor_per_step", "integrated_gradients", "exact", "reduce", "null_embedding"]
+
+METHODS = ("taylor", "taylor_per_step", "integrated_gradients", "exact")
+Margins = Callable[[torch.Tensor], torch.Tensor]
+
+
+def objective_of(m: torch.Tensor, objective: str) -> torch.Tensor:
+    return m if objective == "logit" else torch.sigmoid(m)
+
+
+def reduce(g: torch.Tensor, x: torch.Tensor, null: torch.Tensor, amask: torch.Tensor) -> torch.Tensor:
+    """``(x - e_null) . g`` per position, 0 outside ``amask``: :func:`p2t.token_attribution` (float32),
+    or in float64 for a float64 PRM (the ops reduce in float32)."""
+    if x.dtype == torch.float64:
+        return ((x - null) * g.to(torch.float64)).sum(-1) * amask
+    from .. import ops
+    return ops.token_attribution(g, x, null, mask=amask)
+
+
+def _grad_at(f: Margins, x: torch.Tensor, objective: str, grad_outputs=None, batched=False, retain=False):
+    """(m, dF/dx) with ``x`` flagged as requiring a gradient for this call only (no copy of ``x``)."""
+    x.requires_grad_(True)
+    try:
+        m = f(x)
+        out = objective_of(m, objective)
+        if grad_outputs is None:
+            g, = torch.autograd.grad(out.sum(), x, retain_graph=retain)
+        else:
+            g, = torch.autograd.grad(out, x, grad_outputs=grad_outputs, is_grads_batched=batched, retain_graph=retain)
+    finally:
+        x.requires_grad_(False)
+    return m.detach(), g
+
+
+def taylor(f: Margins, x, null, amask, objective: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    m, g = _grad_at(f, x, objective)
+    return reduce(g, x, null, amask), m
+
+
+def taylor_per_step(f: Margins, x, null, amask, objective: str, *, step_index: torch.Tensor, local: torch.Tensor,
+                    num_local: int, state: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dF_s/dx for the step s of every token, from one forward: K batched gradient outputs (the k-th
+    step of every row at once; rows do not interact), one backward each when the model's backward
+    cannot be vmapped (``state["vmap_ok"]`` remembers it). ``local``: ``[K]`` step of each readout
+    within its row; ``num_local``: its maximum + 1 (known on the host: no device sync)."""
+    K = num_local
+    x.requires_grad_(True)
+    try:
+        m = f(x)
+        out = objective_of(m, objective)
+        go = torch.zeros((K, out.shape[0]), dtype=out.dtype, device=out.device)
+        go[local, torch.arange(out.shape[0], device=out.device)] = 1
+        grads = None
+        if state.get("vmap_ok", True) and K > 1:
+            try:
+                grads, = torch.autograd.grad(out, x, grad_outputs=go, is_grads_batched=True, retain_graph=True)
+            except (RuntimeError, NotImplementedError):
+                state["vmap_ok"] = False
+        if grads is None:
+            grads = torch.stack([torch.autograd.grad(out, x, grad_outputs=go[k], retain_graph=k + 1 < K)[0]
+                                 for k in range(K)])
+    finally:
+        x.requires_grad_(False)
+    b, L = step_index.shape
+    idx = step_index.clamp(min=0)
+    g = grads[idx, torch.arange(b, device=x.device)[:, None], torch.arange(L, device=x.device)[None, :]]
+    return reduce(g, x, null, amask), m.detach()
+
+
+def integrated_gradients(f: Margins, x, null, amask, objective: str, *, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = torch.zeros(x.shape, dtype=acc, device=x.device)
+    m = None
+    for j in range(1, steps + 1):
+        a = j / steps
+        xa = x if j == steps else torch.where(amask[..., None], null + a * (x - null), x).detach()
+        m, gj = _grad_at(f, xa, objective)
+        g += gj.to(acc)
+    g /= steps
+    return reduce(g, x, null, amask), m
+
+
+def exact(f: Margins, f_copies: Callable[[int, torch.Tensor], torch.Tensor], x, null, amask, objective: str, *,
+          rows_of_readouts: torch.Tensor, budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """I_i = F(x) - F(x with token i replaced by e_null), F = sum of the row's step objectives;
+    perturbed copies of one row batched under the token budget (``f_copies(r, xs)``: the row's
+    objectives summed per copy, ``[c]``). Nothing requires a gradient here, so no graph is recorded."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        m0 = f(x)
+        b, L, D = x.shape
+        f0 = torch.zeros(b, dtype=acc, device=x.device).index_add(0, rows_of_readouts,
+                                                                  objective_of(m0, objective).to(acc))
+        scores = torch.zeros((b, L), dtype=acc, device=x.device)
+        chunk = max(1, budget // L)
+        for r in range(b):
+            P = amask[r].nonzero().flatten()
+            for c0 in range(0, P.numel(), chunk):
+                pc = P[c0:c0 + chunk]
+                c = pc.numel()
+                xs = x[r:r + 1].expand(c, L, D).clone()
+                xs[torch.arange(c, device=x.device), pc] = null
+                scores[r, pc] = f0[r] - f_copies(r, xs).to(acc)
+    return scores, m0
+
+
+def null_embedding(emb, tokenizer, null, nulls=("pad", "eos", "vocab_mean", "zero")) -> torch.Tensor:
+    """e_null in the space of ``get_input_embeddings()`` outputs (what ``inputs_embeds`` holds): token
+    ids go through the embedding module, so embeddings that scale their output (Gemma) agree."""
+    weight = emb.weight
+    if isinstance(null, bool) or not isinstance(null, (str, int)):
+        raise TypeError(f"null must be one of {', '.join(map(repr, nulls))} or a token id, got {null!r}")
+    if isinstance(null, int):
+        tid = null
+    elif null == "zero":
+        return torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
+    elif null == "vocab_mean":
+        scale = getattr(emb, "embed_scale", None)
+        mean = weight.detach().float().mean(0)
+        return (mean * (float(scale) if scale is not None else 1.0)).to(weight.dtype)
+    elif null in ("pad", "eos"):
+        tid = getattr(tokenizer, f"{null}_token_id", None)
+        if tid is None:
+            raise ValueError(f"null={null!r} but the PRM tokenizer has no {null} token; pass null='eos', "
+                             "'vocab_mean', 'zero' or a token id (e.g. null=tokenizer.unk_token_id)")
+    else:
+        raise ValueError(f"null must be one of {', '.join(map(repr, nulls))} or a token id, got {null!r}")
+    if not 0 <= tid < weight.shape[0]:
+        raise ValueError(f"null token id {tid} is outside the PRM vocabulary [0, {weight.shape[0]})")
+    with torch.no_grad():
+        return emb(torch.tensor([tid], device=weight.device))[0].detach().clone()
