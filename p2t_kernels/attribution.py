@@ -20,13 +20,17 @@ def _attribution_kernel(g_ptr, e_ptr, null_ptr, mask_ptr, out_ptr, ids_ptr, pos_
     (fp32, or fp64 when every input is fp64); rows have unit stride on d, so the loads vectorise
     (16 bytes) when D and the row strides are multiples of 16 elements.
 
-    FUSED: the rows are the B*N tokens of p2t_advantages; the kernel also stores each run's first
-    and past-the-end token in pos (``_scatter_run_bounds``) for the segment kernel, and leaves masked
-    tokens to it (they are in no segment)."""
+    FUSED: the rows are the B*N tokens of p2t_advantages; the kernel also folds each run's first
+    and past-the-end token into pos (``_scatter_run_bounds``) for the segment kernel, and leaves masked
+    tokens to it (they are in no segment). Masked rows are not read (their loads are masked off: padding
+    costs no bandwidth) and get 0."""
     CD: tl.constexpr = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + rows, mask=rmask, other=0) != 0
+        rmask = rmask & keep
     rows64 = rows.to(tl.int64)
     acc = tl.zeros([BLOCK_R, BLOCK_D], CD)
     for k in range(0, D, BLOCK_D):
@@ -37,15 +41,11 @@ def _attribution_kernel(g_ptr, e_ptr, null_ptr, mask_ptr, out_ptr, ids_ptr, pos_
         e = tl.load(e_ptr + rows64[:, None] * stride_e + cols[None, :], mask=m2, other=0).to(CD)
         nl = tl.load(null_ptr + cols, mask=cmask, other=0).to(CD)
         acc += (e - nl[None, :]) * g
-    val = tl.sum(acc, 1)
+    val = tl.sum(acc, 1)  # 0 for masked rows: nothing was loaded
+    inb = rows < R
+    tl.store(out_ptr + rows, val, mask=inb)
     if FUSED:
-        tl.store(out_ptr + rows, val, mask=rmask)
         _scatter_run_bounds(ids_ptr, mask_ptr, pos_ptr, rows, R, N, S, HAS_MASK)
-    else:
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + rows, mask=rmask, other=0) != 0
-            val = tl.where(keep, val, 0)
-        tl.store(out_ptr + rows, val, mask=rmask)
 
 
 def attribution_blocks(D: int) -> tuple[int, int, int]:

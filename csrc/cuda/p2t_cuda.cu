@@ -168,42 +168,80 @@ __device__ acc_t group_advantage(const acc_t* o, int64_t b, int64_t B, int64_t G
 // attribution
 // ------------------------------------------------------------------------------------------------
 // One warp per row r: out[r] = sum_d (e[r, d] - nul[d]) * g[r, d]. VEC > 1: every pointer and row start is
-// aligned to VEC elements and D % VEC == 0. With ids.ids != nullptr (p2t_advantages) lane 0 also stores
-// the run bounds of token r, and the mask is left to the segment kernel.
+// aligned to VEC elements and D % VEC == 0; each step issues the kUnroll vector loads of grad and embeds of a
+// lane before any arithmetic (bytes in flight, not dependent round trips), then reads null (L1/L2 hits:
+// every row shares it). A masked row (mask, or ids.mask in p2t_advantages) is not read: it gets 0 (its
+// score is unused by the segment kernel). With ids.ids != nullptr (p2t_advantages) lane 0 also stores the
+// run bounds of token r; its id loads (r, r - 1, r + 1) are issued before the row's loads.
+// kUnroll 16-byte loads per tensor per step: 4 for 4-byte types, 2 for 2-byte ones (8 values each), so
+// that a thread stays within the register cap of kAttrMinBlocks without spilling.
+template <int VEC>
+constexpr int attr_unroll() { return VEC >= 8 ? 2 : 4; }
+
+// kAttrMinBlocks blocks per SM: at most 64 registers a thread, 32 warps (50%) an SM, each with all of a
+// step's loads (kUnroll x 2 x 512 bytes) issued together.
+constexpr int kAttrMinBlocks = 4;
+
 template <typename g_t, typename e_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kAttrWarps * kWarp)
+__global__ void __launch_bounds__(kAttrWarps * kWarp, kAttrMinBlocks)
 attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
                    const acc_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
                    int64_t R, int64_t D, Ids ids, int32_t* __restrict__ pos, int64_t N) {
   const int lane = threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kAttrWarps + threadIdx.x / kWarp;
   if (r >= R) return;  // whole warps leave together: the shuffles below see full warps
+  const bool fused = ids.ids != nullptr;
+  int64_t sid = -1, prv = -1, nxt = -1;
+  if (fused && lane == 0) {  // the epilogue's loads, before the loop
+    sid = ids(r);
+    prv = (r % N != 0) ? ids(r - 1) : -1;
+    nxt = (r + 1 < R && (r + 1) % N != 0) ? ids(r + 1) : -1;
+  }
+  const bool* row_mask = fused ? ids.mask : mask;
+  const bool skip = row_mask != nullptr && !row_mask[r];
   const g_t* gr = g + r * g_stride;
   const e_t* er = e + r * e_stride;
   acc_t acc = 0;
-  if constexpr (VEC > 1) {
-#pragma unroll 2
-    for (int64_t d = static_cast<int64_t>(lane) * VEC; d < D; d += kWarp * VEC) {
-      const auto gv = *reinterpret_cast<const Vec<g_t, VEC>*>(gr + d);
-      const auto ev = *reinterpret_cast<const Vec<e_t, VEC>*>(er + d);
-      const auto nv = *reinterpret_cast<const Vec<acc_t, VEC>*>(nul + d);
+  if (!skip) {
+    if constexpr (VEC > 1) {
+      constexpr int kUnroll = attr_unroll<VEC>();
+      constexpr int64_t kStep = static_cast<int64_t>(kWarp) * VEC;
+#pragma unroll 1
+      for (int64_t d0 = static_cast<int64_t>(lane) * VEC; d0 < D; d0 += kStep * kUnroll) {
+        Vec<g_t, VEC> gv[kUnroll];
+        Vec<e_t, VEC> ev[kUnroll];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        acc += (static_cast<acc_t>(ev.v[k]) - nv.v[k]) * static_cast<acc_t>(gv.v[k]);
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t d = d0 + u * kStep;
+          if (d < D) {
+            gv[u] = *reinterpret_cast<const Vec<g_t, VEC>*>(gr + d);
+            ev[u] = *reinterpret_cast<const Vec<e_t, VEC>*>(er + d);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t d = d0 + u * kStep;
+          if (d < D) {
+            const auto nv = *reinterpret_cast<const Vec<acc_t, VEC>*>(nul + d);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              acc += (static_cast<acc_t>(ev[u].v[k]) - nv.v[k]) * static_cast<acc_t>(gv[u].v[k]);
+            }
+          }
+        }
       }
-    }
-  } else {
-    for (int64_t d = lane; d < D; d += kWarp) {
-      acc += (static_cast<acc_t>(er[d]) - nul[d]) * static_cast<acc_t>(gr[d]);
+    } else {
+      for (int64_t d = lane; d < D; d += kWarp) {
+        acc += (static_cast<acc_t>(er[d]) - nul[d]) * static_cast<acc_t>(gr[d]);
+      }
     }
   }
   acc = warp_sum(acc);
   if (lane == 0) {
-    if (ids.ids != nullptr) {
-      out[r] = acc;
-      scatter_run_bounds(ids, pos, r, R, N);
-    } else {
-      out[r] = (mask != nullptr && !mask[r]) ? acc_t(0) : acc;
+    out[r] = skip ? acc_t(0) : acc;
+    if (fused && sid >= 0) {
+      if (prv != sid) atomicMin(pos + sid, static_cast<int32_t>(r));
+      if (nxt != sid) atomicMin(pos + ids.S + sid, -static_cast<int32_t>(r + 1));
     }
   }
 }
@@ -443,8 +481,13 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
   return out;
 }
 
-// One block per (row b, chunk): A^_b block-wide, then out[b, i] = A^_b + alpha tr[b, i] (0 where ~mask).
-// Each element is read before it is written by the same thread: out may alias tr.
+// One block per (row b, chunk of kAdvChunk tokens): every thread first loads its kAdvPerThread values of tr
+// and mask into registers (all loads in flight together, overlapping the group statistics), then computes
+// A^_b block-wide and stores out[b, i] = A^_b + alpha tr[b, i] (0 where ~mask). All of a block's reads of
+// tr happen before its first store and each element is read and written by one thread: out may alias tr.
+constexpr int kAdvPerThread = 4;
+constexpr int kAdvChunk = kSegThreads * kAdvPerThread;
+
 template <typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kSegThreads)
 token_advantages_kernel(const acc_t* __restrict__ o, const acc_t* tr, const bool* __restrict__ mask, out_t* out,
@@ -452,13 +495,21 @@ token_advantages_kernel(const acc_t* __restrict__ o, const acc_t* tr, const bool
                         double eps_d) {
   const int64_t b = blockIdx.x / n_chunks, chunk = blockIdx.x % n_chunks;
   const acc_t alpha = alpha_d;
-  const acc_t adv = group_advantage(o, b, B, G, scale, static_cast<acc_t>(eps_d));
-  const int64_t c0 = chunk * kFillChunk;
-  const int64_t c1 = min(c0 + static_cast<int64_t>(kFillChunk), N);
-  for (int64_t col = c0 + threadIdx.x; col < c1; col += blockDim.x) {
+  const int64_t c0 = chunk * kAdvChunk;
+  acc_t v[kAdvPerThread];
+  bool keep[kAdvPerThread];
+#pragma unroll
+  for (int j = 0; j < kAdvPerThread; ++j) {
+    const int64_t col = c0 + threadIdx.x + j * kSegThreads;
     const int64_t i = b * N + col;
-    const acc_t v = adv + alpha * tr[i];
-    out[i] = static_cast<out_t>((mask != nullptr && !mask[i]) ? acc_t(0) : v);
+    v[j] = col < N ? tr[i] : acc_t(0);
+    keep[j] = col < N && (mask == nullptr || mask[i]);
+  }
+  const acc_t adv = group_advantage(o, b, B, G, scale, static_cast<acc_t>(eps_d));
+#pragma unroll
+  for (int j = 0; j < kAdvPerThread; ++j) {
+    const int64_t col = c0 + threadIdx.x + j * kSegThreads;
+    if (col < N) out[b * N + col] = static_cast<out_t>(keep[j] ? adv + alpha * v[j] : acc_t(0));
   }
 }
 
@@ -476,7 +527,7 @@ void token_advantages_into(const at::Tensor& outcome_in, const at::Tensor& tr_in
   const int64_t B = tr.size(0), N = tr.size(1);
   if (B == 0 || N == 0) return;
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
-  const int64_t n_chunks = (N + kFillChunk - 1) / kFillChunk;
+  const int64_t n_chunks = (N + kAdvChunk - 1) / kAdvChunk;
   TORCH_CHECK(B * n_chunks <= std::numeric_limits<int32_t>::max(), "token_rewards is too large");
   auto stream = P2T_STREAM();
   AT_DISPATCH_FLOATING_TYPES(cd, "p2t_token_advantages_acc", [&] {
