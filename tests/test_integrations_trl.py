@@ -114,14 +114,18 @@ def test_token_advantages_reach_the_loss(tmp_path, monkeypatch):
     tok = _gpt2_tokenizer(tmp_path)
     scorer = _tiny_prm_scorer(tmp_path, tok)
     calls = []
-    score = scorer.score
+    for name in ("score", "score_ids"):            # whichever scoring entry point the trainer uses
+        fn = getattr(scorer, name, None)
+        if fn is None:
+            continue
 
-    def recording_score(prompts, responses, **kw):
-        batch = score(prompts, responses, **kw)
-        calls.append((kw["response_token_ids"], batch))
-        return batch
+        def recording(prompts, *args, _fn=fn, **kw):
+            batch = _fn(prompts, *args, **kw)
+            ids = kw.get("response_token_ids", args[-1] if args else None)
+            calls.append((ids, batch))
+            return batch
 
-    monkeypatch.setattr(scorer, "score", recording_score)
+        monkeypatch.setattr(scorer, name, recording)
     seen_rewards = []
 
     def reward_len(completions, **kwargs):

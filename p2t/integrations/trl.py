@@ -232,15 +232,25 @@ def _one_row(batch, b: int):
 
 
 class _Recorder:
-    """Passes ``score`` calls through to the scorer and keeps the last batch and prompts (for the heatmap)."""
+    """The scorer, seen through: its scoring calls (``score``, and ``score_ids`` where the scorer has it) go
+    through unchanged and the last batch and prompts are kept (for the heatmap); other attributes are the
+    scorer's."""
 
     def __init__(self, scorer):
         self.scorer = scorer
         self.last = None
         self.last_prompts = None
 
-    def score(self, prompts, responses, **kw):
-        batch = self.scorer.score(prompts, responses, **kw)
+    def score(self, prompts, *args, **kw):
+        return self._keep(prompts, self.scorer.score(prompts, *args, **kw))
+
+    def __getattr__(self, name):
+        attr = getattr(self.scorer, name)
+        if name == "score_ids" and callable(attr):
+            return lambda prompts, *args, **kw: self._keep(prompts, attr(prompts, *args, **kw))
+        return attr
+
+    def _keep(self, prompts, batch):
         self.last, self.last_prompts = batch, list(prompts)
         return batch
 
@@ -439,7 +449,10 @@ class P2TGRPOTrainer(GRPOTrainer):
             return
         from ..attribution.render import html_report
         from ._common import prompt_text
-        page = html_report(_one_row(batch, 0), [prompt_text(rec.last_prompts[0])],
+        b = next((i for i, view in enumerate(batch.prm) if view is not None), None)
+        if b is None:                               # no completion of this batch had a step
+            return
+        page = html_report(_one_row(batch, b), [prompt_text(rec.last_prompts[b])],
                            title=f"p2t attribution, step {self.state.global_step}")
         d = os.path.join(self.args.output_dir, "p2t_heatmaps")
         os.makedirs(d, exist_ok=True)
