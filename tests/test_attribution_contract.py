@@ -1,0 +1,198 @@
+"""The scorer's output contract: score(length=, device=) and score_ids (policy ids in, rows without a
+step), token_rewards for every mode, lazy PRM views; the vectorised host helpers against their plain
+Python definitions; the trainer set-up (a saved lab policy continues training)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import p2t
+from p2t.attribution import MODES, NORMALIZE, SCALES, P2TScorer, ScoredBatch, token_rewards
+from p2t.attribution.align import assign_steps, assign_steps_array, encode_with_offsets, offsets_from_ids
+from p2t.attribution.batch import PRMViews
+
+from _attribution_models import char_tokenizer, gpt2_tokenizer, save_model
+
+PROMPTS = ["17+25+33=", "What is 6*7?"]
+RESPONSES = ["17+25=42\n42+33=75\n#75", "6*7=42\nso 42"]
+TOY = dict(template="{prompt}{response}", step_separator="\n", step_split="\n")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d, t = save_model("step_classifier", str(tmp_path_factory.mktemp("prm")))
+    return P2TScorer.from_pretrained(d, kind="step_classifier", tokenizer=t, **TOY)
+
+
+def test_one_source_of_the_option_values():
+    import p2t.grpo.config as cfg
+    import p2t.integrations._common as common
+    from p2t.ops import _checks
+    assert MODES == ("outcome", "process", "p2t")
+    assert cfg.MODES is MODES and common.MODES is MODES
+    assert cfg.NORMALIZE is NORMALIZE is _checks.NORMALIZE and common.NORMALIZE is NORMALIZE
+    assert cfg.SCALES is SCALES is _checks.SCALES
+
+
+def test_score_length_and_device(toy):
+    b = toy.score(PROMPTS, RESPONSES)
+    c = toy.score(PROMPTS, RESPONSES, length=30, device="cpu")
+    n = b.scores.shape[1]
+    assert c.scores.shape == c.segment_ids.shape == c.response_mask.shape == (2, 30)
+    assert torch.equal(c.scores[:, :n], b.scores) and (c.scores[:, n:] == 0).all()
+    assert torch.equal(c.segment_ids[:, :n], b.segment_ids) and (c.segment_ids[:, n:] == -1).all()
+    assert torch.equal(c.response_mask[:, :n], b.response_mask) and not c.response_mask[:, n:].any()
+    assert c.scores.device.type == "cpu"
+    with pytest.raises(ValueError, match="a response has 21 tokens but length=20"):
+        toy.score(PROMPTS, RESPONSES, length=20)
+
+
+def test_score_ids_rows_without_a_step_and_no_retokenizing(toy, monkeypatch):
+    tok = toy.tokenizer
+    ids = [tok.encode(r, add_special_tokens=False) for r in RESPONSES]
+    rows = [ids[0], [], tok.encode(" \n \n", add_special_tokens=False), [tok.eos_token_id, tok.pad_token_id],
+            ids[1] + [tok.eos_token_id]]
+    prompts = [PROMPTS[0], "q", "q", "q", PROMPTS[1]]
+    seen = []
+    real_call, real_encode = type(tok).__call__, type(tok).encode
+
+    def call(self, text, *a, **k):
+        seen.append(text)
+        return real_call(self, text, *a, **k)
+
+    def encode(self, text, *a, **k):
+        seen.append(text)
+        return real_encode(self, text, *a, **k)
+    monkeypatch.setattr(type(tok), "__call__", call)
+    monkeypatch.setattr(type(tok), "encode", encode)
+    b = toy.score_ids(prompts, rows, length=24)
+    monkeypatch.undo()
+    assert not any(r in str(t) for t in seen for r in RESPONSES), "a response was re-tokenized"
+    assert b.steps_per_response == [3, 0, 0, 0, 2] and b.segment_rewards.shape == (5,)
+    assert [v is None for v in b.prm] == [False, True, True, True, False]
+    for i in (1, 2, 3):
+        assert (b.segment_ids[i] == -1).all() and (b.scores[i] == 0).all()
+        assert b.response_mask[i].sum() == len(rows[i])
+    ref = toy.score(PROMPTS, RESPONSES, response_token_ids=[rows[0], rows[4]], length=24)
+    for i, j in ((0, 0), (4, 1)):
+        assert torch.equal(b.scores[i], ref.scores[j]) and torch.equal(b.response_mask[i], ref.response_mask[j])
+    assert torch.equal(b.segment_ids[4], torch.where(ref.segment_ids[1] >= 0, ref.segment_ids[1], -1))
+    torch.testing.assert_close(b.segment_rewards, ref.segment_rewards, rtol=0, atol=0)
+    # nothing to score at all: no PRM call, no step
+    e = toy.score_ids(["q", "q"], [[], [tok.eos_token_id]], length=3)
+    assert e.steps_per_response == [0, 0] and e.segment_rewards.shape == (0,)
+    for mode in MODES:
+        assert (e.token_rewards(mode) == 0).all()
+    with pytest.raises(ValueError, match=r"response_token_ids\[0\] holds the id -3"):
+        toy.score_ids(["q"], [[-3]])
+    with pytest.raises(ValueError, match="response_token_ids has 1 rows but there are 2 prompts"):
+        toy.score_ids(["q", "r"], [[5]])
+
+
+def test_token_rewards_every_mode(toy):
+    b = toy.score(PROMPTS, RESPONSES, length=25)
+    for mode in MODES:
+        r = b.token_rewards(mode, omega=0.5, temperature=0.7, standardize=True, normalize="sum")
+        assert r.shape == (2, 25) and r.dtype == torch.float32
+        assert torch.equal(r, token_rewards(b, mode, omega=0.5, temperature=0.7, standardize=True, normalize="sum"))
+        if mode == "outcome":
+            assert (r == 0).all()
+        elif mode == "process":
+            want = torch.where(b.segment_ids >= 0, b.segment_rewards[b.segment_ids.clamp(min=0)], torch.zeros(()))
+            assert torch.equal(r, want)
+        else:
+            want = p2t.segment_redistribute(b.scores, b.segment_ids, b.segment_rewards, omega=0.5, temperature=0.7,
+                                            standardize=True, normalize="sum")
+            torch.testing.assert_close(r, want, rtol=0, atol=0)
+            assert (r[b.segment_ids < 0] == 0).all() and (r[b.segment_ids >= 0] != 0).all()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        b.token_rewards("dense")
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        b.token_rewards("p2t", normalize="l1")
+
+
+def test_prm_views_are_built_on_access(toy):
+    b = toy.score(PROMPTS, RESPONSES)
+    assert isinstance(b.prm, PRMViews) and len(b.prm) == 2 and not b.prm._cache
+    v = b.prm[1]
+    assert b.prm._cache.keys() == {1} and b.prm[1] is v and b.prm[-1] is v
+    assert "".join(v.tokens).endswith("6*7=42\nso 42\n")
+    with pytest.raises(IndexError):
+        b.prm[2]
+    assert isinstance(b, ScoredBatch)
+
+
+def test_embeddings_are_not_left_requiring_grad(toy):
+    seen = []
+    emb = toy.model.get_input_embeddings()
+    h = emb.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        toy.score(PROMPTS, RESPONSES)
+    finally:
+        h.remove()
+    assert seen and all(not x.requires_grad for x in seen)
+
+
+def test_assign_steps_array_equals_the_loop():
+    rng = random.Random(0)
+    for _ in range(300):
+        n_chars = rng.randint(1, 40)
+        cuts = sorted(rng.sample(range(n_chars + 1), min(n_chars + 1, rng.randint(0, 8))))
+        steps = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+        spans, pos = [], 0
+        while pos < n_chars:
+            if rng.random() < 0.2:
+                spans.append((pos, pos))  # an empty span: a special token or the rest of a character
+            step = rng.randint(1, 4)
+            spans.append((pos, min(pos + step, n_chars)))
+            pos += step
+        has_text = [rng.random() < 0.5 for _ in spans]
+        for ht in (None, has_text):
+            want = assign_steps(spans, steps, ht)
+            got = assign_steps_array(np.asarray(spans).reshape(-1, 2), np.asarray(steps).reshape(-1, 2),
+                                     None if ht is None else np.asarray(ht))
+            assert got.tolist() == want, (spans, steps, ht)
+
+
+def test_byte_level_offsets_from_token_bytes(tmp_path):
+    """GPT-2's ids -> offsets from the token bytes (no re-encoding) equal the offsets of encoding the text."""
+    gpt2 = gpt2_tokenizer(str(tmp_path / "g"))
+    rng = random.Random(1)
+    alphabet = list("abc xyz 012+=.\n") + list("éк×÷√π≤日本🙂")
+    for _ in range(60):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        ids, spans = encode_with_offsets(gpt2, text)
+        decoded, sp = offsets_from_ids(gpt2, ids)
+        assert decoded == text and sp == spans, text
+    # ids that are not valid UTF-8 on their own fall back to the general path
+    decoded, sp = offsets_from_ids(gpt2, gpt2.encode("日")[:1])
+    assert len(sp) == 1
+
+
+# ---------------------------------------------------------------- the trainer set-up
+def test_setup_resolves_and_a_saved_lab_policy_continues(tmp_path):
+    from p2t.grpo import GRPOConfig, GRPOTrainer
+    from p2t.grpo.setup import is_lab_policy, resolve, uses_lab
+
+    from _grpo_helpers import TINY_LAB, digit_reward, tiny_config
+    cache = tmp_path / "cache"
+    tr = GRPOTrainer(tiny_config(tmp_path, cache, mode="p2t"), reward_fn=digit_reward)
+    assert tr.lab and tr.scorer is not None and tr.scorer.same_tokenizer
+    tr.step()
+    saved = str(tmp_path / "saved")
+    tr.save_pretrained(saved)
+    assert is_lab_policy(saved) and not is_lab_policy(str(tmp_path)) and not is_lab_policy(None)
+    cfg = tiny_config(tmp_path, cache, mode="p2t", policy=saved)
+    assert uses_lab(cfg) and cfg.uses_lab  # validate() accepts it: no prm, train_data or reward needed
+    setup = resolve(cfg, reward_fn=digit_reward)
+    assert setup.lab and setup.scorer is not None and len(setup.eval_rows) == cfg.eval_prompts
+    sd = setup.policy.state_dict()
+    for k, v in tr.policy.state_dict().items():
+        assert torch.equal(sd[k].cpu(), v.cpu()), k
+    again = GRPOTrainer(cfg, reward_fn=digit_reward)
+    assert again.step()["update"] == 1
+    with pytest.raises(ValueError, match="train_data"):
+        GRPOConfig(policy=str(tmp_path), mode="outcome", lab=TINY_LAB)
