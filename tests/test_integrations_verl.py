@@ -556,3 +556,16 @@ def test_v1_agent_loop_worker_stores_the_p2t_row():
     rows = [o.as_dict()["rm_scores"] for o in outs]
     assert rows[0].tolist() == [0.0, 0.0, 2.5]
     assert rows[1][3] == 2.5 and (rows[1][:3] != 0).all()
+
+    # the final output's input shorter than an earlier one's (inputs padded to the session's longest): the row
+    # still covers the final response
+    first = AgentLoopOutput(prompt_ids=list(range(20, 30)), response_ids=[9, 10], response_mask=[1, 1],
+                            metrics=AgentLoopMetrics())
+    final = AgentLoopOutput(prompt_ids=[3, 4, 5], response_ids=[12, 13, 14, 15], response_mask=[1, 1, 1, 1],
+                            metrics=AgentLoopMetrics())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rm.loop.run_until_complete(worker._compute_score([first, final], kwargs=kwargs))
+    assert scorer.calls[-1][2] == [[12, 13, 14, 15]]
+    row = final.as_dict()["rm_scores"]
+    assert row.shape == (4,) and row[3] == 2.5 and (row[:3] != 0).all()

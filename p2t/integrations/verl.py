@@ -327,6 +327,11 @@ class P2TRewardManager(_NaiveRewardManager):
         item = data[-1:][0]
         response_ids = item.batch["responses"]
         n = int(item.batch["attention_mask"][-response_ids.shape[-1]:].sum().item())
+        response_len = item.non_tensor_batch.get("response_len", None)
+        if response_len is not None:
+            # verl's agent loop says how long the response is: in a multi-output session the inputs are
+            # padded to the session's longest, so the attention mask's last columns need not be the response
+            n = min(int(response_len), response_ids.shape[-1])
         ids = response_ids[:n].tolist()
         prompt = self._prompt(item)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
