@@ -14,7 +14,8 @@ req=requirements.txt
 [ "${1:-}" = "dev" ] && req=requirements-dev.txt
 python -m pip install -q -r "$req"
 if [ "${1:-}" = "dev" ]; then
-  # the trainers the integrations are tested against; verl without its pins (they conflict with transformers 5)
+  # the trainers the integrations are tested against and what verl's entry points import (hydra-core,
+  # torchdata, TransferQueue, ...); verl itself without its pins (they conflict with transformers 5)
   python -m pip install -q -r requirements-integrations.txt
   python -m pip install -q --no-deps "verl==0.9.1"
 fi
