@@ -167,6 +167,31 @@ def test_attribution_misaligned_and_strided_rows(backend, device):
           oracle)
 
 
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("D,offset", [(131, 0), (131, 1), (33, 3), (64, 1)])
+def test_attribution_odd_d_and_shifted_rows(backend, device, dtype, D, offset):
+    """Odd D and rows that start inside a 16-byte block (the same offset in grad and embeds): the CUDA
+    kernel reads them as aligned vectors with masked head and tail; values as the oracle, masked rows 0,
+    and the fused pipeline on the same layout."""
+    gen = torch.Generator().manual_seed(D + offset)
+    B, N = 3, 7
+    base_g = torch.randn(B * N * D + offset, generator=gen).to(device, dtype)
+    base_e = torch.randn(B * N * D + offset, generator=gen).to(device, dtype)
+    g, e = base_g[offset:].view(B, N, D), base_e[offset:].view(B, N, D)
+    n = torch.randn(D, generator=gen).to(device, dtype)
+    mask = (torch.rand(B, N, generator=gen) > 0.3).to(device)
+    out = api(backend).token_attribution(g, e, n, mask=mask)
+    oracle = ref.token_attribution(g.double(), e.double(), n.double(), mask)
+    check(out, p2t.token_attribution(g, e, n, mask=mask, backend="reference"), oracle)
+    assert (out[~mask] == 0).all()
+    ids, S = segments(B, N, [2, 3], device=device)
+    R, o = torch.randn(S, generator=gen).to(device), torch.randn(B, generator=gen).to(device)
+    got = api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=1, mask=mask)
+    check(got, p2t.p2t_advantages(g, e, n, ids, R, o, group_size=1, mask=mask, backend="reference"),
+          oracle_p2t(g, e, n, ids, R, o, mask, 1))
+
+
 # ------------------------------------------------------------------------------------------------ #
 # segments: long runs (several blocks), long rows (several fill chunks), stale bounds, ids >= S
 # ------------------------------------------------------------------------------------------------ #

@@ -182,7 +182,13 @@ constexpr int attr_unroll() { return VEC >= 8 ? 2 : 4; }
 // step's loads (kUnroll x 2 x 512 bytes) issued together.
 constexpr int kAttrMinBlocks = 4;
 
-template <typename g_t, typename e_t, typename acc_t, int VEC>
+//
+// HEAD (odd D, or rows not starting on 16 bytes, e.g. D = 1531): grad and embeds have one element size and
+// every row starts at the same offset within 16 bytes in both; each row is read in 16-byte vectors from its
+// start rounded down to 16 bytes, the elements before the row start and after its end masked off (those
+// bytes lie in the same 16-byte block as a row element, so in the same allocation page); null is read by
+// element (L1 hits).
+template <typename g_t, typename e_t, typename acc_t, int VEC, bool HEAD = false>
 __global__ void __launch_bounds__(kAttrWarps * kWarp, kAttrMinBlocks)
 attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
                    const acc_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
@@ -203,7 +209,36 @@ attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __res
   const e_t* er = e + r * e_stride;
   acc_t acc = 0;
   if (!skip) {
-    if constexpr (VEC > 1) {
+    if constexpr (VEC > 1 && HEAD) {
+      constexpr int kUnroll = attr_unroll<VEC>();
+      constexpr int64_t kStep = static_cast<int64_t>(kWarp) * VEC;
+      const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(gr) / sizeof(g_t)) % VEC);
+      const g_t* ga = gr - mis;  // 16-byte aligned; element d of the row is ga[d + mis]
+      const e_t* ea = er - mis;
+#pragma unroll 1
+      for (int64_t d0 = static_cast<int64_t>(lane) * VEC; d0 < D + mis; d0 += kStep * kUnroll) {
+        Vec<g_t, VEC> gv[kUnroll];
+        Vec<e_t, VEC> ev[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t d = d0 + u * kStep;
+          if (d < D + mis) {
+            gv[u] = *reinterpret_cast<const Vec<g_t, VEC>*>(ga + d);
+            ev[u] = *reinterpret_cast<const Vec<e_t, VEC>*>(ea + d);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t d = d0 + u * kStep - mis;  // row index of element 0 of this vector
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            if (d + k >= 0 && d + k < D) {
+              acc += (static_cast<acc_t>(ev[u].v[k]) - nul[d + k]) * static_cast<acc_t>(gv[u].v[k]);
+            }
+          }
+        }
+      }
+    } else if constexpr (VEC > 1) {
       constexpr int kUnroll = attr_unroll<VEC>();
       constexpr int64_t kStep = static_cast<int64_t>(kWarp) * VEC;
 #pragma unroll 1
@@ -273,8 +308,16 @@ void launch_attribution(const at::Tensor& grad, const at::Tensor& embeds, const 
   const bool vec_ok = D % VEC == 0 && grad.stride(0) % VEC == 0 && embeds.stride(0) % VEC == 0 &&
                       aligned(gp, VEC * sizeof(g_t)) && aligned(ep, VEC * sizeof(e_t)) &&
                       aligned(np, VEC * sizeof(acc_t));
-  auto stream = P2T_STREAM();
   auto* kernel = vec_ok ? &attribution_kernel<g_t, e_t, acc_t, VEC> : &attribution_kernel<g_t, e_t, acc_t, 1>;
+  if constexpr (sizeof(g_t) == sizeof(e_t)) {
+    // odd D or misaligned rows: aligned vectors with masked head and tail when both tensors' rows start at
+    // the same offset within 16 bytes
+    const auto gaddr = reinterpret_cast<uintptr_t>(gp), eaddr = reinterpret_cast<uintptr_t>(ep);
+    const bool head_ok = (gaddr - eaddr) % 16 == 0 && (grad.stride(0) - embeds.stride(0)) % VEC == 0 &&
+                         D >= 2 * VEC;
+    if (!vec_ok && head_ok) kernel = &attribution_kernel<g_t, e_t, acc_t, VEC, true>;
+  }
+  auto stream = P2T_STREAM();
   P2T_LAUNCH(kernel, blocks, kAttrWarps * kWarp, stream, gp, grad.stride(0), ep, embeds.stride(0), np, mask,
              out.data_ptr<acc_t>(), R, D, ids, pos, N);
   P2T_LAUNCH_CHECK();
