@@ -55,6 +55,7 @@ _UNAVAILABLE: dict[str, str] = {}
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
     _UNAVAILABLE.pop(backend.name, None)
+    _RESOLVED.clear()
 
 
 def mark_unavailable(name: str, why: str) -> None:
@@ -75,7 +76,20 @@ def unavailable_backends() -> dict[str, str]:
     return dict(_UNAVAILABLE)
 
 
+_RESOLVED: dict = {}  # (name, op, device type) -> function; cleared when a backend registers
+
+
 def get(name: str, op: str, device_type: str) -> Callable:
+    key = (name, op, device_type) if isinstance(name, str) else None
+    fn = _RESOLVED.get(key)
+    if fn is not None:
+        return fn
+    fn = _resolve(name, op, device_type)
+    _RESOLVED[(name, op, device_type)] = fn
+    return fn
+
+
+def _resolve(name: str, op: str, device_type: str) -> Callable:
     if not isinstance(name, str) or (name != "auto" and name not in BACKEND_NAMES):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}")
     if name == "auto":

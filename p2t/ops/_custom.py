@@ -50,23 +50,37 @@ def register_meta(ns: str) -> None:
             torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)
 
 
+def _skip_autograd_when_possible(op):
+    """``op`` dispatched below the Autograd key when no input requires grad (eager mode only): the
+    registered autograd wrapper, a Python function per call (~7 µs of host time per op on a 2-core CPU),
+    is skipped; nothing changes otherwise (without a grad-requiring input it would only redispatch)."""
+    def call(*args):
+        if (not torch.compiler.is_compiling()
+                and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+        return op(*args)
+
+    return call
+
+
 def make_backend(name: str, devices: tuple, ns: str) -> Backend:
     """A Backend calling the ops of namespace ``ns`` (``out=`` goes to the in-place ``*_out`` twins)."""
     ops = getattr(torch.ops, ns)
+    fast = {n: _skip_autograd_when_possible(getattr(ops, n).default) for n in SPECS if SPECS[n].backward}
 
     def token_advantages(o, tr, mask, G, alpha, scale, eps, out=None):
         if out is None:
-            return ops.token_advantages(o, tr, mask, G, alpha, scale, eps)
+            return fast["token_advantages"](o, tr, mask, G, alpha, scale, eps)
         ops.token_advantages_out(o, tr, mask, G, alpha, scale, eps, out)
         return out
 
     def p2t_advantages(*args, out=None):
         if out is None:
-            return ops.p2t_advantages(*args)
+            return fast["p2t_advantages"](*args)
         ops.p2t_advantages_out(*args, out)
         return out
 
-    return Backend(name=name, devices=devices,
-                   token_attribution=lambda *a: ops.token_attribution(*a),
-                   segment_redistribute=lambda *a: ops.segment_redistribute(*a),
-                   token_advantages=token_advantages, p2t_advantages=p2t_advantages)
+    return Backend(name=name, devices=devices, token_attribution=fast["token_attribution"],
+                   segment_redistribute=fast["segment_redistribute"], token_advantages=token_advantages,
+                   p2t_advantages=p2t_advantages)
