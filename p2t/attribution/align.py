@@ -7,6 +7,7 @@ no tensors, no model. Tokenizers are duck-typed: ``encode(text, add_special_toke
 """
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -58,10 +59,24 @@ def split_steps(text: str, split: StepSplit) -> List[Span]:
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "is_fast", False):  # the Rust decoder, no Python per token
+        return backend.decode(list(ids), skip_special_tokens=True)
     try:
         return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
     except TypeError:  # tokenizers of the user's own with a smaller decode signature
         return tokenizer.decode(list(ids))
+
+
+def _contiguous_array(a: np.ndarray, b: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """:func:`_contiguous` on arrays of starts and ends (empty where ``b <= a``): ``[n, 2]`` int64."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    text = b > a
+    e = np.where(text, np.minimum(b, hi), lo)
+    if text.any():
+        e[len(e) - 1 - int(np.argmax(text[::-1]))] = hi  # the last token with text reaches the end
+    pos = np.maximum.accumulate(np.concatenate([[lo], e]))
+    return np.stack([pos[:-1], pos[1:]], axis=1)
 
 
 def _contiguous(spans: List[Optional[Span]], lo: int, hi: int) -> List[Span]:
@@ -71,19 +86,9 @@ def _contiguous(spans: List[Optional[Span]], lo: int, hi: int) -> List[Span]:
     tokens (byte-level BPE splits one character such as "×" or "日" into several tokens with the same
     span; a SentencePiece "▁" piece shares its character with the next token) gets an empty span too:
     :func:`assign_steps` keeps it with the token before it when it is told the token has text."""
-    out: List[Span] = []
-    pos = lo
-    last = max((i for i, s in enumerate(spans) if s is not None and s[1] > s[0]), default=-1)
-    for i, s in enumerate(spans):
-        if s is None or s[1] <= s[0]:
-            out.append((pos, pos))
-            continue
-        a, b = pos, min(max(s[1], pos), hi)  # a gap before a token joins it
-        if i == last:
-            b = hi
-        out.append((a, b))
-        pos = b
-    return out
+    arr = np.asarray([(0, 0) if s is None else s for s in spans], dtype=np.int64).reshape(-1, 2)
+    out = _contiguous_array(arr[:, 0], arr[:, 1], lo, hi)
+    return [(int(x), int(y)) for x, y in out.tolist()]
 
 
 def encode_with_offsets(tokenizer, text: str) -> Tuple[List[int], List[Span]]:
@@ -104,35 +109,83 @@ def encode_with_offsets(tokenizer, text: str) -> Tuple[List[int], List[Span]]:
 def offsets_from_ids(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> Tuple[str, List[Span]]:
     """Decoded text of ``ids`` (special tokens skipped) and each token's character span in it.
 
-    Fast path: when ``text`` re-encodes to exactly ``ids`` with a fast tokenizer, its offset mapping
-    is used. Otherwise tokens are decoded one at a time (exact for tokenizers whose pieces concatenate,
-    such as character-level ones), and as a last resort by decoding growing prefixes.
+    In order: byte-level BPE tokenizers (GPT-2, Qwen, Llama-3) from the token bytes; when ``text``
+    re-encodes to exactly ``ids`` with a fast tokenizer, its offset mapping; token strings that
+    concatenate to the decoded text (character-level vocabularies); tokens decoded one at a time; and
+    as a last resort by decoding growing prefixes. The first and third never re-tokenize.
     """
-    ids = list(ids)
-    fast = _byte_level_offsets(tokenizer, ids)
+    full, spans = offsets_array(tokenizer, ids, text)
+    return full, [(int(a), int(b)) for a, b in spans.tolist()]
+
+
+_VOCAB_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _vocab_table(tokenizer, kind: str):
+    """Per tokenizer, an object array over the vocabulary of each token's text (``kind="text"``: the
+    token string, "" for special tokens) or bytes (``"bytes"``: byte-level BPE), with their lengths;
+    built once (one ``convert_ids_to_tokens`` over the vocabulary) and reused while the size holds."""
+    try:
+        size = len(tokenizer)
+        slot = _VOCAB_CACHE.setdefault(tokenizer, {})
+    except TypeError:
+        return None
+    hit = slot.get(kind)
+    if hit is not None and hit[0] == size:
+        return hit[1], hit[2]
+    toks = tokenizer.convert_ids_to_tokens(list(range(size)))
+    special = special_ids(tokenizer)
+    if kind == "bytes":
+        table = _unicode_to_byte()
+        vals = [b"" if (i in special or t is None) else
+                (bytes(table[c] for c in t) if all(c in table for c in t) else t.encode("utf-8"))
+                for i, t in enumerate(toks)]
+    else:
+        vals = ["" if (i in special or t is None) else str(t) for i, t in enumerate(toks)]
+    arr = np.empty(size, dtype=object)
+    arr[:] = vals
+    lens = np.fromiter((len(v) for v in vals), dtype=np.int64, count=size)
+    slot[kind] = (size, arr, lens)
+    return arr, lens
+
+
+def offsets_array(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> Tuple[str, np.ndarray]:
+    """:func:`offsets_from_ids` with the spans as an int64 ``[n, 2]`` array (the engine's host path:
+    vectorised over tokens)."""
+    idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ids = ids if isinstance(ids, list) else idx.tolist()
+    fast = _byte_level_offsets(tokenizer, ids, idx)
     if fast is not None:
         return fast
     if text is not None and getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if list(enc["input_ids"]) == ids:
-            return text, _contiguous([(int(a), int(b)) for a, b in enc["offset_mapping"]], 0, len(text))
-    full = _decode(tokenizer, ids)
-    pieces = None
-    conv = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if conv is not None:  # token strings that are the text itself (character-level vocabularies): no decoding
-        special = set(getattr(tokenizer, "all_special_ids", None) or [])
+            off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            return text, _contiguous_array(off[:, 0], off[:, 1], 0, len(text))
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    fuse = type(decoder).__name__ == "Fuse"  # the decoded text is the token strings joined: no decode needed
+    full = None if fuse else _decode(tokenizer, ids)
+    pieces = lens = None
+    if getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
+        # token strings that are the text itself (character-level vocabularies): no decoding
         try:
-            pieces = ["" if t in special else str(p) for t, p in zip(ids, conv(ids))]
+            got = _vocab_table(tokenizer, "text")
+            if got is not None and (not ids or int(idx.max()) < len(got[0])):
+                pieces, lens = got[0][idx], got[1][idx]
         except Exception:  # noqa: BLE001 - any failure just means the slower paths below
             pieces = None
-    if pieces is None or "".join(pieces) != full:
+    joined = "".join(pieces) if pieces is not None else None
+    if fuse and joined is not None:
+        full = joined
+    elif full is None:
+        full = _decode(tokenizer, ids)
+    if joined is None or joined != full:
         pieces = [_decode(tokenizer, [t]) for t in ids]
-    if "".join(pieces) == full:
-        spans, pos = [], 0
-        for p in pieces:
-            spans.append((pos, pos + len(p)))
-            pos += len(p)
-        return full, _contiguous(spans, 0, len(full))
+        lens = np.asarray([len(p) for p in pieces], dtype=np.int64)
+        joined = "".join(pieces)
+    if joined == full:
+        ends = np.cumsum(lens) if len(lens) else np.zeros(0, dtype=np.int64)
+        return full, _contiguous_array(ends - lens, ends, 0, len(full))
     spans: List[Optional[Span]] = []
     committed, pending = 0, 0
     for i in range(len(ids)):
@@ -143,7 +196,8 @@ def offsets_from_ids(tokenizer, ids: Sequence[int], text: Optional[str] = None) 
         end = len(cur)
         spans.extend([(committed, end)] * pending)
         committed, pending = end, 0
-    return full, _contiguous(spans, 0, len(full))
+    arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    return full, _contiguous_array(arr[:, 0], arr[:, 1], 0, len(full))
 
 
 @lru_cache(maxsize=1)
@@ -160,8 +214,8 @@ def _unicode_to_byte() -> dict:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _byte_level_offsets(tokenizer, ids: List[int]) -> Optional[Tuple[str, List[Span]]]:
-    """Offsets of a byte-level BPE tokenizer (GPT-2, Qwen, Llama-3) from its token strings, without
+def _byte_level_offsets(tokenizer, ids: List[int], idx: np.ndarray) -> Optional[Tuple[str, np.ndarray]]:
+    """Offsets of a byte-level BPE tokenizer (GPT-2, Qwen, Llama-3) from its token bytes, without
     re-encoding: each token's bytes through the byte alphabet, character positions from the UTF-8
     lead bytes. A token made only of continuation bytes (the rest of a character split over tokens)
     gets an empty span after the token that starts the character. ``None`` when the tokenizer is not
@@ -169,44 +223,26 @@ def _byte_level_offsets(tokenizer, ids: List[int]) -> Optional[Tuple[str, List[S
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     if decoder is None or type(decoder).__name__ != "ByteLevel" or not ids:
         return None
-    table = _unicode_to_byte()
-    special = special_ids(tokenizer)
     try:
-        toks = tokenizer.convert_ids_to_tokens(ids)
+        got = _vocab_table(tokenizer, "bytes")
     except Exception:  # noqa: BLE001 - the general path handles it
         return None
-    cache = getattr(tokenizer, "_p2t_bytes", None)
-    if cache is None:
-        cache = {}
-        try:
-            tokenizer._p2t_bytes = cache
-        except Exception:  # noqa: BLE001 - no attribute allowed: no cache
-            pass
-    pieces = []
-    for t, s in zip(ids, toks):
-        p = cache.get(t)
-        if p is None:
-            if t in special or s is None:
-                p = b""
-            elif all(c in table for c in s):
-                p = bytes(table[c] for c in s)
-            else:  # an added token: its text as is
-                p = s.encode("utf-8")
-            cache[t] = p
-        pieces.append(p)
-    raw = b"".join(pieces)
+    if got is None or int(idx.max()) >= len(got[0]) or int(idx.min()) < 0:
+        return None
+    raw = b"".join(got[0][idx])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if text != _decode(tokenizer, ids):
+    base = getattr(tokenizer, "vocab_size", None)
+    plain = isinstance(base, int) and int(idx.max()) < base  # no added token: the bytes are what the decoder yields
+    if not plain and text != _decode(tokenizer, ids):
         return None
     lead = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80
     chars = np.concatenate([[0], np.cumsum(lead)])
-    ends = np.cumsum([len(p) for p in pieces])
-    starts = ends - np.asarray([len(p) for p in pieces])
-    a, b = chars[starts].tolist(), chars[ends].tolist()
-    return text, _contiguous([(x, y) for x, y in zip(a, b)], 0, len(text))
+    lens = got[1][idx]
+    ends = np.cumsum(lens)
+    return text, _contiguous_array(chars[ends - lens], chars[ends], 0, len(text))
 
 
 def overlap(a: Span, b: Span) -> int:

@@ -28,7 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .align import Span, assign_steps_array, encode_with_offsets, offsets_from_ids, overlap_map, special_ids, split_steps
+from .align import (Span, assign_steps_array, encode_with_offsets, offsets_array, overlap_map, special_ids,
+                    split_steps)
 
 __all__ = ["Row", "Layout", "AttributionWarning", "pack"]
 
@@ -103,7 +104,8 @@ class Layout:
                 return full[:i], full[i + len(core):]
         return [], []
 
-    def template_parts(self, prompt: str) -> Tuple[List[int], List[int]]:
+    def template_text(self, prompt: str) -> Tuple[str, str]:
+        """The template's text before and after the response."""
         if self.template == "chat":
             mark = "\u2063P2T_RESPONSE\u2063"
             msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
@@ -118,20 +120,33 @@ class Layout:
         else:
             before, after = self.template.split("{response}", 1)
             before, after = before.replace("{prompt}", prompt), after.replace("{prompt}", prompt)
+        return before, after
+
+    def template_parts(self, prompt: str) -> Tuple[List[int], List[int]]:
+        return self.template_parts_many([prompt])[prompt]
+
+    def template_parts_many(self, prompts: Sequence[str]) -> Dict[str, Tuple[List[int], List[int]]]:
+        """PRM ids before and after the response for each distinct prompt, encoded in one batch."""
+        distinct = list(dict.fromkeys(prompts))
+        texts = [t for p in distinct for t in self.template_text(p)]
+        enc = self._encode_many(texts)
         head, tail = self.specials
-        return (head + (self.encode(before) if before else []),
-                (self.encode(after) if after else []) + tail)
+        return {p: (head + enc[2 * i], enc[2 * i + 1] + tail) for i, p in enumerate(distinct)}
+
+    def _encode_many(self, texts: List[str]) -> List[List[int]]:
+        if getattr(self.tokenizer, "is_fast", False) and texts:
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return [list(x) if t else [] for x, t in zip(ids, texts)]
+        return [self.encode(t) if t else [] for t in texts]
 
     # ------------------------------------------------------------------ rows
     def rows(self, prompts: Sequence[str], responses: Sequence[Optional[str]],
              policy_ids: Optional[Sequence[Sequence[int]]], *, hint: bool = True, skip_empty: bool = False,
              stacklevel: int = 4) -> List[Optional[Row]]:
         """One row per response; ``None`` for a response without a step when ``skip_empty``."""
-        parts: Dict[str, Tuple[List[int], List[int]]] = {}  # prompts repeat (GRPO groups): encode once
+        parts = self.template_parts_many(prompts)  # prompts repeat (GRPO groups): each encoded once
         out: List[Optional[Row]] = []
         for i, prompt in enumerate(prompts):
-            if prompt not in parts:
-                parts[prompt] = self.template_parts(prompt)
             ids = None if policy_ids is None else policy_ids[i]
             out.append(self.row(i, parts[prompt], None if responses is None else responses[i], ids, hint=hint,
                                 skip_empty=skip_empty, stacklevel=stacklevel + 1))
@@ -146,7 +161,7 @@ class Layout:
                 raise ValueError(f"responses[{i}] is empty")
             ids, spans = encode_with_offsets(ptok, response)
             return response, np.asarray(ids, dtype=np.int64), spans
-        ids = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids), dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             if skip_empty:
                 return None
@@ -155,7 +170,7 @@ class Layout:
         if bad.any():
             raise ValueError(f"response_token_ids[{i}] holds the id {int(ids[bad.argmax()])}, outside the policy "
                              f"tokenizer's vocabulary [0, {self.policy_vocab})")
-        text, spans = offsets_from_ids(ptok, ids.tolist(), text=response if hint else None)
+        text, spans = offsets_array(ptok, ids, text=response if hint else None)
         if response is not None and text != response:
             warnings.warn(f"responses[{i}] differs from the decoded response_token_ids[{i}]; steps are taken "
                           "from the decoded tokens", AttributionWarning, stacklevel=stacklevel)
