@@ -690,3 +690,28 @@ def test_process_token_rewards_shares_segment_checks():
     # validate=False: ids outside [0, S) are in no step, never an IndexError
     torch.testing.assert_close(p2t.process_token_rewards(torch.tensor([0, 3, -2, 2]), R, validate=False),
                                torch.tensor([0.2, 0.0, 0.0, 0.9]))
+
+
+@pytest.mark.skipif("cpu" not in p2t.available_backends() or not hasattr(__import__("os"), "fork"),
+                    reason="C++ extension not built, or no fork")
+def test_cpu_kernels_in_a_forked_child():
+    """The C++ kernels' thread pool (csrc/parallel.h) started in the parent; a forked child (a data-loader
+    worker) gets its own pool instead of waiting for threads that do not exist there."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import os, torch, p2t
+        torch.set_num_threads(2)
+        g = torch.randn(64, 4096)
+        want = p2t.token_attribution(g, g, torch.zeros(4096), backend="cpu")
+        pid = os.fork()
+        if pid == 0:
+            torch.set_num_threads(2)
+            got = p2t.token_attribution(g, g, torch.zeros(4096), backend="cpu")
+            os._exit(0 if torch.equal(got, want) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "child 0" in r.stdout, r.stdout + r.stderr[-2000:]
