@@ -13,6 +13,9 @@ _TY = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp1
        "uint8": "u8"}
 
 
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+
+
 def _signature(kernel, args: dict, constexprs: dict) -> dict:
     sig = {}
     for name in kernel.arg_names:
@@ -38,7 +41,10 @@ def variants():
                     ids_ptr="*i64", pos_ptr="*i32", R="i32", D="i32", stride_g="i32", stride_e="i32", N="i32",
                     S="i32")
         out.append((f"attribution {g}/{e} mask={mask} fused={fused}", _attribution_kernel, args,
-                    dict(HAS_MASK=mask, FUSED=fused, BLOCK_R=8, BLOCK_D=512)))
+                    dict(HAS_MASK=mask, FUSED=fused, BLOCK_R=8, BLOCK_D=512, HEAD=0)))
+        if g == e and not fused:
+            out.append((f"attribution {g}/{e} mask={mask} odd D", _attribution_kernel, args,
+                        dict(HAS_MASK=mask, FUSED=fused, BLOCK_R=8, BLOCK_D=512, HEAD=16 // _BYTES[g])))
     out.append(("run_bounds", _run_bounds_kernel, dict(ids_ptr="*i32", mask_ptr="*i32", pos_ptr="*i32", R="i32",
                                                        N="i32", S="i32"), dict(HAS_MASK=False, BLOCK=1024)))
     for cd, mask, adv, std, nsum, scale in [("fp32", False, False, False, False, 2), ("fp32", True, True, True, True, 0),
