@@ -109,10 +109,10 @@ def encode_with_offsets(tokenizer, text: str) -> Tuple[List[int], List[Span]]:
 def offsets_from_ids(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> Tuple[str, List[Span]]:
     """Decoded text of ``ids`` (special tokens skipped) and each token's character span in it.
 
-    In order: byte-level BPE tokenizers (GPT-2, Qwen, Llama-3) from the token bytes; when ``text``
-    re-encodes to exactly ``ids`` with a fast tokenizer, its offset mapping; token strings that
-    concatenate to the decoded text (character-level vocabularies); tokens decoded one at a time; and
-    as a last resort by decoding growing prefixes. The first and third never re-tokenize.
+    In order: byte-level BPE tokenizers (GPT-2, Qwen, Llama-3) from the token bytes; token strings that
+    concatenate to the decoded text (character-level vocabularies); when ``text`` re-encodes to exactly
+    ``ids`` with a fast tokenizer, its offset mapping; tokens decoded one at a time; and as a last
+    resort by decoding growing prefixes. The first two never re-tokenize.
     """
     full, spans = offsets_array(tokenizer, ids, text)
     return full, [(int(a), int(b)) for a, b in spans.tolist()]
@@ -157,11 +157,6 @@ def offsets_array(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> 
     fast = _byte_level_offsets(tokenizer, ids, idx)
     if fast is not None:
         return fast
-    if text is not None and getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if list(enc["input_ids"]) == ids:
-            off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-            return text, _contiguous_array(off[:, 0], off[:, 1], 0, len(text))
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     fuse = type(decoder).__name__ == "Fuse"  # the decoded text is the token strings joined: no decode needed
     full = None if fuse else _decode(tokenizer, ids)
@@ -179,6 +174,11 @@ def offsets_array(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> 
         full = joined
     elif full is None:
         full = _decode(tokenizer, ids)
+    if (joined is None or joined != full) and text is not None and getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == ids:  # the text hint re-encodes to the ids: its offset mapping
+            off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            return text, _contiguous_array(off[:, 0], off[:, 1], 0, len(text))
     if joined is None or joined != full:
         pieces = [_decode(tokenizer, [t]) for t in ids]
         lens = np.asarray([len(p) for p in pieces], dtype=np.int64)
