@@ -7,13 +7,16 @@ one more class in :data:`HEADS`.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
 __all__ = ["Head", "StepClassifierHead", "ValueHead", "LMJudgeHead", "CallableHead", "HEADS", "KINDS", "PRESETS",
-           "QWEN_PRM_SYSTEM"]
+           "QWEN_PRM_SYSTEM", "JUDGE_LOGITS"]
 
+# lm_judge logits: at every position ("all") or at the readout positions only ("readout", logits_to_keep)
+JUDGE_LOGITS = ("all", "readout")
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -27,8 +30,13 @@ def _precise(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = model(inputs_embeds=x, attention_mask=attention_mask)
+def model_logits(model, x: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids=None,
+                 **kw) -> torch.Tensor:
+    """The model's logits; packed rows (``position_ids`` given) are called without a mask and without
+    a cache, so that transformers separates the inputs by their restarting positions."""
+    if position_ids is not None:
+        kw.update(position_ids=position_ids, use_cache=False)
+    out = model(inputs_embeds=x, attention_mask=attention_mask, **kw)
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = out[0] if isinstance(out, (tuple, list)) else out
@@ -52,7 +60,7 @@ class Head:
 
     def margins(self, model, x, attention_mask, batch: dict) -> torch.Tensor:
         ro = batch["readout_positions"]
-        logits = model_logits(model, x, attention_mask)
+        logits = model_logits(model, x, attention_mask, batch.get("position_ids"))
         return self.read(_precise(logits[ro[:, 0], ro[:, 1]]))
 
 
@@ -129,8 +137,10 @@ class LMJudgeHead(Head):
     preset = dict(step_separator=" ки", separator_suffix="\n", step_split="\n", template="{prompt} {response}",
                   system_prompt=None, read_at="separator")
 
-    def __init__(self, judge_tokens=("+", "-"), **_):
-        self.judge_tokens = judge_tokens
+    def __init__(self, judge_tokens=("+", "-"), judge_logits: str = "all", **_):
+        if judge_logits not in JUDGE_LOGITS:
+            raise ValueError(f"judge_logits must be one of {', '.join(map(repr, JUDGE_LOGITS))}, got {judge_logits!r}")
+        self.judge_tokens, self.judge_logits = judge_tokens, judge_logits
         self.ids = None
 
     def check(self, model, tokenizer, encode):
@@ -149,6 +159,24 @@ class LMJudgeHead(Head):
         for t in self.ids:
             if not 0 <= t < (vocab or t + 1):
                 raise ValueError(f"judge_tokens: token id {t} is outside the PRM's output vocabulary [0, {vocab})")
+        if self.judge_logits == "readout":
+            try:
+                params = inspect.signature(model.forward).parameters
+            except (TypeError, ValueError):
+                params = {}
+            if "logits_to_keep" not in params:
+                raise ValueError(f"judge_logits='readout' but the PRM ({type(model).__name__}) takes no "
+                                 "logits_to_keep: its logits cannot be restricted to the readout positions; use "
+                                 "judge_logits='all'")
+
+    def margins(self, model, x, attention_mask, batch):
+        if self.judge_logits == "all":
+            return super().margins(model, x, attention_mask, batch)
+        # the LM head at the readout positions only (the union over the rows): [b, P, V] logits, not [b, L, V]
+        ro = batch["readout_positions"]
+        keep, col = torch.unique(ro[:, 1], sorted=True, return_inverse=True)
+        logits = model_logits(model, x, attention_mask, batch.get("position_ids"), logits_to_keep=keep)
+        return self.read(_precise(logits[ro[:, 0], col]))
 
     def read(self, sel):
         plus, minus = self.ids

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from . import methods as M
+from . import packing as packing_
 from .batch import PRMView, PRMViews, ScoredBatch
-from .heads import HEADS, KINDS, PRESETS, CallableHead
+from .heads import HEADS, JUDGE_LOGITS, KINDS, PRESETS, CallableHead
 from .layout import AttributionWarning, Layout, Row, pack
 from .methods import METHODS
 
@@ -94,6 +95,12 @@ class P2TScorer:
         gradient_checkpointing: recompute activations in the backward (transformers models).
         autocast: ``"auto"`` (bf16 autocast when the PRM is on a GPU), ``True``/``False``.
         output_device: device of the returned tensors (default: the PRM's; ``score(device=)`` overrides it).
+        packing: lay several PRM inputs end to end in one row, ``position_ids`` restarting per input
+            (:mod:`.packing`; decoder PRMs whose attention separates packed inputs; not the ``exact`` method).
+        pack_length: tokens of a packed row (default: the longest input of the call; the token budget
+            under flash-attention).
+        judge_logits: ``lm_judge`` logits at every position (``"all"``) or at the readout positions only
+            (``"readout"``: no ``[L, vocab]`` logits, for long responses).
 
     Where the work lives: :mod:`.layout` (PRM inputs and the map onto policy tokens), :mod:`.heads`
     (how each kind reads its step log-odds), :mod:`.methods` (the attribution methods) and
@@ -107,7 +114,8 @@ class P2TScorer:
                  value_index: int = 0, judge_tokens=("+", "-"), returns: str = "logit", read_at=_UNSET,
                  micro_batch_tokens: int = 8192, max_length: Optional[int] = None, truncation: str = "steps",
                  ig_steps: int = 16, gradient_checkpointing: bool = False, autocast: Union[str, bool] = "auto",
-                 output_device=None):
+                 output_device=None, packing: bool = False, pack_length: Optional[int] = None,
+                 judge_logits: str = "all"):
         if model is None or not hasattr(model, "get_input_embeddings"):
             raise TypeError("model must be a PRM module with get_input_embeddings() (a transformers model), "
                             f"got {type(model).__name__}")
@@ -169,10 +177,15 @@ class P2TScorer:
             raise ValueError(f"step_separator={self.step_separator!r} encodes to no token with the PRM tokenizer "
                              f"({type(tokenizer).__name__}): the steps could not be read at it; pass a separator "
                              "the tokenizer keeps (e.g. its sep_token or a special token)")
+        _choice("judge_logits", judge_logits, JUDGE_LOGITS)
         self.head = (CallableHead(kind, returns=self.returns) if self.kind == "callable" else
                      HEADS[self.kind](positive_label=self.positive_label, value_index=self.value_index,
-                                      returns=self.returns, judge_tokens=judge_tokens))
+                                      returns=self.returns, judge_tokens=judge_tokens,
+                                      judge_logits=judge_logits))
         self.head.check(model, tokenizer, self.layout.encode)
+        self.packing, self.pack_length = bool(packing), pack_length
+        if self.packing:
+            packing_.check(model, self.kind, pack_length)
         self.null = null
         self._null_embed = M.null_embedding(self._embedding(), tokenizer, null, NULLS)
         self._pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None),
@@ -282,6 +295,8 @@ class P2TScorer:
 
     def _attribute(self, rows: List[Row], method: str, ig_steps: int):
         """Attributions [b, L] and margins [K] of a micro-batch."""
+        if self.packing and method != "exact":
+            return packing_.attribute(self, rows, method, ig_steps)
         t = pack(rows, self._pad_id, self.device)
         ids, attn, tstep, ro = t["input_ids"], t["attention_mask"], t["step_index"], t["readout_positions"]
         inputs = {k: t[k] for k in ("input_ids", "step_index", "readout_positions", "prompt_mask", "row_index")}
@@ -409,7 +424,9 @@ class P2TScorer:
             stack.enter_context(self._frozen())
             scores = torch.zeros((B, N), dtype=dtype, device=dev)
             logits = torch.zeros(S, dtype=dtype, device=dev)
-            for group in self._groups(live, cost):
+            groups = (packing_.plan(self.model, live, self.pack_length, self.micro_batch_tokens)
+                      if self.packing and method != "exact" and live else self._groups(live, cost))
+            for group in groups:
                 grows = [live[g] for g in group]
                 attr, m = self._attribute(grows, method, ig_steps)
                 attr, m = attr.to(dev, dtype), m.to(dev, dtype)
