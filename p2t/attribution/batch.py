@@ -10,7 +10,7 @@ import torch
 
 from ..ops._checks import NORMALIZE, SCALES  # noqa: F401  (re-exported: the option values, defined once)
 
-__all__ = ["ScoredBatch", "PRMView", "PRMViews", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
+__all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
 
 MODES = ("outcome", "process", "p2t")
 
@@ -131,3 +131,65 @@ def token_rewards(batch, mode: str = "p2t", *, omega: float = 0.6, temperature: 
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, -1))
     return ops.segment_redistribute(batch.scores, ids, R, omega=omega, temperature=temperature,
                                     standardize=standardize, normalize=normalize, backend=backend)
+
+
+class Assembly:
+    """Collects the micro-batches of one scoring call into a :class:`ScoredBatch` on ``device``: the
+    segment ids and mask are known on the host before any PRM call (one copy each); attributions are
+    scattered from PRM positions onto policy tokens where they were computed (no host round trip).
+    Create it where autograd is on (the output tensors must not be inference tensors)."""
+
+    def __init__(self, rows: Sequence, lens: Sequence[int], length: int, device, dtype, tokenizer):
+        import numpy as np
+        self.rows, self.dev, self.dtype, self.tokenizer = rows, torch.device(device), dtype, tokenizer
+        self.steps = [r.num_steps if r is not None else 0 for r in rows]
+        self.base = np.concatenate([[0], np.cumsum(self.steps)]).astype(np.int64)
+        B, N = len(rows), int(length)
+        seg = np.full((B, N), -1, dtype=np.int64)
+        for b, r in enumerate(rows):
+            if r is not None:
+                seg[b, :r.num_policy] = np.where(r.policy_step >= 0, r.policy_step + self.base[b], -1)
+        self.segment_ids = torch.from_numpy(seg).to(self.dev)
+        self.mask = torch.from_numpy(np.arange(N)[None, :] < np.asarray(lens)[:, None]).to(self.dev)
+        self.scores = torch.zeros((B, N), dtype=dtype, device=self.dev)
+        self.logits = torch.zeros(int(self.base[-1]), dtype=dtype, device=self.dev)
+        self.per_row = {}
+
+    def add(self, rows: Sequence, attr: torch.Tensor, m: torch.Tensor) -> None:
+        """One micro-batch: ``attr`` ``[len(rows), L]`` per PRM position, ``m`` ``[K]`` log-odds in
+        readout order."""
+        import numpy as np
+        dev, dtype = self.dev, self.dtype
+        attr, m = attr.to(dev, dtype), m.to(dev, dtype)
+        # (local row, PRM position) -> (row, policy token), one index copy per micro-batch
+        src_r = np.concatenate([np.full(r.map_prm.size, j, dtype=np.int64) for j, r in enumerate(rows)])
+        dst_b = np.concatenate([np.full(r.map_policy.size, r.index, dtype=np.int64) for r in rows])
+        idx = torch.from_numpy(np.stack([src_r, np.concatenate([r.map_prm for r in rows]), dst_b,
+                                         np.concatenate([r.map_policy for r in rows])])).to(dev)
+        vals = attr[idx[0], idx[1]]
+        if any(r.map_weight is not None for r in rows):
+            w = np.concatenate([r.map_weight if r.map_weight is not None else np.ones(r.map_prm.size) for r in rows])
+            vals = vals * torch.from_numpy(w).to(dev, dtype)
+        self.scores.index_put_((idx[2], idx[3]), vals, accumulate=True)
+        at = np.concatenate([self.base[r.index] + np.arange(r.num_steps) for r in rows])
+        self.logits[torch.from_numpy(at).to(dev)] = m
+        k0 = 0
+        for j, r in enumerate(rows):
+            self.per_row[r.index] = (attr, j, m[k0:k0 + r.num_steps])
+            k0 += r.num_steps
+
+    def _view(self, b: int) -> Optional[PRMView]:
+        r = self.rows[b]
+        if r is None:
+            return None
+        attr, j, mb = self.per_row[r.index]
+        conv = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        ids = r.input_ids.tolist()
+        tokens = list(conv(ids)) if conv else [self.tokenizer.decode([t]) for t in ids]
+        return PRMView(ids, tokens, attr[j, :r.length].clone(), torch.from_numpy(r.token_step.copy()),
+                       r.readout.tolist(), torch.sigmoid(mb), mb, list(r.steps), r.text,
+                       [tuple(s) for s in r.policy_spans.tolist()], r.prompt_length)
+
+    def finish(self, method: str, objective: str) -> ScoredBatch:
+        return ScoredBatch(self.scores, self.segment_ids, torch.sigmoid(self.logits), self.logits, self.mask,
+                           self.steps, PRMViews(len(self.rows), self._view), method, objective)

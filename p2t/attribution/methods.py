@@ -17,11 +17,12 @@ requiring a gradient for the backward only.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Tuple
 
 import torch
 
-__all__ = ["METHODS", "taylor", "taylor_per_step", "integrated_gradients", "exact", "reduce", "null_embedding"]
+__all__ = ["METHODS", "taylor", "taylor_per_step", "integrated_gradients", "exact", "reduce", "null_embedding", "frozen"]
 
 METHODS = ("taylor", "taylor_per_step", "integrated_gradients", "exact")
 Margins = Callable[[torch.Tensor], torch.Tensor]
@@ -152,3 +153,39 @@ def null_embedding(emb, tokenizer, null, nulls=("pad", "eos", "vocab_mean", "zer
         raise ValueError(f"null token id {tid} is outside the PRM vocabulary [0, {weight.shape[0]})")
     with torch.no_grad():
         return emb(torch.tensor([tid], device=weight.device))[0].detach().clone()
+
+
+@contextlib.contextmanager
+def frozen(model, reward_fn=None, gradient_checkpointing: bool = False):
+    """The PRM (and a reward module) with every parameter's ``requires_grad`` off and in eval mode for
+    the call, flags and modes restored afterwards; with ``gradient_checkpointing`` the decoder layers
+    alone are flagged as training so transformers recomputes them in the backward."""
+    modules = [model] + ([reward_fn] if isinstance(reward_fn, torch.nn.Module) else [])
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for mod in modules for m in mod.modules()]
+    ckpt_on = False
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in modules:
+            m.eval()
+        if gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError("gradient_checkpointing=True but the PRM does not support it")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            ckpt_on = True
+        if gradient_checkpointing:
+            # transformers checkpoints a layer only in training mode: flag the layers alone, so
+            # dropout and every other submodule stay in eval mode
+            for m in model.modules():
+                if hasattr(m, "gradient_checkpointing") and type(m).__name__.endswith("Layer"):
+                    m.training = True
+        yield
+    finally:
+        if ckpt_on:
+            model.gradient_checkpointing_disable()
+        for m, mode in modes:
+            m.training = mode
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)

@@ -23,12 +23,11 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from . import methods as M
 from . import packing as packing_
-from .batch import PRMView, PRMViews, ScoredBatch
+from .batch import Assembly, PRMView, ScoredBatch
 from .heads import HEADS, JUDGE_LOGITS, KINDS, PRESETS, CallableHead
 from .layout import AttributionWarning, Layout, Row, pack
 from .methods import METHODS
@@ -249,37 +248,9 @@ class P2TScorer:
         return torch.float64 if self._embedding().weight.dtype == torch.float64 else torch.float32
 
     # ------------------------------------------------------------------ model calls
-    @contextlib.contextmanager
     def _frozen(self):
-        modules = [self.model] + ([self.reward_fn] if isinstance(self.reward_fn, torch.nn.Module) else [])
-        params = [p for m in modules for p in m.parameters()]
-        flags = [p.requires_grad for p in params]
-        modes = [(m, m.training) for mod in modules for m in mod.modules()]
-        ckpt_on = False
-        try:
-            for p in params:
-                p.requires_grad_(False)
-            for m in modules:
-                m.eval()
-            if self.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", False):
-                if not getattr(self.model, "supports_gradient_checkpointing", False):
-                    raise ValueError("gradient_checkpointing=True but the PRM does not support it")
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                ckpt_on = True
-            if self.gradient_checkpointing:
-                # transformers checkpoints a layer only in training mode: flag the layers alone, so
-                # dropout and every other submodule stay in eval mode
-                for m in self.model.modules():
-                    if hasattr(m, "gradient_checkpointing") and type(m).__name__.endswith("Layer"):
-                        m.training = True
-            yield
-        finally:
-            if ckpt_on:
-                self.model.gradient_checkpointing_disable()
-            for m, mode in modes:
-                m.training = mode
-            for p, f in zip(params, flags):
-                p.requires_grad_(f)
+        """Every parameter frozen and the modules in eval mode for the call (restored afterwards)."""
+        return M.frozen(self.model, self.reward_fn, self.gradient_checkpointing)
 
     def _autocast(self):
         dev = self.device
@@ -407,61 +378,21 @@ class P2TScorer:
             raise ValueError(f"a response has {max(lens)} tokens but length={N}")
         dev = torch.device(device if device is not None else (self.output_device or self.device))
         live = [r for r in rows if r is not None]
-        steps = [r.num_steps if r is not None else 0 for r in rows]
-        base = np.concatenate([[0], np.cumsum(steps)])
-        B, S, dtype = len(rows), int(base[-1]), self._dtype
-        seg = np.full((B, N), -1, dtype=np.int64)
-        for b, r in enumerate(rows):
-            if r is not None:
-                seg[b, :r.num_policy] = np.where(r.policy_step >= 0, r.policy_step + base[b], -1)
-        mask = np.arange(N)[None, :] < np.asarray(lens)[:, None]
-        per_row = {}
         cost = ((lambda r: r.length * max(1, r.num_steps)) if method == "taylor_per_step"  # noqa: E731
                 else (lambda r: r.length))
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(self._frozen())
-            scores = torch.zeros((B, N), dtype=dtype, device=dev)
-            logits = torch.zeros(S, dtype=dtype, device=dev)
+            out = Assembly(rows, lens, N, dev, self._dtype, self.tokenizer)
             groups = (packing_.plan(self.model, live, self.pack_length, self.micro_batch_tokens)
                       if self.packing and method != "exact" and live else self._groups(live, cost))
             for group in groups:
                 grows = [live[g] for g in group]
                 attr, m = self._attribute(grows, method, ig_steps)
-                attr, m = attr.to(dev, dtype), m.to(dev, dtype)
-                # scatter onto the policy tokens: (local row, PRM position) -> (row, policy token)
-                src_r = np.concatenate([np.full(r.map_prm.size, j) for j, r in enumerate(grows)])
-                src_p = np.concatenate([r.map_prm for r in grows])
-                dst_b = np.concatenate([np.full(r.map_policy.size, r.index) for r in grows])
-                dst_j = np.concatenate([r.map_policy for r in grows])
-                idx = torch.from_numpy(np.stack([src_r, src_p, dst_b, dst_j])).to(dev)
-                vals = attr[idx[0], idx[1]]
-                if any(r.map_weight is not None for r in grows):
-                    w = np.concatenate([r.map_weight if r.map_weight is not None else np.ones(r.map_prm.size)
-                                        for r in grows])
-                    vals = vals * torch.from_numpy(w).to(dev, dtype)
-                scores.index_put_((idx[2], idx[3]), vals, accumulate=True)
-                at = np.concatenate([base[r.index] + np.arange(r.num_steps) for r in grows])
-                logits[torch.from_numpy(at).to(dev)] = m
-                k0 = 0
-                for j, r in enumerate(grows):
-                    per_row[r.index] = (attr, j, m[k0:k0 + r.num_steps])
-                    k0 += r.num_steps
+                out.add(grows, attr, m)
 
-        def view(b: int) -> Optional[PRMView]:
-            r = rows[b]
-            if r is None:
-                return None
-            attr, j, mb = per_row[r.index]
-            conv = getattr(self.tokenizer, "convert_ids_to_tokens", None)
-            ids_l = r.input_ids.tolist()
-            tokens = list(conv(ids_l)) if conv else [self.tokenizer.decode([t]) for t in ids_l]
-            return PRMView(ids_l, tokens, attr[j, :r.length].clone(), torch.from_numpy(r.token_step.copy()),
-                           r.readout.tolist(), torch.sigmoid(mb), mb, list(r.steps), r.text,
-                           [tuple(s) for s in r.policy_spans.tolist()], r.prompt_length)
-        return ScoredBatch(scores, torch.from_numpy(seg).to(dev), torch.sigmoid(logits), logits,
-                           torch.from_numpy(mask).to(dev), steps, PRMViews(B, view), method, self.objective)
+        return out.finish(method, self.objective)
 
 
 def _same_tokenizer(a, b) -> bool:
