@@ -12,12 +12,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "token_attribution", "segment_redistribute", "process_token_rewards", "group_advantages", "token_advantages", "p2t_advantages",
-    "available_backends", "P2TScorer", "__version__",
+    "available_backends", "P2TScorer", "token_rewards", "__version__",
 ]
 
 
 def __getattr__(name):
-    if name in ("P2TScorer", "ScoredBatch"):
+    if name in ("P2TScorer", "ScoredBatch", "token_rewards"):
         from . import attribution
         return getattr(attribution, name)
     raise AttributeError(f"module 'p2t' has no attribute {name!r}")

@@ -196,3 +196,7 @@ def test_setup_resolves_and_a_saved_lab_policy_continues(tmp_path):
     assert again.step()["update"] == 1
     with pytest.raises(ValueError, match="train_data"):
         GRPOConfig(policy=str(tmp_path), mode="outcome", lab=TINY_LAB)
+
+
+def test_token_rewards_is_public():
+    assert p2t.token_rewards is token_rewards and "token_rewards" in p2t.__all__

@@ -13,7 +13,7 @@ Why the trainer does not end in the fused :func:`p2t.p2t_advantages`: the fused 
 by micro-batch (the point of its token budget: one micro-batch's activations alive at a time). Holding
 them for the whole batch to fuse the last two steps would cost ``2 * B * N * D`` floats for a saving of
 two ``[B, N]`` passes; the unfused tail (:func:`p2t.segment_redistribute` then
-:func:`p2t.token_advantages`) is what it fuses, bit for bit within the ops' tolerances.
+:func:`p2t.token_advantages`) computes what it fuses (equal within the ops' tolerances).
 """
 from __future__ import annotations
 
