@@ -250,3 +250,32 @@ def test_step_split_spans_out_of_range():
         split_steps("abcd", lambda t: [(2, 4), (0, 1)])  # out of order
     with pytest.raises(ValueError, match="step_split returned"):
         split_steps("abcd", lambda t: [(0, "x")])
+
+
+def test_sentencepiece_pieces_stay_with_their_step():
+    """A Metaspace ("▁") vocabulary: the "▁" that leads a response decodes to nothing, "▁" + "F" share a
+    character; with one tokenizer every non-separator token reaches the PRM, from text or from ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForTokenClassification
+    chars = list("▁abcdefghijklmnopqrstuvwxyzF=+0123456789\n")
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = Qwen2ForTokenClassification(Qwen2Config(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=16, max_position_embeddings=128, num_labels=2)).eval()
+    s = P2TScorer(model, tok, "step_classifier", template="{prompt}\n{response}", step_separator="\n",
+                  step_split="\n")
+    text = "a F\nx F"
+    ids = tok.encode(text, add_special_tokens=False)
+    nl = tok.convert_tokens_to_ids("\n")
+    for b in (s.score(["q"], [text]), s.score(["q"], [text], response_token_ids=[ids]), s.score_ids(["q"], [ids])):
+        v = b.prm[0]
+        assert [v.input_ids[p] for p in (v.step_index >= 0).nonzero().flatten().tolist()] == [t for t in ids if t != nl]
+        assert ((b.segment_ids[0] >= 0) == torch.tensor([t != nl for t in ids])).all()
+    # the rule itself: leading pieces without characters take the step of the first token after them
+    assert assign_steps([(0, 0), (0, 0), (0, 1), (1, 2)], [(0, 2)], [True, True, True, True]) == [0, 0, 0, 0]
+    assert assign_steps([(0, 0)], [(0, 2)], [True]) == [-1]

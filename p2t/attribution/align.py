@@ -255,20 +255,27 @@ def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span],
 
     A token whose characters fall in two steps belongs to the step holding most of them (the earlier
     one on a tie). A token with an empty span that has text (``has_text[i]``: a byte-level BPE piece
-    of a character the token before it started) belongs to the step of the token before it. A token
-    without text (a special token) joins a step only when it lies strictly inside it. Spans are
-    sorted, so each step's tokens form one contiguous run."""
+    of a character the token before it started) belongs to the step of the token before it (of the
+    token after it when it leads the response, as a SentencePiece "▁" that decodes to nothing there).
+    A token without text (a special token) joins a step only when it lies strictly inside it. Spans
+    are sorted, so each step's tokens form one contiguous run."""
     out, k = [], 0
+    lead = 0  # leading tokens with text but no characters: they take the step of the first token after them
     for i, span in enumerate(token_spans):
         while k < len(steps) and steps[k][1] <= span[0]:
             k += 1
         if span[0] == span[1]:
-            if has_text is not None and has_text[i] and out:  # the rest of a character split over tokens
-                out.append(out[-1])
+            if has_text is not None and has_text[i]:  # the rest of a character split over tokens
+                if out:
+                    out.append(out[-1])
+                else:
+                    lead += 1
                 continue
             # no text (a special token): it joins the step it lies strictly inside
             inside = k < len(steps) and steps[k][0] < span[0] < steps[k][1]
             out.append(k if inside else -1)
+            if lead:
+                out, lead = [out[-1]] * lead + out, 0
             continue
         best, best_ov = -1, 0
         j = k
@@ -278,6 +285,10 @@ def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span],
                 best, best_ov = j, ov
             j += 1
         out.append(best)
+        if lead:
+            out, lead = [best] * lead + out, 0
+    if lead:
+        out = [-1] * lead
     return out
 
 
@@ -313,10 +324,12 @@ def assign_steps_array(spans: np.ndarray, steps: np.ndarray, has_text: Optional[
         out = np.where(inside, kc, out)
     if has_text is not None:
         cont = empty & np.asarray(has_text, dtype=bool)
-        cont[0] = False  # nothing before the first token: the no-text rule
         if cont.any():
             anchor = np.maximum.accumulate(np.where(cont, -1, np.arange(n)))
-            out = np.where(cont, out[np.maximum(anchor, 0)], out)
+            # leading ones (nothing before them): the first token after them
+            first = int(np.argmin(cont)) if not cont.all() else -1
+            anchor = np.where(anchor < 0, first, anchor)
+            out = np.where(cont, np.where(anchor >= 0, out[np.maximum(anchor, 0)], -1), out)
     return out
 
 
