@@ -12,11 +12,14 @@ from .scorer import (KINDS, METHODS, NULLS, PRESETS, AttributionWarning, P2TScor
                      ScoredBatch)
 
 __all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "KINDS", "METHODS", "NULLS", "PRESETS",
-           "MiniLMStepReward", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
+           "MiniLMStepReward", "MultimodalP2TScorer", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
 
 
 def __getattr__(name):
     if name == "MiniLMStepReward":
         from .minilm import MiniLMStepReward
         return MiniLMStepReward
+    if name == "MultimodalP2TScorer":
+        from .multimodal import MultimodalP2TScorer
+        return MultimodalP2TScorer
     raise AttributeError(f"module 'p2t.attribution' has no attribute {name!r}")

@@ -272,7 +272,7 @@ class P2TScorer:
         ids, attn, tstep, ro = t["input_ids"], t["attention_mask"], t["step_index"], t["readout_positions"]
         inputs = {k: t[k] for k in ("input_ids", "step_index", "readout_positions", "prompt_mask", "row_index")}
         amask = tstep >= 0
-        x = self._embedding()(ids).detach()
+        x = self._inputs_embeds(rows, t, inputs).detach()
         null = self._null_embed.to(device=x.device, dtype=x.dtype)
         f = lambda xx: self.head.margins(self.model, xx, attn, inputs)  # noqa: E731
         with self._autocast():
@@ -296,11 +296,20 @@ class P2TScorer:
                                     ro_r[:, 1].repeat(c)], dim=1)
                 sub = {k: inputs[k][r:r + 1].expand(c, L) for k in ("input_ids", "step_index", "prompt_mask")}
                 sub.update(readout_positions=ro_c, row_index=inputs["row_index"][r:r + 1].expand(c))
+                if "position_ids" in inputs:  # e.g. a vision-language PRM's 3-D positions [3, b, L]
+                    p = inputs["position_ids"]
+                    sub["position_ids"] = p[..., r:r + 1, :].expand(*p.shape[:-2], c, L)
                 m = self.head.margins(self.model, xs, attn[r:r + 1].expand(c, L), sub)
                 return torch.zeros(c, dtype=acc, device=x.device).index_add(
                     0, ro_c[:, 0], M.objective_of(m, self.objective).to(acc))
             return M.exact(f, copies, x, null, amask, self.objective, rows_of_readouts=ro[:, 0],
                            budget=self.micro_batch_tokens)
+
+    def _inputs_embeds(self, rows: List[Row], t: dict, inputs: dict) -> torch.Tensor:
+        """``inputs_embeds`` of a micro-batch: the embedding of its ids. The hook where a multimodal PRM
+        merges its image features (:mod:`.multimodal`); it may add model inputs (``position_ids``) to
+        ``inputs``."""
+        return self._embedding()(t["input_ids"])
 
     def _groups(self, rows: List[Row], cost) -> List[List[int]]:
         """Rows sorted by length (longest first), grouped while rows x cost of the first <= the budget."""

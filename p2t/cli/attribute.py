@@ -5,6 +5,8 @@ solution is used by the embedded MiniLM reward); by default the sample shipped w
 PRM: a path or hub id (``--prm``, with ``--kind``); ``--prm lab`` (the default): the toy lab's step
 classifier (shipped with the package, read with the lab's layout: ``BOS prompt line\n line\n ...``);
 ``--prm minilm``: the embedded MiniLM similarity reward (real pretrained weights; reads any text).
+``--image``: an image file read with every prompt (records may name their own ``"image"``) by a
+vision-language PRM (:class:`p2t.attribution.multimodal.MultimodalP2TScorer`).
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def configure(parser):
     parser.add_argument("--no-color", action="store_true", help="scores in brackets instead of ANSI colours")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--image", default=None,
+                        help="image file read with every prompt by a vision-language PRM (a record's own \"image\" "
+                             "path overrides it)")
 
 
 def _read(path, limit):
@@ -76,6 +81,7 @@ def run(args) -> int:
             if value is not None:
                 opts[key] = value
         prompts = [r["prompt"] for r in rows]
+        kw = {}
         responses = [r["response"] for r in rows]
         if args.prm == "minilm":
             from p2t.attribution.minilm import minilm_scorer
@@ -95,13 +101,24 @@ def run(args) -> int:
             scorer = P2TScorer.from_pretrained(paths["prm"], kind="step_classifier", tokenizer=lab.lab_tokenizer(),
                                                device=args.device, **{**LAB_LAYOUT, **opts})
             name = "toy lab PRM"
+        elif args.image or any(r.get("image") for r in rows):
+            from PIL import Image
+
+            from p2t.attribution.multimodal import MultimodalP2TScorer
+            paths = [r.get("image") or args.image for r in rows]
+            images = {p: Image.open(p).convert("RGB") for p in set(paths) if p}
+            kw["images"] = [images[p] if p else None for p in paths]
+            scorer = MultimodalP2TScorer.from_pretrained(args.prm, kind=args.kind, tokenizer=args.tokenizer,
+                                                         policy_tokenizer=args.policy_tokenizer, device=args.device,
+                                                         trust_remote_code=args.trust_remote_code, **opts)
+            name = args.prm
         else:
             from p2t.attribution import P2TScorer
             scorer = P2TScorer.from_pretrained(args.prm, kind=args.kind, tokenizer=args.tokenizer,
                                                policy_tokenizer=args.policy_tokenizer, device=args.device,
                                                trust_remote_code=args.trust_remote_code, **opts)
             name = args.prm
-        batch = scorer.score(prompts, responses, method=args.method)
+        batch = scorer.score(prompts, responses, method=args.method, **kw)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"p2t attribute: error: {e}", file=sys.stderr)
         return 2
