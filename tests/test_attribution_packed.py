@@ -166,3 +166,26 @@ def test_pack_length_rows(saved):
     close(s.score(PROMPTS, RESPONSES).scores, load(saved, "step_classifier").score(PROMPTS, RESPONSES).scores)
     lengths = np.asarray([r.length for r in rows])
     assert lengths.sum() > 64  # at least two packed rows
+
+
+def test_grpo_step_with_packing(tmp_path_factory):
+    """The GRPO loop's scorer packs when the config asks (``prm_packing``), with the same token
+    advantages as the padded scorer on the same rollout."""
+    from p2t.grpo import GRPOTrainer
+    from p2t.grpo.lab.models import ensure_lab
+
+    from _grpo_helpers import TINY_LAB, digit_reward, tiny_config
+    cache = tmp_path_factory.mktemp("labcache")
+    ensure_lab(TINY_LAB, str(cache))
+    runs = {}
+    for packed in (False, True):
+        tr = GRPOTrainer(tiny_config(tmp_path_factory.mktemp("run"), cache, mode="p2t", prm_packing=packed),
+                         reward_fn=digit_reward)
+        assert tr.scorer.packing is packed
+        tr.step()
+        runs[packed] = tr.last_rollout
+    a, b = runs[False], runs[True]
+    assert a.responses == b.responses
+    close(b.scored.scores, a.scored.scores)
+    close(b.advantages, a.advantages)
+    assert (b.scored.segment_ids >= 0).any()

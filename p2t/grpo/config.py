@@ -31,6 +31,9 @@ class GRPOConfig:
     step_separator: Optional[str] = None  # PRM step separator; None = the kind's convention (the lab: newline)
     step_split: Optional[str] = None      # how responses are split into steps; None = the kind's (the lab: newline)
     prm_template: Optional[str] = None    # PRM input template with {prompt} and {response}; None = the kind's
+    prm_packing: bool = False             # several responses per PRM row, positions restarting per response
+    prm_gradient_checkpointing: bool = False  # recompute the PRM's layer activations in its backward (long responses)
+    prm_judge_logits: str = "all"         # lm_judge logits at every position (all) or at the step tags only (readout)
     reward: Optional[str] = None         # outcome reward "module:function", fn(prompts, responses, **columns); None = the lab's
     train_data: Optional[str] = None     # JSONL of {"prompt": ..., other columns}; None = the lab's generated task
     eval_data: Optional[str] = None      # JSONL for evaluation; None = held-out lab prompts
@@ -98,6 +101,7 @@ class GRPOConfig:
         choice("scale_rewards", SCALES)
         choice("normalize", NORMALIZE)
         choice("prm_kind", PRM_KINDS)
+        choice("prm_judge_logits", ("all", "readout"))
         for name in ("num_updates", "prompts_per_update", "group_size", "max_new_tokens", "num_iterations",
                      "gradient_accumulation_steps", "eval_prompts", "eval_samples_per_prompt"):
             v = getattr(self, name)

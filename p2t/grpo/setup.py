@@ -99,6 +99,8 @@ def scorer_options(config: GRPOConfig, policy_tokenizer, lab: bool) -> dict:
                        ("template", c.prm_template)):
         if value is not None:
             opts[key] = value
+    opts.update(packing=c.prm_packing, gradient_checkpointing=c.prm_gradient_checkpointing,
+                judge_logits=c.prm_judge_logits)
     return opts
 
 
