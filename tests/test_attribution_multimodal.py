@@ -238,3 +238,5 @@ def test_cli_image(saved, tmp_path, capsys):
     rc = main(["attribute", str(data), "--prm", d, "--kind", "lm_judge", "--tokenizer", tok, "--image",
                str(tmp_path / "missing.png"), "--no-color", "--html", str(html)])
     assert rc == 2 and "missing.png" in capsys.readouterr().err
+    rc = main(["attribute", str(data), "--image", str(img), "--no-color", "--html", str(html)])
+    assert rc == 2 and "vision-language" in capsys.readouterr().err

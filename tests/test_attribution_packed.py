@@ -151,6 +151,27 @@ def test_packing_refused_where_it_cannot_work(saved, tmp_path):
         P2TScorer(enc, tk, packing=True, **TOY)
     P2TScorer(enc, tk, packing=False, **TOY)  # unpacked: fine
 
+    class Plain(torch.nn.Module):  # a module of the user's own: no position_ids, or no use_cache
+        def __init__(self, positions):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(len(tk), 8), torch.nn.Linear(8, 2)
+            if positions:
+                self.forward = self.forward_positions
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, inputs_embeds=None, attention_mask=None):
+            return self.head(inputs_embeds)
+
+        def forward_positions(self, inputs_embeds=None, attention_mask=None, position_ids=None):
+            return self.head(inputs_embeds)
+
+    with pytest.raises(ValueError, match="takes no position_ids"):
+        P2TScorer(Plain(False), tk, packing=True, **TOY)
+    with pytest.raises(ValueError, match="cannot be called"):
+        P2TScorer(Plain(True), tk, packing=True, **TOY)
+
 
 def test_packing_off_by_default(saved):
     s = load(saved, "step_classifier")

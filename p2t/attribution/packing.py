@@ -56,7 +56,12 @@ def check(model, kind: str, pack_length: Optional[int]) -> None:
     if "position_ids" not in params:
         raise ValueError(f"packing=True but the PRM ({type(model).__name__}) takes no position_ids: packed inputs "
                          "could not restart their positions")
-    if not _keeps_apart(model):
+    try:
+        apart = _keeps_apart(model)
+    except TypeError as e:  # a forward without attention_mask=None / use_cache
+        raise ValueError(f"packing=True but the PRM ({type(model).__name__}) cannot be called with position_ids, "
+                         f"attention_mask=None and use_cache=False ({e})") from None
+    if not apart:
         raise ValueError(f"packing=True but the PRM ({type(model).__name__}, attention "
                          f"{getattr(getattr(model, 'config', None), '_attn_implementation', None)!r}) lets packed "
                          "inputs see each other: its attention mask ignores restarting position_ids (encoders, "

@@ -83,6 +83,8 @@ def run(args) -> int:
         prompts = [r["prompt"] for r in rows]
         kw = {}
         responses = [r["response"] for r in rows]
+        if args.image and args.prm in ("lab", "minilm"):
+            raise ValueError(f"--image needs a vision-language PRM (--prm PATH); --prm {args.prm} reads text only")
         if args.prm == "minilm":
             from p2t.attribution.minilm import minilm_scorer
             refs = [r.get("reference") or r["prompt"] for r in rows]
