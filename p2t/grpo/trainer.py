@@ -3,13 +3,15 @@
 One update:
   1. take ``prompts_per_update`` prompts, sample ``group_size`` responses each with HF ``generate``;
   2. outcome rewards from the user's ``fn(prompts, responses, **columns) -> list[float]``;
-  3. (process, p2t) step rewards and per-token attributions from :class:`p2t.P2TScorer`;
-  4. token advantages (:mod:`p2t.grpo.advantages`, through the p2t ops);
+  3. (process, p2t) one :meth:`p2t.P2TScorer.score_ids` call: step rewards and per-token attributions
+     aligned to the completion columns, on the policy's device (no host round trip);
+  4. token rewards (:func:`p2t.token_rewards`) and advantages (:mod:`p2t.grpo.advantages`, the p2t ops);
   5. ``num_iterations`` passes of the clipped surrogate over the batch (old log-probs stored when > 1),
      ``gradient_accumulation_steps`` micro-batches per optimiser step, gradient clipping.
 
 Each update's prompts and sampling noise are seeded from (seed, update index), so a run resumed from a
-checkpoint continues exactly as an uninterrupted one would.
+checkpoint continues exactly as an uninterrupted one would. What is trained and rewarded (models,
+tokenizer, scorer, reward, prompts) is resolved by :mod:`p2t.grpo.setup`.
 """
 from __future__ import annotations
 
@@ -57,8 +59,9 @@ def fill_step_holes(segment_ids: torch.Tensor) -> torch.Tensor:
     """Tokens with id -1 lying between two tokens of the same step join that step.
 
     Such holes are tokens with no text of their own (a special token sampled mid-line): the PRM never
-    sees them, so they carry no attribution, but the step must stay one contiguous run for the
-    redistribution; they get the step's share like any token with zero attribution."""
+    sees them, so they carry no attribution; filled, they get the step's share like any token with zero
+    attribution. The scorer's own segment ids need no filling (it puts such a token in the step it lies
+    inside); this is for segment ids from elsewhere."""
     B, N = segment_ids.shape
     pos = torch.arange(N).expand(B, N)
     valid = segment_ids >= 0
