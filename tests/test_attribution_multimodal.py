@@ -240,3 +240,23 @@ def test_cli_image(saved, tmp_path, capsys):
     assert rc == 2 and "missing.png" in capsys.readouterr().err
     rc = main(["attribute", str(data), "--image", str(img), "--no-color", "--html", str(html)])
     assert rc == 2 and "vision-language" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_step_and_readout_head(saved, arch):
+    """taylor_per_step = each step's own gradient on the merged embeddings; the judge read at the step
+    tags only (judge_logits="readout") gives the full head's scores."""
+    s = load(saved, arch)
+    b = s.score(PROMPTS[:1], RESPONSES[:1], images=IMAGES[:1], method="taylor_per_step")
+    v = b.prm[0]
+    x, pos, _, _ = merged(s, v, IMAGES[0])
+    want = torch.zeros(x.shape[0])
+    for k in range(len(v.readout_positions)):
+        xg = x.clone().requires_grad_(True)
+        g, = torch.autograd.grad(objective(s, v, pos)(xg)[k], xg)
+        tok = v.step_index == k
+        want[tok] = ((x - s._null_embed) * g).sum(-1)[tok]
+    close(v.attributions, want)
+    full = s.score(PROMPTS, RESPONSES, images=IMAGES)
+    got = load(saved, arch, judge_logits="readout").score(PROMPTS, RESPONSES, images=IMAGES)
+    close(got.scores, full.scores, 1e-5)
