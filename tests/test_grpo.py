@@ -400,3 +400,125 @@ def test_attribution_stats_entropy():
     small = torch.tensor([[0.1, 0.12, 0.14, 0.0, 0.1, 0.11], [0.1, 0.13, 0.0, 0.0, 0.0, 0.0]])
     assert attribution_stats(small, ids)["attr_entropy"] > 0.99
     assert attribution_stats(small, ids, standardize=True, temperature=0.5)["attr_entropy"] < 0.9
+
+
+# ---------------------------------------------------------------- lab warm-up, localisation, compare statistics
+def test_lr_factor_warms_up_then_decays_to_the_floor():
+    from p2t.grpo.lab.models import lr_factor
+    assert lr_factor(0, 100, 10, 1e-3, 1e-5) == pytest.approx(0.1, rel=1e-3)
+    assert lr_factor(9, 100, 10, 1e-3, 1e-5) == pytest.approx(0.5 * (1 + __import__("math").cos(0.09 * 3.141592653589793)) * 0.99 + 0.01)
+    assert lr_factor(100, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01)
+    assert lr_factor(500, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01)  # stays at the floor
+    vals = [lr_factor(s, 100, 10, 1e-3, 1e-5) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_wrong_step_kinds():
+    from p2t.grpo.lab.models import wrong_step_kinds
+    p = task.Problem([17, 25, 33])
+    assert wrong_step_kinds(p, "17+25=42\n42+33=75\n#75") == []
+    assert wrong_step_kinds(p, "17+25=43\n43+33=76\n#76") == ["+1"]  # later steps are judged on their own
+    assert wrong_step_kinds(p, "17+25=32\n32+33=65\n#66") == ["-10", "answer"]
+    assert wrong_step_kinds(p, "17+25=42\n42+3=45\n#45\n1") == ["malformed", "extra"]
+
+
+def test_token_truth_marks_the_wrong_digits():
+    from p2t.grpo.lab.localisation import token_truth
+    p = task.Problem([17, 25, 33])
+    resp = "17+25=43\n43+33=76\n#76"
+    line_of, wrong = token_truth(p, resp)
+    assert line_of == [0] * 9 + [1] * 9 + [2] * 3
+    assert [i for i, w in enumerate(wrong) if w] == [7]  # the 3 of 43; the next lines are right given 43
+    line_of, wrong = token_truth(task.Problem([17, 25]), "17+25=52\n#52")
+    assert [i for i, w in enumerate(wrong) if w] == [6, 7]  # from the first wrong character to the line's end
+    assert not any(token_truth(p, "17+25=42\n42+33=75\n#75")[1])
+
+
+def test_auroc_and_spearman_against_brute_force():
+    import numpy as np
+    from p2t.grpo.lab.localisation import auroc, spearman
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 13).astype(float), rng.integers(0, 5, 17).astype(float)
+    brute = np.mean([[1.0 if a > b else 0.5 if a == b else 0.0 for b in neg] for a in pos])
+    assert auroc(pos, neg) == pytest.approx(brute)
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert np.isnan(auroc(np.array([]), np.array([1.0])))
+    x = rng.normal(size=20)
+    assert spearman(x, np.exp(x)) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert np.isnan(spearman(x, np.zeros(20)))
+
+
+def test_localisation_on_the_tiny_lab(cache):
+    from p2t.grpo.lab.localisation import measure, table
+    paths = ensure_lab(TINY_LAB, str(cache))
+    res = measure(paths["policy"], paths["prm"], samples=6, methods=["taylor", "exact", "integrated_gradients:2"],
+                  nulls=["pad", "zero"])
+    assert [(r["method"], r["null"]) for r in res["rows"]] == [
+        ("taylor", "pad"), ("taylor", "zero"), ("integrated_gradients:2", "pad"), ("integrated_gradients:2", "zero"),
+        ("exact", "pad"), ("exact", "zero")]
+    for r in res["rows"]:
+        assert 0.0 <= r["entropy"] <= 1.0 + 1e-9 and r["steps"] > 0
+        if r["method"] == "exact":
+            assert r["spearman_exact"] == pytest.approx(1.0)
+    assert "| taylor | pad |" in table(res)
+    with pytest.raises(ValueError, match="method"):
+        measure(paths["policy"], paths["prm"], samples=2, methods=["gradcam"])
+    with pytest.raises(ValueError, match="null"):
+        measure(paths["policy"], paths["prm"], samples=2, nulls=["unk"])
+
+
+def test_step_records_align_attributions_with_truth():
+    from types import SimpleNamespace
+    from p2t.grpo.lab.localisation import step_records, summarise
+    p = task.Problem([17, 25, 33])
+    resp = "17+25=43\n43+33=76\n#76"
+    n = len(resp)
+    seg = torch.full((1, n), -1)
+    seg[0, :8], seg[0, 9:17], seg[0, 18:] = 0, 1, 2
+    scores = torch.zeros(1, n)
+    scores[0, 7] = -1.0  # the wrong digit has the lowest attribution
+    batch = SimpleNamespace(scores=scores, segment_ids=seg, segment_rewards=torch.tensor([0.1, 0.9, 0.9]),
+                            steps_per_response=[3])
+    steps = step_records(batch, [p], [resp])
+    assert [s["step_ok"] for s in steps] == [False, True, True]
+    assert steps[0]["wrong"].tolist() == [False] * 7 + [True]
+    res = summarise(steps)
+    assert res["auroc_step"] == 1.0 and res["top1"] == 1.0 and res["auroc_flagged"] == 1.0
+    assert res["wrong_steps"] == 1 and res["mixed_steps"] == 1
+
+
+def test_policy_and_prm_reports_are_saved(cache):
+    paths = ensure_lab(TINY_LAB, str(cache))
+    pol = json.load(open(os.path.join(paths["policy"], "lab_metrics.json")))
+    assert {"sampled_accuracy", "greedy_accuracy", "wrong_step_share", "wrong_step_kinds"} <= set(pol)
+    prm = json.load(open(os.path.join(paths["prm"], "lab_metrics.json")))
+    assert {"step_accuracy", "wrong_step_recall", "right_step_recall", "samples"} <= set(prm)
+
+
+def test_compare_statistics():
+    import numpy as np
+    from p2t.cli.compare import bootstrap_ci, summarise, table, updates_to, welch
+    t, p = welch([1.0, 1.1, 0.9, 1.0], [0.0, 0.1, -0.1, 0.0])
+    assert t > 10 and p < 1e-3
+    scipy_stats = pytest.importorskip("scipy.stats")
+    a, b = [0.3, 0.5, 0.4, 0.45], [0.35, 0.2, 0.3]
+    ref = scipy_stats.ttest_ind(a, b, equal_var=False)
+    assert welch(a, b) == pytest.approx((ref.statistic, ref.pvalue))
+    lo, hi = bootstrap_ci([1.0, 1.1, 0.9], [0.0, 0.1, -0.1])
+    assert 0.7 < lo < 1.0 < hi < 1.3
+    assert updates_to(np.array([0, 10, 20]), np.array([0.1, 0.5, 0.7]), 0.5) == 10
+    assert updates_to(np.array([0, 10]), np.array([0.1, 0.2]), 0.5) is None
+    mk = lambda ys, sa: [{"update": 0, "eval_accuracy": ys[0]}] + [  # noqa: E731
+        {"update": 10 * i, "eval_accuracy": y, "step_accuracy": sa, "step_reward": 0.8} for i, y in enumerate(ys) if i]
+    runs = {"outcome": [mk([0.2, 0.3, 0.4], 0.7), mk([0.2, 0.4, 0.6], 0.7)],
+            "process": [mk([0.2, 0.5, 0.6], 0.8), mk([0.2, 0.5, 0.5], 0.8)]}
+    s = summarise(runs)
+    assert s["outcome"]["threshold"] == pytest.approx(0.2 + 0.75 * 0.3)
+    assert s["process"]["updates_to_threshold"] == [10.0, 10.0]
+    assert s["outcome"]["updates_to_threshold"] == [None, 20.0]  # 0.4 never reaches 0.425
+    assert s["process"]["vs"]["outcome"]["final"]["diff"] == pytest.approx(0.05)
+    assert s["process"]["track"]["step_accuracy_last"] == [0.8, 0.8]
+    md = table(s, "settings")
+    assert "| process − outcome |" in md and "0.800 → 0.800" in md
+    assert "| outcome | 0.200 | 0.500 ± 0.100 | 0.350 ± 0.050 | 20 | 20 ± 0 (1 not reached, counted as 20) |" in md

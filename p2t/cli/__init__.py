@@ -1,4 +1,4 @@
-"""`p2t` command line: train, compare, attribute, bench, env.
+"""`p2t` command line: train, compare, localise, attribute, bench, env.
 
 Each sub-command lives in its own module with ``configure(parser)`` and ``run(args) -> int``;
 modules are imported only when their command runs, so `p2t env` stays fast.
@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "train": ("p2t.cli.train", "GRPO training; by default the embedded toy lab in P2T mode"),
     "compare": ("p2t.cli.compare", "outcome vs process vs P2T rewards on the toy lab, several seeds, plot + table"),
+    "localise": ("p2t.cli.localise", "toy lab: do the attributions point at the wrong tokens? AUROC and entropy"),
     "attribute": ("p2t.cli.attribute", "per-token PRM attributions as a terminal heatmap and an HTML file"),
     "bench": ("p2t.cli.bench", "short benchmark of every backend vs reference vs torch.compile"),
     "env": ("p2t.cli.env", "versions, devices and available backends"),

@@ -7,10 +7,19 @@ same seeds; only the advantages differ:
 * ``process``  - A^ + alpha * R_s on the tokens of step s;
 * ``p2t``      - A^ + alpha * r_i, the paper's settings (omega 0.6, temperature 1, raw attributions);
 * ``p2t-std``  - the same with attributions standardised within each step and a softmax temperature
-  (``--std-temperature``), which makes the redistribution non-uniform when raw attributions are small.
+  (``--std-temperature``), which makes the redistribution non-uniform when raw attributions are small;
+* ``p2t-exact`` - P2T with the ``exact`` attributions (each token replaced by the null, the PRM re-run),
+  the method that localises wrong tokens best on the lab (``p2t localise``), sharpened like ``p2t-std``;
+* ``p2t-ig``   - P2T with integrated gradients (16 points), standardised like ``p2t-std``.
 
 Runs go to ``<output-dir>/<mode>-seed<k>/`` (each a ``p2t train`` run, ``--jobs`` at a time, one CPU
 thread each); results in ``<output-dir>/compare.png``, ``compare.md`` and ``compare.json``.
+
+Reported per mode over the seeds: final sampled accuracy, AUC (mean accuracy over training) and
+updates to a threshold (``--threshold``; default: the start plus 3/4 of outcome's mean gain), as
+mean ± sd; Welch t-tests and bootstrap 95 % intervals of the difference of means against ``outcome``
+and ``process``; and the reward-hacking track: the true step accuracy of the training samples next to
+the PRM's mean step reward, averaged over the first and the last tenth of the updates.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,14 +38,21 @@ VARIANTS = {
     "process": {"mode": "process"},
     "p2t": {"mode": "p2t"},
     "p2t-std": {"mode": "p2t", "standardize": True},
+    "p2t-exact": {"mode": "p2t", "attribution_method": "exact", "standardize": True},
+    "p2t-ig": {"mode": "p2t", "attribution_method": "integrated_gradients", "standardize": True},
 }
+SHARPENED = ("p2t-std", "p2t-exact", "p2t-ig")  # take --std-temperature
 
 
 def configure(parser: argparse.ArgumentParser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__
     parser.add_argument("--modes", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. seeds-1)")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds are first-seed .. first-seed+seeds-1 (report on seeds no setting was chosen on)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="accuracy for 'updates to threshold' (default: start + 3/4 of outcome's mean gain)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     parser.add_argument("--output-dir", default="runs/compare")
     parser.add_argument("--std-temperature", type=float, default=0.5, help="attr_temperature of p2t-std")
@@ -57,7 +73,7 @@ def _train_flags(args, variant: str, seed: int, out: str) -> List[str]:
             flags.append(("--" if v else "--no-") + k.replace("_", "-"))
         else:
             flags += ["--" + k.replace("_", "-"), str(v)]
-    if variant == "p2t-std":
+    if variant in SHARPENED:
         flags += ["--attr-temperature", str(args.std_temperature)]
     return flags
 
@@ -79,7 +95,48 @@ def auc(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
 
 
-def summarise(runs: Dict[str, List[List[dict]]]) -> dict:
+def updates_to(x: np.ndarray, y: np.ndarray, threshold: float) -> Optional[float]:
+    """First evaluated update at which the accuracy reaches ``threshold`` (None: never)."""
+    hit = np.nonzero(y >= threshold)[0]
+    return float(x[hit[0]]) if len(hit) else None
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
+    """Welch's t statistic and two-sided p-value of mean(a) - mean(b) (p is nan without scipy)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        return float("nan"), float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return float("nan"), float("nan")
+    t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    try:
+        from scipy import stats
+        p = float(2 * stats.t.sf(abs(t), df))
+    except ImportError:
+        p = float("nan")
+    return float(t), p
+
+
+def bootstrap_ci(a: Sequence[float], b: Sequence[float], n: int = 10000, seed: int = 0) -> Tuple[float, float]:
+    """95 % bootstrap interval of mean(a) - mean(b) (seeds resampled with replacement in each group)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    d = rng.choice(a, (n, len(a))).mean(1) - rng.choice(b, (n, len(b))).mean(1)
+    return float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
+
+
+def _window_mean(records: List[dict], key: str, first: bool) -> Optional[float]:
+    ups = [r for r in records if key in r and r.get(key) is not None]
+    if not ups:
+        return None
+    k = max(1, len(ups) // 10)
+    part = ups[:k] if first else ups[-k:]
+    return float(np.mean([r[key] for r in part]))
+
+
+def summarise(runs: Dict[str, List[List[dict]]], threshold: Optional[float] = None) -> dict:
     out = {}
     for mode, recs in runs.items():
         curves = [_curve(r) for r in recs]
@@ -89,24 +146,117 @@ def summarise(runs: Dict[str, List[List[dict]]]) -> dict:
         out[mode] = {"updates": x.tolist(), "mean": ys.mean(0).tolist(), "std": ys.std(0).tolist(),
                      "per_seed": ys.tolist(), "auc": [auc(x, y) for y in ys], "final": ys[:, -1].tolist(),
                      "start": ys[:, 0].tolist()}
+        track = {}
+        for key in ("step_accuracy", "step_reward"):
+            for first in (True, False):
+                vals = [_window_mean(r, key, first) for r in recs]
+                if all(v is not None for v in vals):
+                    track[f"{key}_{'first' if first else 'last'}"] = vals
+        out[mode]["track"] = track
     if "outcome" in out:
         target = float(np.mean(out["outcome"]["final"]))
         for mode, s in out.items():
             hit = [u for u, m in zip(s["updates"], s["mean"]) if m >= target]
             s["updates_to_outcome_final"] = hit[0] if hit else None
             s["outcome_final_target"] = target
+        if threshold is None:
+            start = float(np.mean(out["outcome"]["start"]))
+            threshold = start + 0.75 * (target - start)
+    if threshold is not None:
+        for mode, s in out.items():
+            x = np.array(s["updates"])
+            s["threshold"] = threshold
+            s["updates_to_threshold"] = [updates_to(x, np.array(y), threshold) for y in s["per_seed"]]
+    for ref in ("outcome", "process"):
+        if ref not in out:
+            continue
+        for mode, s in out.items():
+            if mode == ref:
+                continue
+            tests = {}
+            for metric in ("final", "auc"):
+                t, p = welch(s[metric], out[ref][metric])
+                lo, hi = bootstrap_ci(s[metric], out[ref][metric])
+                tests[metric] = {"diff": float(np.mean(s[metric]) - np.mean(out[ref][metric])), "t": t, "p": p,
+                                 "ci95": [lo, hi]}
+            s.setdefault("vs", {})[ref] = tests
     return out
 
 
+def _reach(vals: List[Optional[float]], cap: float) -> str:
+    got = [v for v in vals if v is not None]
+    if not got:
+        return "not reached"
+    filled = np.array([cap if v is None else v for v in vals])
+    miss = len(vals) - len(got)
+    return f"{filled.mean():.0f} ± {filled.std():.0f}" + (f" ({miss} not reached, counted as {cap:.0f})" if miss else "")
+
+
 def table(summary: dict, settings: str) -> str:
-    lines = ["| mode | start acc | final acc (mean ± sd) | AUC (mean ± sd) | updates to outcome's final acc |",
-             "|---|---|---|---|---|"]
+    lines = ["| mode | start acc | final acc (mean ± sd) | AUC (mean ± sd) | updates to outcome's final acc |"
+             " updates to threshold | step acc first → last (true) | PRM step reward first → last |",
+             "|---|---|---|---|---|---|---|---|"]
     for mode, s in summary.items():
         f, a = np.array(s["final"]), np.array(s["auc"])
         reach = s.get("updates_to_outcome_final")
+        thr = _reach(s["updates_to_threshold"], s["updates"][-1]) if "updates_to_threshold" in s else ""
+        tr = s.get("track", {})
+        sa = (f"{np.mean(tr['step_accuracy_first']):.3f} → {np.mean(tr['step_accuracy_last']):.3f}"
+              if "step_accuracy_first" in tr else "")
+        sr = (f"{np.mean(tr['step_reward_first']):.3f} → {np.mean(tr['step_reward_last']):.3f}"
+              if "step_reward_first" in tr else "")
         lines.append(f"| {mode} | {np.mean(s['start']):.3f} | {f.mean():.3f} ± {f.std():.3f} | "
-                     f"{a.mean():.3f} ± {a.std():.3f} | {'not reached' if reach is None else int(reach)} |")
-    return "\n".join(lines) + "\n\n" + settings + "\n"
+                     f"{a.mean():.3f} ± {a.std():.3f} | {'not reached' if reach is None else int(reach)} | "
+                     f"{thr} | {sa} | {sr} |")
+    tests = [(mode, ref, t) for mode, s in summary.items() for ref, t in s.get("vs", {}).items()]
+    if tests:
+        lines += ["", "| comparison | Δ final acc [95 % bootstrap CI] | Welch p | Δ AUC [95 % bootstrap CI] | Welch p |",
+                  "|---|---|---|---|---|"]
+        for mode, ref, t in tests:
+            f, a = t["final"], t["auc"]
+            lines.append(f"| {mode} − {ref} | {f['diff']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] | "
+                         f"{f['p']:.3f} | {a['diff']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}] | {a['p']:.3f} |")
+    thr = next((s["threshold"] for s in summary.values() if "threshold" in s), None)
+    note = f"Threshold {thr:.3f}. " if thr is not None else ""
+    return "\n".join(lines) + "\n\n" + note + settings + "\n"
+
+
+def plot_compare(runs: Dict[str, List[List[dict]]], path: str, title: Optional[str] = None):
+    """Three panels per mode (mean over seeds, shaded min-max): held-out sampled accuracy, the true step
+    accuracy of the training samples and the PRM's mean step reward on them (reward hacking shows as the
+    two diverging)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from p2t.grpo.metrics import series, trailing_mean
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("eval_accuracy", "sampled accuracy, held-out prompts", False),
+              ("step_accuracy", "true step accuracy (training samples)", True),
+              ("step_reward", "PRM mean step reward (training samples)", True))
+    for ax, (key, label, smooth) in zip(axes, panels):
+        for i, (mode, recs) in enumerate(runs.items()):
+            curves = [series(r, key) for r in recs]
+            curves = [cv for cv in curves if len(cv[0])]
+            if not curves:
+                continue
+            n = min(len(cv[0]) for cv in curves)
+            x = curves[0][0][:n]
+            ys = np.stack([cv[1][:n] for cv in curves])
+            if smooth and n > 8:
+                ys = np.stack([trailing_mean(y, max(1, n // 15)) for y in ys])
+            line, = ax.plot(x, ys.mean(0), label=f"{mode} (n={len(ys)})", color=f"C{i}")
+            if len(ys) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("update")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(args) -> int:
@@ -118,6 +268,7 @@ def run(args) -> int:
     if args.seeds < 1 or args.jobs < 1:
         print("p2t compare: --seeds and --jobs must be >= 1", file=sys.stderr)
         return 2
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     os.makedirs(args.output_dir, exist_ok=True)
     t0 = time.time()
     # build (or find) the lab once, before the runs start in parallel
@@ -126,13 +277,16 @@ def run(args) -> int:
     from p2t.grpo.lab.models import ensure_lab
     probe = argparse.ArgumentParser()
     train_configure(probe)
-    base = from_args(probe.parse_args(_train_flags(args, modes[0], 0, args.output_dir)))
+    base = from_args(probe.parse_args(_train_flags(args, modes[0], seeds[0], args.output_dir)))
     if base.uses_lab:
         ensure_lab(base.lab, base.lab_cache, log=lambda s: print(s, file=sys.stderr, flush=True),
                    packaged=base.lab_packaged)
     t_lab = time.time() - t0
-    jobs = [(m, s) for s in range(args.seeds) for m in modes]
+    # the slowest runs first, so that the last ones to finish are short
+    cost = {"p2t-exact": 0, "p2t-ig": 1, "p2t": 2, "p2t-std": 2, "process": 3, "outcome": 4}
+    jobs = sorted([(m, s) for s in seeds for m in modes], key=lambda j: (cost.get(j[0], 2), j[1]))
     pending, running, failed = list(jobs), [], []
+    walls: Dict[str, List[float]] = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -154,28 +308,32 @@ def run(args) -> int:
                 status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
                 if proc.returncode:
                     failed.append((m, s))
+                walls.setdefault(m, []).append(time.time() - started)
                 print(f"[{time.time() - t0:6.0f}s] {m} seed {s}: {status} in {time.time() - started:.0f}s",
                       file=sys.stderr, flush=True)
     if failed:
         print(f"p2t compare: {len(failed)} run(s) failed; see their train.log", file=sys.stderr)
         return 1
-    runs = {m: [_read(os.path.join(args.output_dir, f"{m}-seed{s}", "metrics.jsonl")) for s in range(args.seeds)]
+    runs = {m: [_read(os.path.join(args.output_dir, f"{m}-seed{s}", "metrics.jsonl")) for s in seeds]
             for m in modes}
-    summary = summarise(runs)
-    cfg = json.load(open(os.path.join(args.output_dir, f"{modes[0]}-seed0", "config.json")))
-    settings = (f"Settings: {args.seeds} seeds; {cfg['num_updates']} updates of {cfg['prompts_per_update']} prompts x "
-                f"{cfg['group_size']} samples; lr {cfg['learning_rate']}; loss {cfg['loss_type']}; alpha {cfg['alpha']}; "
-                f"omega {cfg['omega']}; p2t-std: standardize, attr_temperature {args.std_temperature}; sampled "
-                f"accuracy (temperature {cfg['eval_temperature']}) on {cfg['eval_prompts']} held-out prompts x "
+    summary = summarise(runs, args.threshold)
+    cfg = json.load(open(os.path.join(args.output_dir, f"{modes[0]}-seed{seeds[0]}", "config.json")))
+    wall = ", ".join(f"{m} {np.mean(w):.0f}s" for m, w in walls.items())
+    settings = (f"Settings: {args.seeds} seeds ({seeds[0]}..{seeds[-1]}); {cfg['num_updates']} updates of "
+                f"{cfg['prompts_per_update']} prompts x {cfg['group_size']} samples; lr {cfg['learning_rate']}; loss "
+                f"{cfg['loss_type']}; alpha {cfg['alpha']}; omega {cfg['omega']}; p2t-std, p2t-exact, p2t-ig: "
+                f"standardize, attr_temperature {args.std_temperature}; sampled accuracy (temperature "
+                f"{cfg['eval_temperature']}) on {cfg['eval_prompts']} held-out prompts x "
                 f"{cfg['eval_samples_per_prompt']} samples every {cfg['eval_every']} updates; AUC = mean accuracy "
-                f"over training (trapezoid). Wall time {time.time() - t0:.0f}s (lab warm-up {t_lab:.0f}s).")
+                f"over training (trapezoid); sd over seeds (population); step accuracy / PRM step reward: mean "
+                f"over the first and last tenth of the updates. Wall time {time.time() - t0:.0f}s with {args.jobs} "
+                f"runs at a time (lab warm-up {t_lab:.0f}s; mean per run: {wall or 'resumed'}).")
     md = table(summary, settings)
     with open(os.path.join(args.output_dir, "compare.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.output_dir, "compare.json"), "w") as f:
-        json.dump({"summary": summary, "settings": settings, "config": cfg}, f, indent=1)
-    from p2t.grpo.metrics import plot_curves
-    plot_curves(runs, os.path.join(args.output_dir, "compare.png"),
-                title=f"toy lab: {args.seeds} seeds, mean and min-max")
+        json.dump({"summary": summary, "settings": settings, "config": cfg, "seeds": seeds}, f, indent=1)
+    plot_compare(runs, os.path.join(args.output_dir, "compare.png"),
+                 title=f"toy lab: {args.seeds} seeds, mean and min-max")
     print(md)
     return 0

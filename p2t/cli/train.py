@@ -45,8 +45,13 @@ def run(args) -> int:
     summary = {"mode": config.mode, "updates": trainer.update, "setup_s": round(t_setup, 1),
                "total_s": round(total, 1), "output_dir": config.output_dir}
     if evals:
-        summary["eval_accuracy_start"] = evals[0]["eval_accuracy"]
-        summary["eval_accuracy_final"] = evals[-1]["eval_accuracy"]
+        start, final = evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]
+        best = max(r["eval_accuracy"] for r in evals)
+        summary.update(eval_accuracy_start=start, eval_accuracy_final=final, eval_accuracy_gain=round(final - start, 4),
+                       eval_accuracy_best=best)
+        n = len(trainer.eval_rows) * config.eval_samples_per_prompt
+        log(f"held-out sampled accuracy ({n} samples): {start:.3f} -> {final:.3f} after {trainer.update} updates "
+            f"(gain {final - start:+.3f}, best {best:.3f}) in {total:.0f}s")
     with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary))

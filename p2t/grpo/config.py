@@ -69,7 +69,7 @@ class GRPOConfig:
     attribution_method: str = "taylor"   # P2TScorer method
     # evaluation, output
     eval_every: int = 10
-    eval_prompts: int = 100
+    eval_prompts: int = 200
     eval_samples_per_prompt: int = 4
     eval_seed: int = 2024
     eval_temperature: float = 1.0
