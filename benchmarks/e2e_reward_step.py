@@ -13,6 +13,8 @@ Methods, in one run on one model:
   token budget ``--mb-tokens`` (parameters frozen, gradients w.r.t. ``inputs_embeds`` only, rows sorted
   by length and grouped under the budget, fused ops per micro-batch), then ``token_rewards("p2t")`` and
   :func:`p2t.token_advantages` once per batch. ``engine@16384``: the same with a larger budget.
+* ``engine_packed`` (``--methods ...,packed``): the engine with ``packing=True`` (responses laid end
+  to end in rows, positions restarting per response; :mod:`p2t.attribution.packing`).
 * ``engine_liger`` (``--liger``, CUDA): the engine after Liger-Kernel's Qwen2 patches (RoPE, RMSNorm,
   SwiGLU) -- applied last, since they patch the transformers module for the whole process.
 * ``host``: the engine's work outside the PRM (input layout from the ids, micro-batch tensors, the
@@ -226,13 +228,13 @@ def scorer_inputs(batch: Batch, tok):
     return prompts, ids, N
 
 
-def make_engine_step(model, batch: Batch, device: str, budget: int, tok=None):
+def make_engine_step(model, batch: Batch, device: str, budget: int, tok=None, **options):
     from p2t.attribution import P2TScorer
 
     tok = tok or id_tokenizer(model.config.vocab_size)
     scorer = P2TScorer(model, tok, "step_classifier", step_separator="\n", step_split="\n",
                        template="{prompt}\n{response}", add_special_tokens=False, null="pad",
-                       micro_batch_tokens=budget, max_length=1 << 20)
+                       micro_batch_tokens=budget, max_length=1 << 20, **options)
     prompts, ids, N = scorer_inputs(batch, tok)
     o = batch.outcome.to(device)
 
@@ -421,6 +423,8 @@ def main(argv=None) -> int:
             for i, bt in enumerate(budgets):
                 jobs.append(("engine" if i == 0 else f"engine@{bt}", make_engine_step(model, batch, device, bt,
                                                                                         tok=tok)))
+        if "packed" in methods:  # the engine with packed rows (positions restarting per response)
+            jobs.append(("engine_packed", make_engine_step(model, batch, device, budget, tok=tok, packing=True)))
         for name, (q, peak) in measure(jobs, device, args.reps, clock=args.clock).items():
             record(name, q, peak)
         if "host" in methods:
