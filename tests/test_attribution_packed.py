@@ -210,3 +210,16 @@ def test_grpo_step_with_packing(tmp_path_factory):
     close(b.scored.scores, a.scored.scores)
     close(b.advantages, a.advantages)
     assert (b.scored.segment_ids >= 0).any()
+
+
+def test_per_step_plan_counts_the_gradient_outputs(saved):
+    """taylor_per_step keeps K gradients per position: fewer packed rows per micro-batch."""
+    s = load(saved, "step_classifier", packing=True, micro_batch_tokens=200)
+    rows = s.layout.rows(PROMPTS, RESPONSES, None)
+    cap = packing.row_length(s.model, rows, None, 200)
+    k = max(r.num_steps for r in rows)
+    assert k > 1 and 200 // cap > 1
+    rows_per = lambda groups: max(len(packing.split([rows[i].length for i in g], cap)) for g in groups)  # noqa: E731
+    assert rows_per(packing.plan(s.model, rows, None, 200)) == min(200 // cap, len(packing._ffd(
+        [r.length for r in rows], cap)))
+    assert rows_per(packing.plan(s.model, rows, None, 200, per_step=True)) == max(1, 200 // (cap * k))

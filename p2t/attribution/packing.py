@@ -134,11 +134,15 @@ def split(lengths: Sequence[int], cap: int) -> List[List[int]]:
     return bins + ([cur] if cur else [])
 
 
-def plan(model, rows: Sequence[Row], pack_length: Optional[int], budget: int) -> List[List[int]]:
-    """Micro-batches of packed rows: each a list of indices into ``rows``, row after row."""
+def plan(model, rows: Sequence[Row], pack_length: Optional[int], budget: int,
+         per_step: bool = False) -> List[List[int]]:
+    """Micro-batches of packed rows: each a list of indices into ``rows``, row after row. ``per_step``
+    (the ``taylor_per_step`` method, whose gradients are ``[K, b, T, D]``): a packed row costs its
+    length times the most steps of any input, as a padded row does."""
     cap = row_length(model, rows, pack_length, budget)
     bins = _ffd([r.length for r in rows], cap)
-    per_batch = 1 if _flash(model) else max(1, budget // cap)
+    cost = cap * (max(max(r.num_steps for r in rows), 1) if per_step else 1)
+    per_batch = 1 if _flash(model) else max(1, budget // cost)
     return [[i for b in bins[k:k + per_batch] for i in b] for k in range(0, len(bins), per_batch)]
 
 

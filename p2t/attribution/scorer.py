@@ -394,7 +394,8 @@ class P2TScorer:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(self._frozen())
             out = Assembly(rows, lens, N, dev, self._dtype, self.tokenizer)
-            groups = (packing_.plan(self.model, live, self.pack_length, self.micro_batch_tokens)
+            groups = (packing_.plan(self.model, live, self.pack_length, self.micro_batch_tokens,
+                                    per_step=method == "taylor_per_step")
                       if self.packing and method != "exact" and live else self._groups(live, cost))
             for group in groups:
                 grows = [live[g] for g in group]
