@@ -10,7 +10,10 @@ same seeds; only the advantages differ:
   (``--std-temperature``), which makes the redistribution non-uniform when raw attributions are small;
 * ``p2t-exact`` - P2T with the ``exact`` attributions (each token replaced by the null, the PRM re-run),
   the method that localises wrong tokens best on the lab (``p2t localise``), sharpened like ``p2t-std``;
-* ``p2t-ig``   - P2T with integrated gradients (16 points), standardised like ``p2t-std``.
+* ``p2t-ig``   - P2T with integrated gradients (16 points), standardised like ``p2t-std``;
+* ``p2t-ps``   - P2T with per-step gradients (``taylor_per_step``: each step's tokens get the gradient of
+  their own step's score only), standardised like ``p2t-std``; the cheapest method that localises
+  better than ``taylor`` on the lab.
 
 Runs go to ``<output-dir>/<mode>-seed<k>/`` (each a ``p2t train`` run, ``--jobs`` at a time, one CPU
 thread each); results in ``<output-dir>/compare.png``, ``compare.md`` and ``compare.json``.
@@ -40,8 +43,9 @@ VARIANTS = {
     "p2t-std": {"mode": "p2t", "standardize": True},
     "p2t-exact": {"mode": "p2t", "attribution_method": "exact", "standardize": True},
     "p2t-ig": {"mode": "p2t", "attribution_method": "integrated_gradients", "standardize": True},
+    "p2t-ps": {"mode": "p2t", "attribution_method": "taylor_per_step", "standardize": True},
 }
-SHARPENED = ("p2t-std", "p2t-exact", "p2t-ig")  # take --std-temperature
+SHARPENED = ("p2t-std", "p2t-exact", "p2t-ig", "p2t-ps")  # take --std-temperature
 
 
 def configure(parser: argparse.ArgumentParser):
@@ -283,7 +287,7 @@ def run(args) -> int:
                    packaged=base.lab_packaged)
     t_lab = time.time() - t0
     # the slowest runs first, so that the last ones to finish are short
-    cost = {"p2t-exact": 0, "p2t-ig": 1, "p2t": 2, "p2t-std": 2, "process": 3, "outcome": 4}
+    cost = {"p2t-exact": 0, "p2t-ig": 1, "p2t-ps": 2, "p2t": 2, "p2t-std": 2, "process": 3, "outcome": 4}
     jobs = sorted([(m, s) for s in seeds for m in modes], key=lambda j: (cost.get(j[0], 2), j[1]))
     pending, running, failed = list(jobs), [], []
     walls: Dict[str, List[float]] = {}
@@ -321,7 +325,7 @@ def run(args) -> int:
     wall = ", ".join(f"{m} {np.mean(w):.0f}s" for m, w in walls.items())
     settings = (f"Settings: {args.seeds} seeds ({seeds[0]}..{seeds[-1]}); {cfg['num_updates']} updates of "
                 f"{cfg['prompts_per_update']} prompts x {cfg['group_size']} samples; lr {cfg['learning_rate']}; loss "
-                f"{cfg['loss_type']}; alpha {cfg['alpha']}; omega {cfg['omega']}; p2t-std, p2t-exact, p2t-ig: "
+                f"{cfg['loss_type']}; alpha {cfg['alpha']}; omega {cfg['omega']}; {', '.join(SHARPENED)}: "
                 f"standardize, attr_temperature {args.std_temperature}; sampled accuracy (temperature "
                 f"{cfg['eval_temperature']}) on {cfg['eval_prompts']} held-out prompts x "
                 f"{cfg['eval_samples_per_prompt']} samples every {cfg['eval_every']} updates; AUC = mean accuracy "
