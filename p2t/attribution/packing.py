@@ -20,7 +20,8 @@ The ``exact`` method is not packed: its perturbed copies are already batches of 
 
 A PRM that does not keep packed inputs apart (an encoder whose mask ignores ``position_ids``, a model
 without ``position_ids``) is refused at construction: :func:`check` scores two inputs packed and
-checks that changing the first one leaves the second one's output bitwise unchanged.
+checks that changing the first one leaves the second one's output unchanged (to 1e-3 of the first
+one's change: a PRM whose inputs see each other changes both alike).
 """
 from __future__ import annotations
 
@@ -87,7 +88,10 @@ def _keeps_apart(model) -> bool:
     finally:
         for m, mode in modes:
             m.training = mode
-    return bool(torch.equal(outs[0][:, 5:], outs[1][:, 5:])) and not torch.equal(outs[0][:, :5], outs[1][:, :5])
+    a, b = (o.float() for o in outs)
+    own = (a[:, :5] - b[:, :5]).abs().max().item()  # the changed input's own outputs: they must change
+    other = (a[:, 5:] - b[:, 5:]).abs().max().item()  # the other input's: 0 (kernels may round differently)
+    return own > 0 and other <= 1e-3 * own
 
 
 def _logits(out):
