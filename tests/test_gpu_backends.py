@@ -132,7 +132,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
                                     (torch.float16, torch.bfloat16, torch.float32),
                                     (torch.float32, torch.float16, torch.bfloat16),
                                     (torch.float64, torch.float64, torch.float64),
-                                    (torch.float64, torch.float32, torch.float64)])
+                                    (torch.float64, torch.float32, torch.float64),
+                                    (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # null read as bf16
+                                    (torch.float16, torch.float16, torch.float16)])
 @pytest.mark.parametrize("D", [256, 300, 37])
 def test_attribution_mixed_dtypes(backend, device, dtypes, D):
     gd, ed, nd = dtypes

@@ -188,10 +188,13 @@ constexpr int kAttrMinBlocks = 4;
 // start rounded down to 16 bytes, the elements before the row start and after its end masked off (those
 // bytes lie in the same 16-byte block as a row element, so in the same allocation page); null is read by
 // element (L1 hits).
-template <typename g_t, typename e_t, typename acc_t, int VEC, bool HEAD = false>
+//
+// n_t: null's type in memory: the embeddings' type when null comes in it (bf16 / fp16: half the bytes of an
+// fp32 copy per vector, one 16-byte load per step instead of two), else acc_t.
+template <typename g_t, typename e_t, typename acc_t, int VEC, bool HEAD = false, typename n_t = acc_t>
 __global__ void __launch_bounds__(kAttrWarps * kWarp, kAttrMinBlocks)
 attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
-                   const acc_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
+                   const n_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
                    int64_t R, int64_t D, Ids ids, int32_t* __restrict__ pos, int64_t N) {
   const int lane = threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kAttrWarps + threadIdx.x / kWarp;
@@ -233,7 +236,8 @@ attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __res
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
             if (d + k >= 0 && d + k < D) {
-              acc += (static_cast<acc_t>(ev[u].v[k]) - nul[d + k]) * static_cast<acc_t>(gv[u].v[k]);
+              acc += (static_cast<acc_t>(ev[u].v[k]) - static_cast<acc_t>(nul[d + k])) *
+                     static_cast<acc_t>(gv[u].v[k]);
             }
           }
         }
@@ -257,17 +261,17 @@ attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __res
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t d = d0 + u * kStep;
           if (d < D) {
-            const auto nv = *reinterpret_cast<const Vec<acc_t, VEC>*>(nul + d);
+            const auto nv = *reinterpret_cast<const Vec<n_t, VEC>*>(nul + d);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
-              acc += (static_cast<acc_t>(ev[u].v[k]) - nv.v[k]) * static_cast<acc_t>(gv[u].v[k]);
+              acc += (static_cast<acc_t>(ev[u].v[k]) - static_cast<acc_t>(nv.v[k])) * static_cast<acc_t>(gv[u].v[k]);
             }
           }
         }
       }
     } else {
       for (int64_t d = lane; d < D; d += kWarp) {
-        acc += (static_cast<acc_t>(er[d]) - nul[d]) * static_cast<acc_t>(gr[d]);
+        acc += (static_cast<acc_t>(er[d]) - static_cast<acc_t>(nul[d])) * static_cast<acc_t>(gr[d]);
       }
     }
   }
@@ -294,7 +298,7 @@ void dispatch_reduced(at::ScalarType st, const char* name, F&& f) {
   }
 }
 
-template <typename g_t, typename e_t, typename acc_t>
+template <typename g_t, typename e_t, typename acc_t, typename n_t = acc_t>
 void launch_attribution(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& nul, const bool* mask,
                         at::Tensor& out, const Ids& ids, int32_t* pos, int64_t N) {
   const int64_t R = grad.size(0), D = grad.size(1);
@@ -304,18 +308,19 @@ void launch_attribution(const at::Tensor& grad, const at::Tensor& embeds, const 
   constexpr int VEC = 16 / kBytes;
   const g_t* gp = grad.data_ptr<g_t>();
   const e_t* ep = embeds.data_ptr<e_t>();
-  const acc_t* np = nul.data_ptr<acc_t>();
+  const n_t* np = nul.data_ptr<n_t>();
   const bool vec_ok = D % VEC == 0 && grad.stride(0) % VEC == 0 && embeds.stride(0) % VEC == 0 &&
                       aligned(gp, VEC * sizeof(g_t)) && aligned(ep, VEC * sizeof(e_t)) &&
-                      aligned(np, VEC * sizeof(acc_t));
-  auto* kernel = vec_ok ? &attribution_kernel<g_t, e_t, acc_t, VEC> : &attribution_kernel<g_t, e_t, acc_t, 1>;
+                      aligned(np, VEC * sizeof(n_t));
+  auto* kernel = vec_ok ? &attribution_kernel<g_t, e_t, acc_t, VEC, false, n_t>
+                        : &attribution_kernel<g_t, e_t, acc_t, 1, false, n_t>;
   if constexpr (sizeof(g_t) == sizeof(e_t)) {
     // odd D or misaligned rows: aligned vectors with masked head and tail when both tensors' rows start at
     // the same offset within 16 bytes
     const auto gaddr = reinterpret_cast<uintptr_t>(gp), eaddr = reinterpret_cast<uintptr_t>(ep);
     const bool head_ok = (gaddr - eaddr) % 16 == 0 && (grad.stride(0) - embeds.stride(0)) % VEC == 0 &&
                          D >= 2 * VEC;
-    if (!vec_ok && head_ok) kernel = &attribution_kernel<g_t, e_t, acc_t, VEC, true>;
+    if (!vec_ok && head_ok) kernel = &attribution_kernel<g_t, e_t, acc_t, VEC, true, n_t>;
   }
   auto stream = P2T_STREAM();
   P2T_LAUNCH(kernel, blocks, kAttrWarps * kWarp, stream, gp, grad.stride(0), ep, embeds.stride(0), np, mask,
@@ -331,12 +336,23 @@ void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, co
   const auto cd = out.scalar_type();
   auto grad = rows_unit_stride(as_compute(grad_in, cd));
   auto embeds = rows_unit_stride(as_compute(embeds_in, cd));
-  auto nul = null_in.to(cd).contiguous();
   if (grad.size(0) == 0) return;
   if (cd == at::kDouble) {
-    launch_attribution<double, double, double>(grad, embeds, nul, mask, out, ids, pos, N);
+    launch_attribution<double, double, double>(grad, embeds, null_in.contiguous(), mask, out, ids, pos, N);
     return;
   }
+  // bf16 / fp16 grad, embeds and null of one dtype: null read in that dtype (exact: no rounding involved)
+  const auto st = embeds.scalar_type();
+  if ((st == at::kBFloat16 || st == at::kHalf) && grad.scalar_type() == st && null_in.scalar_type() == st) {
+    auto nul = null_in.contiguous();
+    if (st == at::kBFloat16) {
+      launch_attribution<c10::BFloat16, c10::BFloat16, float, c10::BFloat16>(grad, embeds, nul, mask, out, ids, pos, N);
+    } else {
+      launch_attribution<c10::Half, c10::Half, float, c10::Half>(grad, embeds, nul, mask, out, ids, pos, N);
+    }
+    return;
+  }
+  auto nul = null_in.to(cd).contiguous();
   dispatch_reduced(grad.scalar_type(), "grad", [&](auto g_tag) {
     dispatch_reduced(embeds.scalar_type(), "embeds", [&](auto e_tag) {
       launch_attribution<decltype(g_tag), decltype(e_tag), float>(grad, embeds, nul, mask, out, ids, pos, N);
