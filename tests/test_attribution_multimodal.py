@@ -187,8 +187,9 @@ def test_image_changes_rewards_and_text_rows_mix(saved, arch):
     assert a.segment_ids.shape == (2, max(len(r) for r in RESPONSES))
 
 
-def test_tensor_images_and_score_ids(saved):
-    """An image tensor (channels first) is accepted, and the ids-in entry point takes images too."""
+def test_tensor_images_and_score_ids(saved, tmp_path):
+    """An image tensor (channels first) or file path is accepted, and the ids-in entry point takes
+    images too."""
     s = load(saved, "llava")
     t = torch.from_numpy(np.asarray(IMAGES[0])).permute(2, 0, 1).contiguous()
     a = s.score(PROMPTS[:1], RESPONSES[:1], images=[IMAGES[0]])
@@ -197,6 +198,9 @@ def test_tensor_images_and_score_ids(saved):
     ids = [s.tokenizer.encode(RESPONSES[0], add_special_tokens=False)]
     c = s.score_ids(PROMPTS[:1], ids, images=[IMAGES[0]])
     close(c.scores, a.scores, 1e-5)
+    path = tmp_path / "a.png"  # an image file (PNG is lossless: the same pixels)
+    IMAGES[0].save(path)
+    close(s.score(PROMPTS[:1], RESPONSES[:1], images=[str(path)]).scores, a.scores, 1e-6)
 
 
 def test_bad_inputs(saved):
@@ -206,7 +210,9 @@ def test_bad_inputs(saved):
     with pytest.raises(TypeError, match="images"):
         s.score(PROMPTS, RESPONSES, images=IMAGES[0])
     with pytest.raises(TypeError, match=r"images\[0\]"):
-        s.score(PROMPTS, RESPONSES, images=["not an image", None])
+        s.score(PROMPTS, RESPONSES, images=[3.5, None])
+    with pytest.raises(OSError):
+        s.score(PROMPTS, RESPONSES, images=["no/such/image.png", None])
     with pytest.raises(ValueError, match="no image was given"):
         s.score(["<image>" + PROMPTS[0]], RESPONSES[:1])
     with pytest.raises(ValueError, match="packing"):
@@ -260,3 +266,40 @@ def test_per_step_and_readout_head(saved, arch):
     full = s.score(PROMPTS, RESPONSES, images=IMAGES)
     got = load(saved, arch, judge_logits="readout").score(PROMPTS, RESPONSES, images=IMAGES)
     close(got.scores, full.scores, 1e-5)
+
+
+def test_grpo_step_with_a_vision_language_prm(tmp_path):
+    """The GRPO loop reads each prompt's image file from the train data (``prm_image_column``) and its
+    token rewards come from the vision-language PRM's attributions."""
+    from p2t.grpo import GRPOTrainer
+    from p2t.grpo.lab.models import ensure_lab
+
+    from _grpo_helpers import TINY_LAB, digit_reward, tiny_config
+    d, tokdir = save_vlm("llava", str(tmp_path / "vlm"), seed=5)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(tokdir).save_pretrained(d)  # the PRM's tokenizer next to it, as shipped
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        _image(10 + i).save(paths[-1])
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(dict(prompt=p, image=im)) + "\n" for p, im in zip(["12+7=", "30+4="], paths)))
+    cache = tmp_path / "lab"
+    ensure_lab(TINY_LAB, str(cache))
+    cfg = tiny_config(tmp_path, cache, mode="p2t", prm=d, prm_kind="lm_judge", prm_image_column="image",
+                      train_data=str(data), reward="_grpo_helpers:digit_reward",
+                      prm_template="{prompt} {response}", step_separator="\n", step_split="\n")
+    tr = GRPOTrainer(cfg, reward_fn=digit_reward)
+    from p2t.attribution import MultimodalP2TScorer
+    assert isinstance(tr.scorer, MultimodalP2TScorer)
+    tr.step()
+    r = tr.last_rollout
+    assert torch.isfinite(r.advantages).all()
+    scored = [i for i, v in enumerate(r.scored.prm) if v is not None]
+    assert scored and all(tr.scorer.image_token_id in r.scored.prm[i].input_ids for i in scored)
+    assert r.scored.scores.abs().sum() > 0
+    bad = tiny_config(tmp_path, cache, mode="p2t", prm=d, prm_kind="lm_judge", prm_image_column="picture",
+                      train_data=str(data), reward="_grpo_helpers:digit_reward",
+                      prm_template="{prompt} {response}", step_separator="\n", step_split="\n")
+    with pytest.raises(ValueError, match="picture"):
+        GRPOTrainer(bad, reward_fn=digit_reward).step()

@@ -23,6 +23,7 @@ Packing is not combined with images (``packing=True`` is refused).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -79,8 +80,8 @@ class MultimodalP2TScorer(P2TScorer):
         image_token: the image placeholder's text (default: the tokenizer's text of ``config.image_token_id``).
         Other options as for :class:`P2TScorer` (``packing`` excepted).
 
-    :meth:`score` and :meth:`score_ids` take ``images=``: one image (PIL image or tensor) or ``None``
-    per prompt.
+    :meth:`score` and :meth:`score_ids` take ``images=``: one image (PIL image, tensor or image file
+    path) or ``None`` per prompt.
     """
 
     def __init__(self, model, tokenizer, kind="lm_judge", *, image_processor, image_token: Optional[str] = None,
@@ -141,7 +142,7 @@ class MultimodalP2TScorer(P2TScorer):
                 raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
             imgs = [None] * len(prompts) if images is None else images
             if isinstance(imgs, (str, bytes)) or not isinstance(imgs, (list, tuple)):
-                raise TypeError(f"images must be a list with one image (PIL image or tensor) or None per prompt, "
+                raise TypeError(f"images must be a list with one image (PIL image, tensor or file path) or None per prompt, "
                                 f"got {type(images).__name__}")
             if len(imgs) != len(prompts):
                 raise ValueError(f"images has {len(imgs)} entries but there are {len(prompts)} prompts")
@@ -163,17 +164,23 @@ class MultimodalP2TScorer(P2TScorer):
         return ctx()
 
     def _features(self, images: Sequence) -> list:
-        """(image features [n, H] on the PRM's device, processor extras) per prompt; an image object
-        given for several prompts (a GRPO group) is encoded once."""
+        """(image features [n, H] on the PRM's device, processor extras) per prompt; an image object or
+        file given for several prompts (a GRPO group) is encoded once."""
         feats, seen = [], {}
         with torch.no_grad():
             for i, im in enumerate(images):
                 if im is None:
                     feats.append(None)
                     continue
-                if id(im) not in seen:
-                    if not (isinstance(im, torch.Tensor) or hasattr(im, "convert")):
-                        raise TypeError(f"images[{i}] must be a PIL image, a tensor or None, got {type(im).__name__}")
+                key = os.fspath(im) if isinstance(im, (str, os.PathLike)) else id(im)
+                if key not in seen:
+                    if isinstance(im, (str, os.PathLike)):  # an image file (a dataset column)
+                        from PIL import Image
+                        with Image.open(im) as f:
+                            im = f.convert("RGB")
+                    elif not (isinstance(im, torch.Tensor) or hasattr(im, "convert")):
+                        raise TypeError(f"images[{i}] must be a PIL image, a tensor, an image file path or None, "
+                                        f"got {type(im).__name__}")
                     pix = self.image_processor(images=im, return_tensors="pt")
                     pix = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in pix.items()}
                     pix = {k: v.to(self._embedding().weight.dtype) if k == "pixel_values" else v for k, v in pix.items()}
@@ -182,8 +189,8 @@ class MultimodalP2TScorer(P2TScorer):
                     f = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
                     f = f.reshape(-1, f.shape[-1])
                     extras = {k: v for k, v in pix.items() if k != "pixel_values"}
-                    seen[id(im)] = (f.detach(), extras)
-                feats.append(seen[id(im)])
+                    seen[key] = (f.detach(), extras)
+                feats.append(seen[key])
         return feats
 
     def _expand(self, r: Row) -> Row:

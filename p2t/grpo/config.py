@@ -34,6 +34,7 @@ class GRPOConfig:
     prm_packing: bool = False             # several responses per PRM row, positions restarting per response
     prm_gradient_checkpointing: bool = False  # recompute the PRM's layer activations in its backward (long responses)
     prm_judge_logits: str = "all"         # lm_judge logits at every position (all) or at the step tags only (readout)
+    prm_image_column: Optional[str] = None  # train-data column of each prompt's image file: a vision-language PRM
     reward: Optional[str] = None         # outcome reward "module:function", fn(prompts, responses, **columns); None = the lab's
     train_data: Optional[str] = None     # JSONL of {"prompt": ..., other columns}; None = the lab's generated task
     eval_data: Optional[str] = None      # JSONL for evaluation; None = held-out lab prompts

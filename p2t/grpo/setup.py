@@ -149,9 +149,10 @@ def resolve(config: GRPOConfig, *, policy=None, tokenizer=None, scorer=None, rew
         if c.prm is None and lab_paths is None:
             raise ValueError(f"mode={c.mode!r} needs a process reward model: pass scorer= or set prm "
                              "(an HF id or a local path), or use mode='outcome'")
-        from p2t.attribution import P2TScorer
-        scorer = P2TScorer.from_pretrained(c.prm or lab_paths["prm"], kind=c.prm_kind, device=device,
-                                           **scorer_options(c, tokenizer, lab))
+        from p2t.attribution import MultimodalP2TScorer, P2TScorer
+        cls = MultimodalP2TScorer if c.prm_image_column is not None else P2TScorer
+        scorer = cls.from_pretrained(c.prm or lab_paths["prm"], kind=c.prm_kind, device=device,
+                                     **scorer_options(c, tokenizer, lab))
     if reward_fn is None:
         if c.reward is not None:
             reward_fn = import_fn(c.reward)

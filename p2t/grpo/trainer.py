@@ -166,8 +166,14 @@ class GRPOTrainer:
             cmask = cmask & (ids[:, P:] == self.tokenizer.eos_token_id).any(-1, keepdim=True)
         scored = None
         if c.mode != "outcome":  # one call: aligned to the completion columns, on the policy's device
+            images = {}
+            if c.prm_image_column is not None:  # a vision-language PRM reads each prompt's image
+                if c.prm_image_column not in columns:
+                    raise ValueError(f"prm_image_column={c.prm_image_column!r} is not a column of the prompts "
+                                     f"(columns: {', '.join(sorted(columns)) or 'none'})")
+                images = dict(images=columns[c.prm_image_column])
             scored = self.scorer.score_ids(expanded, resp_ids, method=c.attribution_method, length=N,
-                                           device=self.device)
+                                           device=self.device, **images)
         adv, tr = adv_mod.advantages_from_scored(
             c.mode, o, cmask, scored, group_size=c.group_size, alpha=c.alpha, scale=c.scale_rewards, omega=c.omega,
             temperature=c.attr_temperature, standardize=c.standardize, normalize=c.normalize)
