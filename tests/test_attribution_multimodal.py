@@ -217,6 +217,9 @@ def test_bad_inputs(saved):
         s.score(["<image>" + PROMPTS[0]], RESPONSES[:1])
     with pytest.raises(ValueError, match="packing"):
         load(saved, "llava", packing=True)
+    n = len(s.score(PROMPTS[:1], RESPONSES[:1], images=IMAGES[:1]).prm[0].input_ids)
+    with pytest.raises(ValueError, match="max_length"):  # the image features count against the PRM's length
+        load(saved, "llava", max_length=n - 1).score(PROMPTS[:1], RESPONSES[:1], images=IMAGES[:1])
     from p2t.attribution.multimodal import MultimodalP2TScorer
     from transformers import LlamaConfig, LlamaForCausalLM
     with pytest.raises(TypeError, match="vision-language"):

@@ -206,6 +206,9 @@ class MultimodalP2TScorer(P2TScorer):
                              "(the template must not add another)")
         n, p = int(got[0].shape[0]), int(at[0])
         extra = n - 1
+        if self.max_length is not None and r.length + extra > self.max_length:
+            raise ValueError(f"responses[{r.index}]: the PRM input has {r.length + extra} tokens with its {n} image "
+                             f"features, more than max_length={self.max_length}")
         shift = lambda a: np.where(a >= p + 1, a + extra, a)  # noqa: E731 - positions after the image token
         ids = np.concatenate([r.input_ids[:p], np.full(n, self.image_token_id, dtype=np.int64), r.input_ids[p + 1:]])
         step = np.concatenate([r.token_step[:p], np.full(n, -1, dtype=np.int64), r.token_step[p + 1:]])
