@@ -58,7 +58,7 @@ def token_attribution(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torc
         grad: ``[B, N, D]`` or ``[T, D]``, dR/d(inputs_embeds).
         embeds: same shape as ``grad`` (dtype may differ), the PRM input embeddings.
         null_embed: ``[D]``, the null (PAD) token embedding e_0.
-        mask: optional bool ``[B, N]`` / ``[T]``; masked-out tokens get 0 (their rows are not read).
+        mask: optional bool ``[B, N]`` / ``[T]``; masked-out tokens get 0 (the kernels do not read their rows).
     Returns:
         float32 ``[B, N]`` / ``[T]`` (zeros when D = 0). Differentiable w.r.t. grad, embeds and null_embed.
 
