@@ -349,6 +349,15 @@ def test_cli_compare_end_to_end(tmp_path, cache, capsys):
     cfg = json.load(open(out / "p2t-std-seed0" / "config.json"))
     assert cfg["standardize"] is True and cfg["attr_temperature"] == 0.5 and cfg["mode"] == "p2t"
     assert "| outcome |" in (out / "compare.md").read_text()
+    # summarise the finished runs only (seeds 0..2 asked for, seed 0 finished), training nothing
+    (out / "compare.md").unlink()
+    assert main(["compare", "--modes", "outcome,p2t-std", "--seeds", "3", "--report-only", "--output-dir", str(out),
+                 "--", "--lab-cache", str(cache), "--lab.hidden-size", "32", "--lab.num-layers", "1",
+                 "--lab.num-heads", "2", "--lab.intermediate-size", "64", "--lab.sft-steps", "2",
+                 "--lab.sft-batch-size", "16", "--lab.prm-steps", "2", "--lab.prm-batch-size", "16",
+                 "--lab.prm-samples", "16"]) == 0
+    assert "runs per mode: outcome 1, p2t-std 1" in (out / "compare.md").read_text()
+    assert not (out / "outcome-seed1").exists()
 
 
 def test_lab_rebuild_is_identical(tmp_path, cache):

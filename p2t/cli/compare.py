@@ -62,6 +62,8 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--std-temperature", type=float, default=0.5, help="attr_temperature of p2t-std")
     parser.add_argument("--config", metavar="FILE", help="a p2t train config file shared by every run")
     parser.add_argument("--resume", action="store_true", help="skip runs that already finished")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: summarise the runs of the seed range that finished (per mode)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER,
                         help="after '--': extra `p2t train` flags shared by every run (e.g. -- --num-updates 50)")
 
@@ -289,6 +291,8 @@ def run(args) -> int:
     # the slowest runs first, so that the last ones to finish are short
     cost = {"p2t-exact": 0, "p2t-ig": 1, "p2t-ps": 2, "p2t": 2, "p2t-std": 2, "process": 3, "outcome": 4}
     jobs = sorted([(m, s) for s in seeds for m in modes], key=lambda j: (cost.get(j[0], 2), j[1]))
+    if args.report_only:
+        jobs = []
     pending, running, failed = list(jobs), [], []
     walls: Dict[str, List[float]] = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -318,12 +322,25 @@ def run(args) -> int:
     if failed:
         print(f"p2t compare: {len(failed)} run(s) failed; see their train.log", file=sys.stderr)
         return 1
-    runs = {m: [_read(os.path.join(args.output_dir, f"{m}-seed{s}", "metrics.jsonl")) for s in seeds]
+    done = {m: [s for s in seeds if os.path.exists(os.path.join(args.output_dir, f"{m}-seed{s}", "summary.json"))]
+            for m in modes}
+    if args.report_only:
+        missing = [m for m in modes if not done[m]]
+        if missing:
+            print(f"p2t compare: no finished run of {', '.join(missing)} in {args.output_dir}", file=sys.stderr)
+            return 1
+        for m in modes:
+            walls[m] = [json.load(open(os.path.join(args.output_dir, f"{m}-seed{s}", "summary.json")))["total_s"]
+                        for s in done[m]]
+    else:
+        done = {m: seeds for m in modes}
+    runs = {m: [_read(os.path.join(args.output_dir, f"{m}-seed{s}", "metrics.jsonl")) for s in done[m]]
             for m in modes}
     summary = summarise(runs, args.threshold)
-    cfg = json.load(open(os.path.join(args.output_dir, f"{modes[0]}-seed{seeds[0]}", "config.json")))
+    cfg = json.load(open(os.path.join(args.output_dir, f"{modes[0]}-seed{done[modes[0]][0]}", "config.json")))
     wall = ", ".join(f"{m} {np.mean(w):.0f}s" for m, w in walls.items())
-    settings = (f"Settings: {args.seeds} seeds ({seeds[0]}..{seeds[-1]}); {cfg['num_updates']} updates of "
+    counts = ", ".join(f"{m} {len(done[m])}" for m in modes)
+    settings = (f"Settings: seeds {seeds[0]}..{seeds[-1]} (runs per mode: {counts}); {cfg['num_updates']} updates of "
                 f"{cfg['prompts_per_update']} prompts x {cfg['group_size']} samples; lr {cfg['learning_rate']}; loss "
                 f"{cfg['loss_type']}; alpha {cfg['alpha']}; omega {cfg['omega']}; {', '.join(SHARPENED)}: "
                 f"standardize, attr_temperature {args.std_temperature}; sampled accuracy (temperature "
@@ -332,12 +349,14 @@ def run(args) -> int:
                 f"over training (trapezoid); sd over seeds (population); step accuracy / PRM step reward: mean "
                 f"over the first and last tenth of the updates. Wall time {time.time() - t0:.0f}s with {args.jobs} "
                 f"runs at a time (lab warm-up {t_lab:.0f}s; mean per run: {wall or 'resumed'}).")
+    if args.report_only:
+        settings = settings.replace(f"Wall time {time.time() - t0:.0f}s with {args.jobs} runs at a time", "Summarised")
     md = table(summary, settings)
     with open(os.path.join(args.output_dir, "compare.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.output_dir, "compare.json"), "w") as f:
-        json.dump({"summary": summary, "settings": settings, "config": cfg, "seeds": seeds}, f, indent=1)
+        json.dump({"summary": summary, "settings": settings, "config": cfg, "seeds": done}, f, indent=1)
     plot_compare(runs, os.path.join(args.output_dir, "compare.png"),
-                 title=f"toy lab: {args.seeds} seeds, mean and min-max")
+                 title=f"toy lab: {counts} seeds, mean and min-max")
     print(md)
     return 0
