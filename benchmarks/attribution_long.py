@@ -28,10 +28,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:
-    import p2t
+    import p2t  # noqa: F401
 except ImportError:  # source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(HERE))
-    import p2t
 from p2t import bench
 from p2t.attribution import P2TScorer
 

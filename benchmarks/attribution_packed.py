@@ -24,10 +24,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:
-    import p2t
+    import p2t  # noqa: F401
 except ImportError:  # source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(HERE))
-    import p2t
 from p2t import bench
 from p2t.attribution import P2TScorer
 from p2t.attribution import packing
@@ -114,8 +113,9 @@ def main(argv=None) -> int:
     base = meas["padded"]
     for name, (q, peak) in meas.items():
         tps = batch.tokens / q[0]
+        rel = peak / base[1] if base[1] else float("nan")
         print(f"{name:<8} {q[0] * 1e3:9.1f} {q[1] * 1e3:9.1f} {q[2] * 1e3:9.1f} {tps:10.0f} {peak * 1024:9.1f} "
-              f"{results[name]['run']:8d} {base[0][0] / q[0]:15.2f} {peak / base[1] if base[1] else float('nan'):12.2f}")
+              f"{results[name]['run']:8d} {base[0][0] / q[0]:15.2f} {rel:12.2f}")
     print(f"max |packed - padded| = {diff:.2e} (largest |score| {scale:.2e})")
     return 0
 

@@ -13,7 +13,7 @@ import torch
 from p2t.attribution import P2TScorer
 from p2t.attribution import packing
 
-from _attribution_models import char_tokenizer, save_model
+from _attribution_models import save_model
 
 PROMPTS = ["17+25+33=", "What is 6*7?", "2+2=", "Name a prime.", "1+1="]
 RESPONSES = ["17+25=42\n42+33=75\n#75", "6*7=42\nso 42", "4", "7\nit is odd\nand prime\n#7", "2\n#2"]

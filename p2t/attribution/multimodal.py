@@ -142,8 +142,8 @@ class MultimodalP2TScorer(P2TScorer):
                 raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
             imgs = [None] * len(prompts) if images is None else images
             if isinstance(imgs, (str, bytes)) or not isinstance(imgs, (list, tuple)):
-                raise TypeError(f"images must be a list with one image (PIL image, tensor or file path) or None per prompt, "
-                                f"got {type(images).__name__}")
+                raise TypeError("images must be a list with one image (PIL image, tensor or file path) or None per "
+                                f"prompt, got {type(images).__name__}")
             if len(imgs) != len(prompts):
                 raise ValueError(f"images has {len(imgs)} entries but there are {len(prompts)} prompts")
             out = []
@@ -182,8 +182,9 @@ class MultimodalP2TScorer(P2TScorer):
                         raise TypeError(f"images[{i}] must be a PIL image, a tensor, an image file path or None, "
                                         f"got {type(im).__name__}")
                     pix = self.image_processor(images=im, return_tensors="pt")
+                    dtype = self._embedding().weight.dtype
                     pix = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in pix.items()}
-                    pix = {k: v.to(self._embedding().weight.dtype) if k == "pixel_values" else v for k, v in pix.items()}
+                    pix = {k: v.to(dtype) if k == "pixel_values" else v for k, v in pix.items()}
                     out = self.model.get_image_features(**pix)
                     pooled = getattr(out, "pooler_output", out)
                     f = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
