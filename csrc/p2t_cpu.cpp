@@ -44,13 +44,15 @@ inline float load_as<float, c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
   return f;
 }
 
-template <typename g_t, typename e_t, typename acc_t>
+// n_t: null's type in memory (the embeddings' bf16 / fp16 when null comes in it: half the cache footprint
+// of an fp32 copy, read once per row), else acc_t.
+template <typename g_t, typename e_t, typename acc_t, typename n_t>
 __attribute__((always_inline)) inline acc_t row_dot(const g_t* __restrict__ gr, const e_t* __restrict__ er,
-                                                    const acc_t* __restrict__ nul, int64_t D) {
+                                                    const n_t* __restrict__ nul, int64_t D) {
   acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < D; ++d) {
-    acc += (load_as<acc_t>(er, d) - nul[d]) * load_as<acc_t>(gr, d);
+    acc += (load_as<acc_t>(er, d) - load_as<acc_t>(nul, d)) * load_as<acc_t>(gr, d);
   }
   return acc;
 }
@@ -58,9 +60,9 @@ __attribute__((always_inline)) inline acc_t row_dot(const g_t* __restrict__ gr, 
 #if defined(__x86_64__) && defined(__GNUC__)
 // The same loop compiled for AVX2 + FMA, picked at run time on CPUs that have them (the extension is
 // built for the baseline x86-64 ISA, so this is where 256-bit vectors come from).
-template <typename g_t, typename e_t, typename acc_t>
-__attribute__((target("avx2,fma"))) acc_t row_dot_avx2(const g_t* gr, const e_t* er, const acc_t* nul, int64_t D) {
-  return row_dot<g_t, e_t, acc_t>(gr, er, nul, D);
+template <typename g_t, typename e_t, typename acc_t, typename n_t>
+__attribute__((target("avx2,fma"))) acc_t row_dot_avx2(const g_t* gr, const e_t* er, const n_t* nul, int64_t D) {
+  return row_dot<g_t, e_t, acc_t, n_t>(gr, er, nul, D);
 }
 inline bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -68,9 +70,9 @@ inline bool has_avx2() {
 }
 #endif
 
-template <typename g_t, typename e_t, typename acc_t>
+template <typename g_t, typename e_t, typename acc_t, typename n_t = acc_t>
 void attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
-                        const acc_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
+                        const n_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
                         int64_t R, int64_t D) {
   // ~16K elements (64 KB of fp32) per tensor per task
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
@@ -86,9 +88,10 @@ void attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* 
       const g_t* gr = g + r * g_stride;
       const e_t* er = e + r * e_stride;
 #if defined(__x86_64__) && defined(__GNUC__)
-      out[r] = avx2 ? row_dot_avx2<g_t, e_t, acc_t>(gr, er, nul, D) : row_dot<g_t, e_t, acc_t>(gr, er, nul, D);
+      out[r] = avx2 ? row_dot_avx2<g_t, e_t, acc_t, n_t>(gr, er, nul, D)
+                    : row_dot<g_t, e_t, acc_t, n_t>(gr, er, nul, D);
 #else
-      out[r] = row_dot<g_t, e_t, acc_t>(gr, er, nul, D);
+      out[r] = row_dot<g_t, e_t, acc_t, n_t>(gr, er, nul, D);
 #endif
     }
   });
@@ -100,9 +103,22 @@ void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, co
   const auto cd = out.scalar_type();
   auto grad = rows_unit_stride(as_compute(grad_in, cd));
   auto embeds = rows_unit_stride(as_compute(embeds_in, cd));
-  auto nul = null_in.to(cd).contiguous();
   const int64_t R = grad.size(0), D = grad.size(1);
   if (R == 0) return;
+  // bf16 / fp16 grad, embeds and null of one dtype: null read in that dtype (exact: no rounding involved)
+  const auto st = embeds.scalar_type();
+  if (cd == at::kFloat && (st == at::kBFloat16 || st == at::kHalf) && grad.scalar_type() == st &&
+      null_in.scalar_type() == st) {
+    auto nul = null_in.contiguous();
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "p2t_attribution_reduced", [&] {
+      attribution_kernel<scalar_t, scalar_t, float, scalar_t>(grad.data_ptr<scalar_t>(), grad.stride(0),
+                                                               embeds.data_ptr<scalar_t>(), embeds.stride(0),
+                                                               nul.data_ptr<scalar_t>(), mask, out.data_ptr<float>(),
+                                                               R, D);
+    });
+    return;
+  }
+  auto nul = null_in.to(cd).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "p2t_attribution_grad", [&] {
     using g_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embeds.scalar_type(), "p2t_attribution_embeds", [&] {
