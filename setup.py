@@ -55,8 +55,8 @@ def extensions():
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # -fopenmp: at::parallel_for is an inline OpenMP region in ATen's headers; without the flag it runs
-    # on one thread. The library links the libgomp.so.1 that torch already loads.
+    # -fopenmp: the kernels' `omp simd` loops (at::parallel_for, were it used, is an inline OpenMP region in
+    # ATen's headers); the CPU kernels' threads come from csrc/parallel.h. It links torch's libgomp.so.1.
     cxx = opt + ["-fopenmp", "-DNDEBUG" if not debug else "-UNDEBUG"]
     link = ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
