@@ -200,3 +200,80 @@ def test_setup_resolves_and_a_saved_lab_policy_continues(tmp_path):
 
 def test_token_rewards_is_public():
     assert p2t.token_rewards is token_rewards and "token_rewards" in p2t.__all__
+
+
+# ---------------------------------------------------------------- one host copy per training step
+_HOST_READS = ("cpu", "tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+class _Tracked(torch.Tensor):
+    """A tensor that counts reads onto the host (``.cpu()``, ``.to("cpu")``, ``.tolist()``, ``.item()``,
+    ``.numpy()``, ``bool``/``int``/``float``) of itself and of everything computed from it."""
+    reads: list = []
+    counting = True
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        # .to("cpu") (a .to(device) of the tensor's own device object is no copy, and is not counted)
+        to_cpu = name == "to" and any(a == "cpu" for a in list(args[1:]) + list(kwargs.values())
+                                      if isinstance(a, str))
+        if cls.counting and (name in _HOST_READS or to_cpu):
+            cls.reads.append(name)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _tracked_step(tmp_path, mode):
+    """One GRPO update of the tiny lab with the scorer's outputs tracked; reads inside the policy update
+    (the loss mixes the advantages with the policy's log-probs) are the policy's, not counted."""
+    import dataclasses
+
+    from p2t.grpo import GRPOTrainer
+
+    from _grpo_helpers import digit_reward, tiny_config
+    tr = GRPOTrainer(tiny_config(tmp_path, tmp_path / "cache", mode=mode), reward_fn=digit_reward)
+    score_ids, optimize = tr.scorer.score_ids, tr.optimize
+
+    def tracked_score_ids(*a, **kw):
+        sb = score_ids(*a, **kw)
+        wrap = {f: getattr(sb, f).as_subclass(_Tracked)
+                for f in ("scores", "segment_ids", "segment_rewards", "segment_logits", "response_mask")}
+        return dataclasses.replace(sb, **wrap)
+
+    def untracked_optimize(r):
+        _Tracked.counting = False
+        try:
+            return optimize(r)
+        finally:
+            _Tracked.counting = True
+
+    tr.scorer.score_ids, tr.optimize = tracked_score_ids, untracked_optimize
+    _Tracked.reads = []
+    rec = tr.step()
+    return tr, rec, list(_Tracked.reads)
+
+
+@pytest.mark.parametrize("mode", ["p2t", "process"])
+def test_a_training_step_moves_scorer_results_to_the_host_once(tmp_path, mode):
+    from p2t.grpo import advantages as adv_mod
+    tr, rec, reads = _tracked_step(tmp_path, mode)
+    r = tr.last_rollout
+    # the tracking reached the whole reward path: token rewards and advantages derive from the scores
+    assert isinstance(r.token_rewards, _Tracked) and isinstance(r.advantages, _Tracked)
+    assert "step_reward" in rec and "attr_entropy" in rec
+    assert len(reads) <= 1, f"scorer results reached the host {len(reads)} times in one step: {reads}"
+    # and a second copy would be seen: the log's view read once more is a second read
+    _Tracked.reads = []
+    adv_mod.scored_stats(r.scored)
+    r.scored.segment_rewards.to("cpu")
+    assert len(_Tracked.reads) == 2
+
+
+def test_token_rewards_checks_segment_ids_of_other_batches():
+    from types import SimpleNamespace
+    ids = torch.tensor([[0, 0, 3, -1]])
+    other = SimpleNamespace(scores=torch.rand(1, 4), segment_ids=ids, segment_rewards=torch.rand(2))
+    for mode in ("process", "p2t"):
+        with pytest.raises(ValueError, match="segment_ids"):
+            token_rewards(other, mode)

@@ -112,7 +112,9 @@ def token_rewards(batch, mode: str = "p2t", *, omega: float = 0.6, temperature: 
       (:func:`p2t.segment_redistribute` with ``standardize`` / ``normalize``).
 
     Tokens in no step and padding get 0. ``batch`` is a :class:`ScoredBatch` (or anything with
-    ``scores``, ``segment_ids``, ``segment_rewards`` and optionally ``response_mask``).
+    ``scores``, ``segment_ids``, ``segment_rewards`` and optionally ``response_mask``; the segment ids
+    of those are checked, as the ops' ``validate`` does; a ScoredBatch's are the scorer's own and are
+    not read back to the host).
     """
     from .. import ops
     if mode not in MODES:
@@ -125,12 +127,16 @@ def token_rewards(batch, mode: str = "p2t", *, omega: float = 0.6, temperature: 
     if mode == "outcome" or R.numel() == 0:  # no step anywhere: nothing to reward
         dtype = batch.scores.dtype if batch.scores is not None else torch.float32
         return torch.zeros(ids.shape, dtype=dtype, device=ids.device)
+    # a ScoredBatch's ids come from the scorer (in [-1, S), a step inside its response): checking them
+    # again would read them back to the host (a device sync per call); other batches are checked
+    validate = not isinstance(batch, ScoredBatch)
     if mode == "process":
-        return ops.process_token_rewards(ids, R, mask=None if mask is None else mask.bool())
+        return ops.process_token_rewards(ids, R, mask=None if mask is None else mask.bool(), validate=validate)
     if mask is not None:
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, -1))
     return ops.segment_redistribute(batch.scores, ids, R, omega=omega, temperature=temperature,
-                                    standardize=standardize, normalize=normalize, backend=backend)
+                                    standardize=standardize, normalize=normalize, backend=backend,
+                                    validate=validate)
 
 
 class Assembly:

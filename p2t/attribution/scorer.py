@@ -28,21 +28,13 @@ import torch
 from . import methods as M
 from . import packing as packing_
 from .batch import Assembly, PRMView, ScoredBatch
-from .heads import HEADS, JUDGE_LOGITS, KINDS, PRESETS, CallableHead
-from .layout import AttributionWarning, Layout, Row, pack
+from .heads import KINDS, PRESETS
+from .layout import AttributionWarning, Row, pack
 from .methods import METHODS
+from .options import (NULLS, UNSET, check_call, check_ids, check_texts, choice, default_max_length, embedding,
+                      resolve)
 
 __all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "KINDS", "METHODS", "NULLS", "PRESETS"]
-
-NULLS = ("pad", "eos", "vocab_mean", "zero")
-OBJECTIVES = ("logit", "prob")
-_UNSET: object = object()
-
-
-def _choice(name, value, options):
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
-    return value
 
 
 class P2TScorer:
@@ -101,94 +93,29 @@ class P2TScorer:
         judge_logits: ``lm_judge`` logits at every position (``"all"``) or at the readout positions only
             (``"readout"``: no ``[L, vocab]`` logits, for long responses).
 
-    Where the work lives: :mod:`.layout` (PRM inputs and the map onto policy tokens), :mod:`.heads`
+    Where the work lives: :mod:`.options` (these arguments checked and resolved, with the kind's preset),
+    :mod:`.layout` (PRM inputs and the map onto policy tokens), :mod:`.heads`
     (how each kind reads its step log-odds), :mod:`.methods` (the attribution methods) and
     :mod:`.batch` (the output contract and :func:`token_rewards`).
     """
 
     def __init__(self, model, tokenizer, kind: Union[str, Callable] = "step_classifier", *,
-                 policy_tokenizer=None, step_separator=_UNSET, separator_suffix=_UNSET, step_split=_UNSET,
-                 template=_UNSET, system_prompt=_UNSET, add_special_tokens: Optional[bool] = None,
+                 policy_tokenizer=None, step_separator=UNSET, separator_suffix=UNSET, step_split=UNSET,
+                 template=UNSET, system_prompt=UNSET, add_special_tokens: Optional[bool] = None,
                  null: Union[str, int] = "pad", objective: str = "logit", positive_label: int = 1,
-                 value_index: int = 0, judge_tokens=("+", "-"), returns: str = "logit", read_at=_UNSET,
+                 value_index: int = 0, judge_tokens=("+", "-"), returns: str = "logit", read_at=UNSET,
                  micro_batch_tokens: int = 8192, max_length: Optional[int] = None, truncation: str = "steps",
                  ig_steps: int = 16, gradient_checkpointing: bool = False, autocast: Union[str, bool] = "auto",
                  output_device=None, packing: bool = False, pack_length: Optional[int] = None,
                  judge_logits: str = "all"):
-        if model is None or not hasattr(model, "get_input_embeddings"):
-            raise TypeError("model must be a PRM module with get_input_embeddings() (a transformers model), "
-                            f"got {type(model).__name__}")
-        if tokenizer is None or not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "decode"):
-            raise TypeError(f"tokenizer must be a tokenizer with encode() and decode(), got {type(tokenizer).__name__}")
-        if callable(kind) and not isinstance(kind, str):
-            self.reward_fn, self.kind = kind, "callable"
-        else:
-            self.reward_fn, self.kind = None, _choice("kind", kind, KINDS)
-        preset = PRESETS[self.kind]
-        pick = lambda v, k: preset[k] if v is _UNSET else v  # noqa: E731
-        self.model, self.tokenizer = model, tokenizer
-        self.policy_tokenizer = tokenizer if policy_tokenizer is None else policy_tokenizer
-        self.same_tokenizer = _same_tokenizer(self.policy_tokenizer, tokenizer)
-        self.read_at = _choice("read_at", pick(read_at, "read_at"), ("separator", "last"))
-        sep = pick(step_separator, "step_separator")
-        if sep is None and self.kind == "callable":
-            sep = getattr(tokenizer, "sep_token", None) or "\n"
-        if self.read_at == "last" and step_separator is _UNSET:
-            sep = ""
-        if not isinstance(sep, str) or (not sep and self.read_at == "separator"):
-            raise ValueError(f"step_separator must be a non-empty string, got {sep!r}")
-        self.step_separator = sep
-        self.separator_suffix = pick(separator_suffix, "separator_suffix") or ""
-        self.step_split = pick(step_split, "step_split")
-        if not (self.step_split is None or callable(self.step_split) or
-                (isinstance(self.step_split, str) and self.step_split)):
-            raise ValueError(f"step_split must be a non-empty string, None or a callable, got {self.step_split!r}")
-        self.template = pick(template, "template")
-        if not (self.template == "chat" or callable(self.template) or
-                (isinstance(self.template, str) and "{response}" in self.template)):
-            raise ValueError("template must be 'chat', a string with {prompt} and {response} placeholders or a "
-                             f"callable prompt -> (before, after), got {self.template!r}")
-        if self.template == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template='chat' but the PRM tokenizer has no chat template; pass a string template "
-                             "such as template='{prompt}\\n{response}'")
-        self.system_prompt = pick(system_prompt, "system_prompt")
-        self.add_special_tokens = (self.template != "chat") if add_special_tokens is None else bool(add_special_tokens)
-        self.objective = _choice("objective", objective, OBJECTIVES)
-        self.returns = _choice("returns", returns, ("logit", "prob"))
-        self.positive_label, self.value_index = int(positive_label), int(value_index)
-        self.truncation = _choice("truncation", truncation, ("steps", "error"))
-        for name, v in (("micro_batch_tokens", micro_batch_tokens), ("ig_steps", ig_steps)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.micro_batch_tokens, self.ig_steps = micro_batch_tokens, ig_steps
-        self.gradient_checkpointing = bool(gradient_checkpointing)
-        if autocast not in ("auto", True, False):
-            raise ValueError(f"autocast must be 'auto', True or False, got {autocast!r}")
-        self.autocast, self.output_device = autocast, output_device
-        self.max_length = self._default_max_length() if max_length is None else int(max_length)
-        self.layout = Layout(tokenizer, self.policy_tokenizer, self.same_tokenizer, template=self.template,
-                             system_prompt=self.system_prompt, add_special_tokens=self.add_special_tokens,
-                             step_separator=self.step_separator, separator_suffix=self.separator_suffix,
-                             step_split=self.step_split, read_at=self.read_at, max_length=self.max_length,
-                             truncation=self.truncation)
-        self._sep_ids = self.layout.sep_ids
-        if self.read_at == "separator" and not self._sep_ids:
-            raise ValueError(f"step_separator={self.step_separator!r} encodes to no token with the PRM tokenizer "
-                             f"({type(tokenizer).__name__}): the steps could not be read at it; pass a separator "
-                             "the tokenizer keeps (e.g. its sep_token or a special token)")
-        _choice("judge_logits", judge_logits, JUDGE_LOGITS)
-        self.head = (CallableHead(kind, returns=self.returns) if self.kind == "callable" else
-                     HEADS[self.kind](positive_label=self.positive_label, value_index=self.value_index,
-                                      returns=self.returns, judge_tokens=judge_tokens,
-                                      judge_logits=judge_logits))
-        self.head.check(model, tokenizer, self.layout.encode)
-        self.packing, self.pack_length = bool(packing), pack_length
-        if self.packing:
-            packing_.check(model, self.kind, pack_length)
-        self.null = null
-        self._null_embed = M.null_embedding(self._embedding(), tokenizer, null, NULLS)
-        self._pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None),
-                                         getattr(tokenizer, "eos_token_id", None)) if t is not None), 0)
+        resolve(model, tokenizer, kind, policy_tokenizer=policy_tokenizer, step_separator=step_separator,
+                separator_suffix=separator_suffix, step_split=step_split, template=template,
+                system_prompt=system_prompt, add_special_tokens=add_special_tokens, null=null, objective=objective,
+                positive_label=positive_label, value_index=value_index, judge_tokens=judge_tokens, returns=returns,
+                read_at=read_at, micro_batch_tokens=micro_batch_tokens, max_length=max_length,
+                truncation=truncation, ig_steps=ig_steps, gradient_checkpointing=gradient_checkpointing,
+                autocast=autocast, output_device=output_device, packing=packing, pack_length=pack_length,
+                judge_logits=judge_logits).apply(self)
         self._vmap_ok = True
 
     @classmethod
@@ -207,7 +134,7 @@ class P2TScorer:
         if not isinstance(kind, str):
             raise TypeError("kind: a callable reward has no checkpoint to load; build the model yourself and pass "
                             "P2TScorer(model, tokenizer, kind=reward_fn)")
-        _choice("kind", kind, KINDS)
+        choice("kind", kind, KINDS)
         load_tok = lambda t: AutoTokenizer.from_pretrained(t, trust_remote_code=trust_remote_code)  # noqa: E731
         tok = load_tok(path_or_id) if tokenizer is None else (load_tok(tokenizer) if isinstance(tokenizer, str)
                                                                 else tokenizer)
@@ -224,19 +151,10 @@ class P2TScorer:
         return cls(model, tok, kind, policy_tokenizer=policy_tokenizer, **options)
 
     def _default_max_length(self) -> Optional[int]:
-        """The smaller of the tokenizer's ``model_max_length`` and the model's position table
-        (``max_position_embeddings`` / ``n_positions``); ``None`` when neither is known."""
-        cfg = getattr(self.model, "config", None)
-        limits = [getattr(self.tokenizer, "model_max_length", None)]
-        limits += [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions")]
-        limits = [int(n) for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10 ** 7]
-        return min(limits) if limits else None
+        return default_max_length(self.model, self.tokenizer)
 
     def _embedding(self):
-        emb = self.model.get_input_embeddings()
-        if emb is None or not hasattr(emb, "weight"):
-            raise TypeError("model.get_input_embeddings() must return an embedding module with a weight")
-        return emb
+        return embedding(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -344,18 +262,7 @@ class P2TScorer:
         Returns:
             a :class:`ScoredBatch`.
         """
-        for name, seq in (("prompts", prompts), ("responses", responses)):
-            if isinstance(seq, str) or not isinstance(seq, (list, tuple)):
-                raise TypeError(f"{name} must be a list of strings, got {type(seq).__name__}")
-            for i, s in enumerate(seq):
-                if not isinstance(s, str):
-                    raise TypeError(f"{name}[{i}] must be a string, got {type(s).__name__}")
-        if len(prompts) != len(responses):
-            raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} prompts and "
-                             f"{len(responses)} responses")
-        if response_token_ids is not None and len(response_token_ids) != len(responses):
-            raise ValueError(f"response_token_ids has {len(response_token_ids)} rows but there are "
-                             f"{len(responses)} responses")
+        check_texts(prompts, responses, response_token_ids)
         return self._score(prompts, responses, response_token_ids, method, ig_steps, length, device, skip=False)
 
     def score_ids(self, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]], *,
@@ -366,20 +273,11 @@ class P2TScorer:
         ``length`` columns on ``device``. A response without a step (no token, only whitespace or
         special tokens) is not sent to the PRM: its tokens get segment id -1 and score 0, its view is
         ``None``."""
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-        if len(response_token_ids) != len(prompts):
-            raise ValueError(f"response_token_ids has {len(response_token_ids)} rows but there are "
-                             f"{len(prompts)} prompts")
+        check_ids(prompts, response_token_ids)
         return self._score(prompts, None, response_token_ids, method, ig_steps, length, device, skip=True)
 
     def _score(self, prompts, responses, ids, method, ig_steps, length, device, skip: bool) -> ScoredBatch:
-        method = _choice("method", method, METHODS)
-        ig_steps = self.ig_steps if ig_steps is None else ig_steps
-        if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
-            raise ValueError(f"ig_steps must be a positive int, got {ig_steps!r}")
-        if not prompts:
-            raise ValueError("responses is empty")
+        method, ig_steps = check_call(prompts, method, self.ig_steps if ig_steps is None else ig_steps)
         rows = self.layout.rows(prompts, responses, ids, hint=not skip, skip_empty=skip)
         lens = [r.num_policy if r is not None else len(ids[i]) for i, r in enumerate(rows)]
         N = max(lens) if length is None else int(length)
@@ -404,14 +302,3 @@ class P2TScorer:
 
         return out.finish(method, self.objective)
 
-
-def _same_tokenizer(a, b) -> bool:
-    """The same object, or two loads of the same tokenizer (same class and vocabulary)."""
-    if a is b:
-        return True
-    if type(a) is not type(b) or not hasattr(a, "get_vocab"):
-        return False
-    try:
-        return a.get_vocab() == b.get_vocab()
-    except Exception:  # noqa: BLE001 - tokenizers of the user's own without a usable vocabulary
-        return False

@@ -1,0 +1,214 @@
+"""The resolved options of a :class:`~p2t.attribution.P2TScorer`: the constructor's arguments checked,
+the kind's preset filled in (:data:`~p2t.attribution.heads.PRESETS`), the PRM input :class:`Layout`
+and the head built, and the null embedding taken from the model. :func:`resolve` does it once per
+scorer; every bad argument is a ``ValueError`` or ``TypeError`` naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Union
+
+import torch
+
+from . import methods as M
+from . import packing as packing_
+from .heads import HEADS, JUDGE_LOGITS, KINDS, PRESETS, CallableHead, Head
+from .layout import Layout
+from .methods import METHODS
+
+__all__ = ["ScorerOptions", "resolve", "check_texts", "check_ids", "check_call", "NULLS", "OBJECTIVES", "UNSET"]
+
+NULLS = ("pad", "eos", "vocab_mean", "zero")
+OBJECTIVES = ("logit", "prob")
+UNSET: Any = object()  # "not passed": the kind's preset applies
+
+
+def choice(name: str, value, options):
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+    return value
+
+
+@dataclass
+class ScorerOptions:
+    """Every option of a scorer after checking and presets (the scorer exposes each as an attribute)."""
+    model: Any
+    tokenizer: Any
+    reward_fn: Optional[Callable]
+    kind: str
+    policy_tokenizer: Any
+    same_tokenizer: bool
+    read_at: str
+    step_separator: str
+    separator_suffix: str
+    step_split: Any
+    template: Any
+    system_prompt: Optional[str]
+    add_special_tokens: bool
+    objective: str
+    returns: str
+    positive_label: int
+    value_index: int
+    truncation: str
+    micro_batch_tokens: int
+    ig_steps: int
+    gradient_checkpointing: bool
+    autocast: Union[str, bool]
+    output_device: Any
+    max_length: Optional[int]
+    layout: Layout
+    _sep_ids: List[int]
+    head: Head
+    packing: bool
+    pack_length: Optional[int]
+    null: Union[str, int]
+    _null_embed: torch.Tensor
+    _pad_id: int
+
+    def apply(self, obj) -> None:
+        """Set every option as an attribute of ``obj`` (the scorer)."""
+        for f in dataclasses.fields(self):
+            setattr(obj, f.name, getattr(self, f.name))
+
+
+def resolve(model, tokenizer, kind, *, policy_tokenizer, step_separator, separator_suffix, step_split, template,
+            system_prompt, add_special_tokens, null, objective, positive_label, value_index, judge_tokens, returns,
+            read_at, micro_batch_tokens, max_length, truncation, ig_steps, gradient_checkpointing, autocast,
+            output_device, packing, pack_length, judge_logits) -> ScorerOptions:
+    """Check the arguments of :class:`P2TScorer` and resolve them (``UNSET``: the kind's preset)."""
+    if model is None or not hasattr(model, "get_input_embeddings"):
+        raise TypeError("model must be a PRM module with get_input_embeddings() (a transformers model), "
+                        f"got {type(model).__name__}")
+    if tokenizer is None or not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "decode"):
+        raise TypeError(f"tokenizer must be a tokenizer with encode() and decode(), got {type(tokenizer).__name__}")
+    if callable(kind) and not isinstance(kind, str):
+        reward_fn, kind_name = kind, "callable"
+    else:
+        reward_fn, kind_name = None, choice("kind", kind, KINDS)
+    preset = PRESETS[kind_name]
+    pick = lambda v, k: preset[k] if v is UNSET else v  # noqa: E731
+    policy_tokenizer = tokenizer if policy_tokenizer is None else policy_tokenizer
+    same = same_tokenizer(policy_tokenizer, tokenizer)
+    read_at = choice("read_at", pick(read_at, "read_at"), ("separator", "last"))
+    sep = pick(step_separator, "step_separator")
+    if sep is None and kind_name == "callable":
+        sep = getattr(tokenizer, "sep_token", None) or "\n"
+    if read_at == "last" and step_separator is UNSET:
+        sep = ""
+    if not isinstance(sep, str) or (not sep and read_at == "separator"):
+        raise ValueError(f"step_separator must be a non-empty string, got {sep!r}")
+    suffix = pick(separator_suffix, "separator_suffix") or ""
+    split = pick(step_split, "step_split")
+    if not (split is None or callable(split) or (isinstance(split, str) and split)):
+        raise ValueError(f"step_split must be a non-empty string, None or a callable, got {split!r}")
+    template = pick(template, "template")
+    if not (template == "chat" or callable(template) or (isinstance(template, str) and "{response}" in template)):
+        raise ValueError("template must be 'chat', a string with {prompt} and {response} placeholders or a "
+                         f"callable prompt -> (before, after), got {template!r}")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template='chat' but the PRM tokenizer has no chat template; pass a string template "
+                         "such as template='{prompt}\\n{response}'")
+    system_prompt = pick(system_prompt, "system_prompt")
+    specials = (template != "chat") if add_special_tokens is None else bool(add_special_tokens)
+    objective = choice("objective", objective, OBJECTIVES)
+    returns = choice("returns", returns, ("logit", "prob"))
+    positive_label, value_index = int(positive_label), int(value_index)
+    truncation = choice("truncation", truncation, ("steps", "error"))
+    for name, v in (("micro_batch_tokens", micro_batch_tokens), ("ig_steps", ig_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if autocast not in ("auto", True, False):
+        raise ValueError(f"autocast must be 'auto', True or False, got {autocast!r}")
+    max_length = default_max_length(model, tokenizer) if max_length is None else int(max_length)
+    layout = Layout(tokenizer, policy_tokenizer, same, template=template, system_prompt=system_prompt,
+                    add_special_tokens=specials, step_separator=sep, separator_suffix=suffix, step_split=split,
+                    read_at=read_at, max_length=max_length, truncation=truncation)
+    if read_at == "separator" and not layout.sep_ids:
+        raise ValueError(f"step_separator={sep!r} encodes to no token with the PRM tokenizer "
+                         f"({type(tokenizer).__name__}): the steps could not be read at it; pass a separator "
+                         "the tokenizer keeps (e.g. its sep_token or a special token)")
+    choice("judge_logits", judge_logits, JUDGE_LOGITS)
+    head = (CallableHead(kind, returns=returns) if kind_name == "callable" else
+            HEADS[kind_name](positive_label=positive_label, value_index=value_index, returns=returns,
+                             judge_tokens=judge_tokens, judge_logits=judge_logits))
+    head.check(model, tokenizer, layout.encode)
+    if packing:
+        packing_.check(model, kind_name, pack_length)
+    null_embed = M.null_embedding(embedding(model), tokenizer, null, NULLS)
+    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                   if t is not None), 0)
+    return ScorerOptions(
+        model=model, tokenizer=tokenizer, reward_fn=reward_fn, kind=kind_name, policy_tokenizer=policy_tokenizer,
+        same_tokenizer=same, read_at=read_at, step_separator=sep, separator_suffix=suffix, step_split=split,
+        template=template, system_prompt=system_prompt, add_special_tokens=specials, objective=objective,
+        returns=returns, positive_label=positive_label, value_index=value_index, truncation=truncation,
+        micro_batch_tokens=micro_batch_tokens, ig_steps=ig_steps, gradient_checkpointing=bool(gradient_checkpointing),
+        autocast=autocast, output_device=output_device, max_length=max_length, layout=layout,
+        _sep_ids=layout.sep_ids, head=head, packing=bool(packing), pack_length=pack_length, null=null,
+        _null_embed=null_embed, _pad_id=pad_id)
+
+
+def check_texts(prompts, responses, response_token_ids) -> None:
+    """The arguments of :meth:`P2TScorer.score`: lists of strings of one length (and as many id rows)."""
+    for name, seq in (("prompts", prompts), ("responses", responses)):
+        if isinstance(seq, str) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list of strings, got {type(seq).__name__}")
+        for i, s in enumerate(seq):
+            if not isinstance(s, str):
+                raise TypeError(f"{name}[{i}] must be a string, got {type(s).__name__}")
+    if len(prompts) != len(responses):
+        raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} prompts and "
+                         f"{len(responses)} responses")
+    if response_token_ids is not None and len(response_token_ids) != len(responses):
+        raise ValueError(f"response_token_ids has {len(response_token_ids)} rows but there are "
+                         f"{len(responses)} responses")
+
+
+def check_ids(prompts, response_token_ids) -> None:
+    """The arguments of :meth:`P2TScorer.score_ids`: a list of prompts and one id row per prompt."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if len(response_token_ids) != len(prompts):
+        raise ValueError(f"response_token_ids has {len(response_token_ids)} rows but there are "
+                         f"{len(prompts)} prompts")
+
+
+def check_call(prompts, method, ig_steps):
+    """The method and interpolation steps of one scoring call, checked; a call needs a response."""
+    method = choice("method", method, METHODS)
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be a positive int, got {ig_steps!r}")
+    if not prompts:
+        raise ValueError("responses is empty")
+    return method, ig_steps
+
+
+def embedding(model):
+    """The PRM's input embedding module (one with a ``weight``)."""
+    emb = model.get_input_embeddings()
+    if emb is None or not hasattr(emb, "weight"):
+        raise TypeError("model.get_input_embeddings() must return an embedding module with a weight")
+    return emb
+
+
+def default_max_length(model, tokenizer) -> Optional[int]:
+    """The smaller of the tokenizer's ``model_max_length`` and the model's position table
+    (``max_position_embeddings`` / ``n_positions``); ``None`` when neither is known."""
+    cfg = getattr(model, "config", None)
+    limits = [getattr(tokenizer, "model_max_length", None)]
+    limits += [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions")]
+    limits = [int(n) for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10 ** 7]
+    return min(limits) if limits else None
+
+
+def same_tokenizer(a, b) -> bool:
+    """The same object, or two loads of the same tokenizer (same class and vocabulary)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or not hasattr(a, "get_vocab"):
+        return False
+    try:
+        return a.get_vocab() == b.get_vocab()
+    except Exception:  # noqa: BLE001 - tokenizers of the user's own without a usable vocabulary
+        return False
