@@ -516,6 +516,7 @@ def test_compare_statistics():
     assert welch(a, b) == pytest.approx((ref.statistic, ref.pvalue))
     lo, hi = bootstrap_ci([1.0, 1.1, 0.9], [0.0, 0.1, -0.1])
     assert 0.7 < lo < 1.0 < hi < 1.3
+    assert all(np.isnan(bootstrap_ci([1.0], [0.0, 0.1])))
     assert updates_to(np.array([0, 10, 20]), np.array([0.1, 0.5, 0.7]), 0.5) == 10
     assert updates_to(np.array([0, 10]), np.array([0.1, 0.2]), 0.5) is None
     mk = lambda ys, sa: [{"update": 0, "eval_accuracy": ys[0]}] + [  # noqa: E731

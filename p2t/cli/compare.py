@@ -128,6 +128,8 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
 def bootstrap_ci(a: Sequence[float], b: Sequence[float], n: int = 10000, seed: int = 0) -> Tuple[float, float]:
     """95 % bootstrap interval of mean(a) - mean(b) (seeds resampled with replacement in each group)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:  # one seed: no spread to resample
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     d = rng.choice(a, (n, len(a))).mean(1) - rng.choice(b, (n, len(b))).mean(1)
     return float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
