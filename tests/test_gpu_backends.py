@@ -521,3 +521,99 @@ def test_triton_under_torch_compile_dynamic():
         (d_ref,) = torch.autograd.grad((want * want).sum(), g2)
         torch.testing.assert_close(d, d_ref, atol=1e-5, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ #
+# the one-launch row stage of the CUDA kernels (segments + advantages, one block per row): steps as
+# sets, ids far apart (several windows of step slots), more steps in a row than slots
+# ------------------------------------------------------------------------------------------------ #
+# Triton under the interpreter is too slow for these shapes on CPU: there, the emulated CUDA kernels only.
+ROW_BACKENDS = [p for p in GPU_BACKENDS if p.id != "triton-cpu"]
+
+
+def _row_stage_ids(B, N, gen):
+    """ids [B, N], S: per row a mix of holes, -1, one-token steps, interleaved steps and ids far apart.
+    Row 0: steps 0, 300 and 700 interleaved with holes (three windows of 256 ids); row 1: one-token steps
+    and -1; row 2: 40 one-token steps 1000.. then a 5-token constant step split by a hole; row 3: no step."""
+    ids = torch.full((B, N), -1, dtype=torch.long)
+    pattern = torch.tensor([0, 300, -1, 700, 0, 0, 300, -1])
+    ids[0] = pattern.repeat(N // len(pattern) + 1)[:N]
+    ids[1, ::3] = torch.arange(800, 800 + len(range(0, N, 3)))
+    ids[2, :40] = torch.arange(1000, 1040)
+    ids[2, 41:44] = 1040
+    ids[2, 45:47] = 1040
+    ids[2] = torch.where(torch.rand(N, generator=gen) < 0.1, torch.full((N,), -1, dtype=torch.long), ids[2])
+    return ids, 1041
+
+
+@pytest.mark.parametrize("backend,device", ROW_BACKENDS)
+@pytest.mark.parametrize("standardize,normalize,scale", [(False, "paper", "group"), (True, "sum", "batch"),
+                                                         (True, "paper", "none")])
+def test_row_stage_sets_windows_and_edges(backend, device, standardize, normalize, scale):
+    """p2t_advantages (validate=False, out poisoned) on rows of odd length with holes, -1 ids, one-token
+    steps, step ids 300 and more apart in one row, a constant step, masked tokens cutting steps, an all-masked
+    row, a constant group, against the float64 oracle."""
+    B, N, D = 6, 53, 7
+    gen = torch.Generator().manual_seed(11)
+    ids, S = _row_stage_ids(B, N, gen)
+    g, e = torch.randn(B, N, D, generator=gen), torch.randn(B, N, D, generator=gen)
+    e[2, 41:47] = 0.0  # step 1040: constant scores (zero std when standardized)
+    g[2, 41:47] = 0.0
+    n = 0.1 * torch.randn(D, generator=gen)
+    R = torch.randn(S, generator=gen)
+    o = torch.randn(B, generator=gen)
+    o[2:4] = 0.25  # a constant group
+    mask = torch.rand(B, N, generator=gen) > 0.15
+    mask[4] = False  # all masked
+    mask[5, 20:] = False
+    ids[5, 10:30] = torch.arange(40, 50).repeat_interleave(2)  # two-token steps, some cut by the mask
+    g, e, n, ids, R, o, mask = (t.to(device) for t in (g, e, n, ids, R, o, mask))
+    kw = dict(group_size=2, omega=0.6, alpha=0.3, temperature=0.7, standardize=standardize, normalize=normalize,
+              scale=scale, mask=mask)
+    out = torch.full((B, N), float("nan"), device=device)
+    api(backend).p2t_advantages(g, e, n, ids, R, o, out=out, validate=False, **kw)
+    s = ("group", "batch", "none").index(scale)
+    oracle = oracle_p2t(g, e, n, ids, R, o, mask, 2, alpha=0.3, temperature=0.7, standardize=standardize,
+                        normalize_sum=normalize == "sum", scale=s)
+    check(out, p2t.p2t_advantages(g, e, n, ids, R, o, backend="reference", **kw), oracle)
+    assert (out[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", ROW_BACKENDS)
+def test_row_stage_more_steps_than_slots(backend, device):
+    """A row with 300 one-token and two-token steps (more than the 256 step slots of a window) and a row
+    whose ids run backwards; segment_redistribute on the same ids flattened (one row of the row stage)."""
+    B, N = 2, 611
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.full((B, N), -1, dtype=torch.long)
+    ids[0, :300] = torch.arange(300)
+    ids[0, 300:600] = torch.arange(300)  # each step: two tokens 300 apart
+    ids[1, 1:601:2] = torch.arange(599, 299, -1)
+    S = 600
+    x = (3 * torch.randn(B, N, generator=gen)).to(device)
+    R = torch.randn(S, generator=gen).to(device)
+    ids = ids.to(device)
+    for standardize in (False, True):
+        got = api(backend).segment_redistribute(x, ids, R, standardize=standardize, normalize="sum", validate=False)
+        oracle = ref.segment_redistribute(x.double().reshape(-1), ids.reshape(-1), R.double(), 0.6, 1.0,
+                                          standardize, True).reshape(B, N)
+        want = p2t.segment_redistribute(x, ids, R, standardize=standardize, normalize="sum", backend="reference")
+        check(got, want, oracle)
+    g, e = torch.randn(B, N, 3, generator=gen).to(device), torch.randn(B, N, 3, generator=gen).to(device)
+    n, o = torch.randn(3, generator=gen).to(device), torch.randn(B, generator=gen).to(device)
+    out = torch.full((B, N), float("nan"), device=device)
+    api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=2, out=out, validate=False)
+    check(out, p2t.p2t_advantages(g, e, n, ids, R, o, group_size=2, backend="reference"),
+          oracle_p2t(g, e, n, ids, R, o, None, 2))
+
+
+@pytest.mark.parametrize("backend,device", ROW_BACKENDS)
+def test_step_crossing_rows_unvalidated_is_finite(backend, device):
+    """validate=False and a step with tokens in two rows: unspecified values, but finite, and the tokens in
+    no step still get A^_b."""
+    ids = torch.tensor([[0, 0, -1, 1], [1, 1, -1, 2]], device=device)
+    g, e = torch.randn(2, 4, 5, device=device), torch.randn(2, 4, 5, device=device)
+    n, R, o = torch.randn(5, device=device), torch.randn(3, device=device), torch.randn(2, device=device)
+    out = api(backend).p2t_advantages(g, e, n, ids, R, o, group_size=1, validate=False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, 2], ref.group_advantages(o, 1).to(out.dtype))

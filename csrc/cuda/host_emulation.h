@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -69,6 +70,33 @@ inline int atomicMin(int* address, int val) {
   return old;
 }
 
+inline unsigned atomicCAS(unsigned* address, unsigned compare, unsigned val) {
+  __atomic_compare_exchange_n(address, &compare, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return compare;  // the old value
+}
+
+inline unsigned long long atomicCAS(unsigned long long* address, unsigned long long compare, unsigned long long val) {
+  __atomic_compare_exchange_n(address, &compare, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return compare;
+}
+
+// float / double atomicAdd (native on sm_60+) as a compare-and-swap loop on the bits
+template <typename T>
+inline T atomicAdd(T* address, T val) {
+  static_assert(std::is_floating_point<T>::value, "atomicAdd of a float or double");
+  using U = typename std::conditional<sizeof(T) == 4, unsigned, unsigned long long>::type;
+  U* p = reinterpret_cast<U*>(address);
+  U old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (true) {
+    T cur;
+    std::memcpy(&cur, &old, sizeof(T));
+    const T nv = cur + val;
+    U nb;
+    std::memcpy(&nb, &nv, sizeof(T));
+    if (__atomic_compare_exchange_n(p, &old, nb, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return cur;
+  }
+}
+
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(double), "shuffle of a wider type");
@@ -115,6 +143,8 @@ void launch(int64_t grid, int64_t block, Kernel kernel, Args... args) {
 
 using p2t_emu::__shfl_xor_sync;
 using p2t_emu::__syncthreads;
+using p2t_emu::atomicAdd;
+using p2t_emu::atomicCAS;
 using p2t_emu::atomicMin;
 using p2t_emu::blockDim;
 using p2t_emu::blockIdx;

@@ -11,9 +11,14 @@
 //               segment runs over [pos[s], -pos[S+s]), skipping the tokens of other ids: (standardise),
 //               / temperature, max, sum of exp, write r_i = R_s (1 + omega w_i) [/ (n_s + omega)], or
 //               A^_b + alpha r_i. Extra blocks, one per (row, chunk), write the tokens in no segment.
+//               That path serves segment_redistribute beyond kRowStageMaxFlat tokens (its ids have no
+//               rows); up to it, and in p2t_advantages, the row stage does it all in one launch.
+// row stage:    one block per row: the row's steps in shared-memory slots by shared-memory atomics
+//               (count, sum, max, [variance,] sum of exp), then r_i and, in p2t_advantages, the advantage
+//               epilogue A^_b + alpha r_i; no run bounds, no fill.
 // advantages:   A^_b from the outcome rewards of b's group (or the batch) on the device, per block.
-// p2t_advantages: the attribution kernel also stores the run bounds, then the segment kernel with the
-//               advantage epilogue: two launches, no host synchronisation, no [B, N, D] intermediate.
+// p2t_advantages: the attribution kernel, then the row stage with the advantage epilogue: two launches,
+//               no host synchronisation, no [B, N, D] intermediate.
 //
 // With P2T_HOST_EMULATION defined, the same file compiles with a C++ compiler against host_emulation.h:
 // the kernels then run on CPU tensors under the op namespace p2t_cuda_emulated (a test on machines
@@ -171,8 +176,7 @@ __device__ acc_t group_advantage(const acc_t* o, int64_t b, int64_t B, int64_t G
 // aligned to VEC elements and D % VEC == 0; each step issues the kUnroll vector loads of grad and embeds of a
 // lane before any arithmetic (bytes in flight, not dependent round trips), then reads null (L1/L2 hits:
 // every row shares it). A masked row (mask, or ids.mask in p2t_advantages) is not read: it gets 0 (its
-// score is unused by the segment kernel). With ids.ids != nullptr (p2t_advantages) lane 0 also stores the
-// run bounds of token r; its id loads (r, r - 1, r + 1) are issued before the row's loads.
+// score is unused by the segment stage).
 // kUnroll 16-byte loads per tensor per step: 4 for 4-byte types, 2 for 2-byte ones (8 values each), so
 // that a thread stays within the register cap of kAttrMinBlocks without spilling.
 template <int VEC>
@@ -195,19 +199,11 @@ template <typename g_t, typename e_t, typename acc_t, int VEC, bool HEAD = false
 __global__ void __launch_bounds__(kAttrWarps * kWarp, kAttrMinBlocks)
 attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
                    const n_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
-                   int64_t R, int64_t D, Ids ids, int32_t* __restrict__ pos, int64_t N) {
+                   int64_t R, int64_t D) {
   const int lane = threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kAttrWarps + threadIdx.x / kWarp;
   if (r >= R) return;  // whole warps leave together: the shuffles below see full warps
-  const bool fused = ids.ids != nullptr;
-  int64_t sid = -1, prv = -1, nxt = -1;
-  if (fused && lane == 0) {  // the epilogue's loads, before the loop
-    sid = ids(r);
-    prv = (r % N != 0) ? ids(r - 1) : -1;
-    nxt = (r + 1 < R && (r + 1) % N != 0) ? ids(r + 1) : -1;
-  }
-  const bool* row_mask = fused ? ids.mask : mask;
-  const bool skip = row_mask != nullptr && !row_mask[r];
+  const bool skip = mask != nullptr && !mask[r];
   const g_t* gr = g + r * g_stride;
   const e_t* er = e + r * e_stride;
   acc_t acc = 0;
@@ -276,13 +272,7 @@ attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __res
     }
   }
   acc = warp_sum(acc);
-  if (lane == 0) {
-    out[r] = skip ? acc_t(0) : acc;
-    if (fused && sid >= 0) {
-      if (prv != sid) atomicMin(pos + sid, static_cast<int32_t>(r));
-      if (nxt != sid) atomicMin(pos + ids.S + sid, -static_cast<int32_t>(r + 1));
-    }
-  }
+  if (lane == 0) out[r] = skip ? acc_t(0) : acc;
 }
 
 bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -300,7 +290,7 @@ void dispatch_reduced(at::ScalarType st, const char* name, F&& f) {
 
 template <typename g_t, typename e_t, typename acc_t, typename n_t = acc_t>
 void launch_attribution(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& nul, const bool* mask,
-                        at::Tensor& out, const Ids& ids, int32_t* pos, int64_t N) {
+                        at::Tensor& out) {
   const int64_t R = grad.size(0), D = grad.size(1);
   const int64_t blocks = (R + kAttrWarps - 1) / kAttrWarps;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "grad has too many rows: ", R);
@@ -324,21 +314,21 @@ void launch_attribution(const at::Tensor& grad, const at::Tensor& embeds, const 
   }
   auto stream = P2T_STREAM();
   P2T_LAUNCH(kernel, blocks, kAttrWarps * kWarp, stream, gp, grad.stride(0), ep, embeds.stride(0), np, mask,
-             out.data_ptr<acc_t>(), R, D, ids, pos, N);
+             out.data_ptr<acc_t>(), R, D);
   P2T_LAUNCH_CHECK();
 }
 
-// out [R] (compute dtype) = attribution of grad/embeds [R, D]; with ids given, also the run bounds in pos.
+// out [R] (compute dtype) = attribution of grad/embeds [R, D]; rows where mask is False get 0 unread.
 // Compute dtype float64 means every input is float64; for float32, float64 inputs are read as float32
 // (as_compute), so the kernels see float32 / bfloat16 / float16 only.
 void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, const at::Tensor& null_in,
-                      const bool* mask, at::Tensor& out, const Ids& ids, int32_t* pos, int64_t N) {
+                      const bool* mask, at::Tensor& out) {
   const auto cd = out.scalar_type();
   auto grad = rows_unit_stride(as_compute(grad_in, cd));
   auto embeds = rows_unit_stride(as_compute(embeds_in, cd));
   if (grad.size(0) == 0) return;
   if (cd == at::kDouble) {
-    launch_attribution<double, double, double>(grad, embeds, null_in.contiguous(), mask, out, ids, pos, N);
+    launch_attribution<double, double, double>(grad, embeds, null_in.contiguous(), mask, out);
     return;
   }
   // bf16 / fp16 grad, embeds and null of one dtype: null read in that dtype (exact: no rounding involved)
@@ -346,16 +336,16 @@ void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, co
   if ((st == at::kBFloat16 || st == at::kHalf) && grad.scalar_type() == st && null_in.scalar_type() == st) {
     auto nul = null_in.contiguous();
     if (st == at::kBFloat16) {
-      launch_attribution<c10::BFloat16, c10::BFloat16, float, c10::BFloat16>(grad, embeds, nul, mask, out, ids, pos, N);
+      launch_attribution<c10::BFloat16, c10::BFloat16, float, c10::BFloat16>(grad, embeds, nul, mask, out);
     } else {
-      launch_attribution<c10::Half, c10::Half, float, c10::Half>(grad, embeds, nul, mask, out, ids, pos, N);
+      launch_attribution<c10::Half, c10::Half, float, c10::Half>(grad, embeds, nul, mask, out);
     }
     return;
   }
   auto nul = null_in.to(cd).contiguous();
   dispatch_reduced(grad.scalar_type(), "grad", [&](auto g_tag) {
     dispatch_reduced(embeds.scalar_type(), "embeds", [&](auto e_tag) {
-      launch_attribution<decltype(g_tag), decltype(e_tag), float>(grad, embeds, nul, mask, out, ids, pos, N);
+      launch_attribution<decltype(g_tag), decltype(e_tag), float>(grad, embeds, nul, mask, out);
     });
   });
 }
@@ -478,6 +468,206 @@ void launch_segment(const at::Tensor& x, const Ids& ids, const at::Tensor& rewar
   });
 }
 
+// ------------------------------------------------------------------------------------------------
+// the row stage: segments + advantages in one launch, one block per row, no run bounds
+// ------------------------------------------------------------------------------------------------
+// A step is the set of its tokens inside one row (p2t_advantages validates that; with validate=False a
+// step crossing rows is taken row by row: unspecified, finite values). Block b owns row b: it first writes
+// the row's tokens in no step (A^_b or 0) and finds the row's smallest step id; then, per window of
+// kRowSlots consecutive step ids [base, base + kRowSlots) (usually one window: a row's steps have nearby
+// ids), shared-memory slots hold each step's count, sum, max, std and sum of exp, filled by warp-aggregated
+// shared-memory atomics over passes of the row (count/sum/max, [squared deviations,] sum of exp, write); the next window
+// starts at the smallest id >= base + kRowSlots seen, so any id layout is handled (a window per distinct
+// cluster of ids). The row is re-read from global memory in each pass (L1 hits for rows of a few
+// thousand tokens); the group statistics come from the G outcome values, per block.
+constexpr int kRowThreads = 256;
+constexpr int kRowSlots = 256;  // step ids per window
+// segment_redistribute has no rows: its tokens form one row; up to this many tokens one block of the row
+// stage does it in one launch, beyond it the bounds + segment path (one block per segment) is faster.
+constexpr int64_t kRowStageMaxFlat = 4096;
+
+#ifdef P2T_HOST_EMULATION
+__device__ __forceinline__ unsigned as_bits(float v) { unsigned u; std::memcpy(&u, &v, 4); return u; }
+__device__ __forceinline__ unsigned long long as_bits(double v) { unsigned long long u; std::memcpy(&u, &v, 8); return u; }
+__device__ __forceinline__ float from_bits(unsigned u) { float v; std::memcpy(&v, &u, 4); return v; }
+__device__ __forceinline__ double from_bits(unsigned long long u) { double v; std::memcpy(&v, &u, 8); return v; }
+#else
+__device__ __forceinline__ unsigned as_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned long long as_bits(double v) {
+  return static_cast<unsigned long long>(__double_as_longlong(v));
+}
+__device__ __forceinline__ float from_bits(unsigned u) { return __uint_as_float(u); }
+__device__ __forceinline__ double from_bits(unsigned long long u) {
+  return __longlong_as_double(static_cast<long long>(u));
+}
+#endif
+
+// *a = max(*a, v) on a float / double in shared memory (compare-and-swap loop; no native float max)
+template <typename acc_t>
+__device__ __forceinline__ void atomic_max_acc(acc_t* a, acc_t v) {
+  using bits_t = decltype(as_bits(v));
+  bits_t* p = reinterpret_cast<bits_t*>(a);
+  bits_t old = as_bits(*a);
+  while (from_bits(old) < v) {
+    const bits_t prev = atomicCAS(p, old, as_bits(v));
+    if (prev == old) break;
+    old = prev;
+  }
+}
+
+// Adds each lane's v to slot k of s_sum (and 1 to s_cnt, v into the max of s_max) for k >= 0, k = -1: none.
+// Warp-aggregated: one round per distinct slot among the warp's lanes (one or two in the usual layouts, where
+// a step's tokens are contiguous), a warp reduction per round and one shared-memory atomic by lane 0: the
+// float atomics of sm_90's shared memory are compare-and-swap loops, and 32 lanes on one slot would
+// serialise. Every lane of the warp must call it.
+template <bool kCount, bool kMax, typename acc_t>
+__device__ __forceinline__ void warp_add_to_slots(int k, acc_t v, acc_t* s_sum, acc_t* s_cnt, acc_t* s_max) {
+  int rest = k;
+  while (true) {
+    const int kk = warp_max(rest);  // warp-uniform
+    if (kk < 0) break;
+    const bool mine = rest == kk;
+    const acc_t t = warp_sum(mine ? v : acc_t(0));
+    acc_t c = 0, mx = 0;
+    if constexpr (kCount) c = warp_sum(mine ? acc_t(1) : acc_t(0));
+    if constexpr (kMax) mx = warp_max(mine ? v : acc_t(-INFINITY));
+    if (threadIdx.x % kWarp == 0) {
+      atomicAdd(s_sum + kk, t);
+      if constexpr (kCount) atomicAdd(s_cnt + kk, c);
+      if constexpr (kMax) atomic_max_acc(s_max + kk, mx);
+    }
+    if (mine) rest = -1;
+  }
+}
+
+// min over the block of an int64 (every thread calls it and gets the result)
+__device__ __forceinline__ int64_t block_min_i64(int64_t v) { return -block_max<int64_t>(-v); }
+
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kRowThreads)
+row_stage_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__ rewards,
+                 const acc_t* __restrict__ outcome, out_t* __restrict__ out, SegParams p) {
+  __shared__ acc_t s_cnt[kRowSlots], s_mean[kRowSlots], s_max[kRowSlots], s_sd[kRowSlots], s_se[kRowSlots];
+  __shared__ bool s_const[kRowSlots];
+  const acc_t omega = p.omega, temperature = p.temperature, alpha = p.alpha;
+  const int64_t b = blockIdx.x, row0 = b * p.N;
+  acc_t adv = 0;
+  if (p.has_adv) adv = group_advantage(outcome, b, p.B, p.G, p.scale, static_cast<acc_t>(p.eps));
+  constexpr int64_t kNone64 = std::numeric_limits<int64_t>::max();
+  // pass 0: tokens in no step; the first window
+  int64_t lo = kNone64;
+  for (int64_t col = threadIdx.x; col < p.N; col += blockDim.x) {
+    const int64_t i = row0 + col;
+    const int64_t s = ids(i);
+    if (s >= 0) {
+      lo = min(lo, s);
+      continue;
+    }
+    out[i] = static_cast<out_t>(p.has_adv && (ids.mask == nullptr || ids.mask[i]) ? adv : acc_t(0));
+  }
+  int64_t base = block_min_i64(lo);  // its first barrier: no thread still reads shared memory
+  while (base < p.S) {  // uniform over the block
+    const int64_t top = base + kRowSlots;
+    for (int k = threadIdx.x; k < kRowSlots; k += blockDim.x) {
+      s_cnt[k] = 0;
+      s_mean[k] = 0;
+      s_max[k] = acc_t(-INFINITY);
+      s_sd[k] = 0;
+      s_se[k] = 0;
+    }
+    __syncthreads();
+    // pass 1: count, sum, max per step; the smallest id past the window
+    // (the passes with atomics run warp-uniform trip counts: warp_add_to_slots needs whole warps)
+    int64_t nxt = kNone64;
+    for (int64_t c0 = 0; c0 < p.N; c0 += blockDim.x) {
+      const int64_t col = c0 + threadIdx.x, i = row0 + col;
+      const int64_t s = col < p.N ? ids(i) : -1;
+      if (s >= top) nxt = min(nxt, s);
+      const bool in = s >= base && s < top;  // -1 is below base
+      const int k = in ? static_cast<int>(s - base) : -1;
+      const acc_t v = in ? x[i] : acc_t(0);
+      warp_add_to_slots<true, true>(k, v, s_mean, s_cnt, s_max);
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < kRowSlots; k += blockDim.x) s_mean[k] = s_mean[k] / max(s_cnt[k], acc_t(1));
+    __syncthreads();
+    if (p.standardize) {  // pass 1b: population variance
+      for (int64_t c0 = 0; c0 < p.N; c0 += blockDim.x) {
+        const int64_t col = c0 + threadIdx.x, i = row0 + col;
+        const int64_t s = col < p.N ? ids(i) : -1;
+        const bool in = s >= base && s < top;
+        const int k = in ? static_cast<int>(s - base) : -1;
+        const acc_t d = in ? x[i] - s_mean[k] : acc_t(0);
+        warp_add_to_slots<false, false>(k, d * d, s_sd, s_cnt, s_max);
+      }
+      __syncthreads();
+    }
+    for (int k = threadIdx.x; k < kRowSlots; k += blockDim.x) {
+      acc_t xmax = s_max[k];
+      bool cnst = false;
+      acc_t sd = 1;
+      if (p.standardize) {
+        const acc_t var = s_sd[k] / max(s_cnt[k], acc_t(1));
+        const acc_t lim = acc_t(kZeroStdRtol) * abs(s_mean[k]);
+        cnst = var <= lim * lim;
+        sd = cnst ? acc_t(1) : sqrt(var);
+        xmax = cnst ? acc_t(0) : (xmax - s_mean[k]) / sd;
+      }
+      s_max[k] = xmax / temperature;
+      s_sd[k] = sd;
+      s_const[k] = cnst;
+    }
+    __syncthreads();
+    auto xs = [&](acc_t v, int k) -> acc_t {
+      if (p.standardize) v = s_const[k] ? acc_t(0) : (v - s_mean[k]) / s_sd[k];
+      return v / temperature;
+    };
+    // pass 2: softmax denominators
+    for (int64_t c0 = 0; c0 < p.N; c0 += blockDim.x) {
+      const int64_t col = c0 + threadIdx.x, i = row0 + col;
+      const int64_t s = col < p.N ? ids(i) : -1;
+      const bool in = s >= base && s < top;
+      const int k = in ? static_cast<int>(s - base) : -1;
+      const acc_t e = in ? exp(xs(x[i], k) - s_max[k]) : acc_t(0);
+      warp_add_to_slots<false, false>(k, e, s_se, s_cnt, s_max);
+    }
+    __syncthreads();
+    // pass 3: write
+    for (int64_t col = threadIdx.x; col < p.N; col += blockDim.x) {
+      const int64_t i = row0 + col;
+      const int64_t s = ids(i);
+      if (s < base || s >= top) continue;
+      const int k = static_cast<int>(s - base);
+      const acc_t w = exp(xs(x[i], k) - s_max[k]) / s_se[k];
+      const acc_t rew = rewards[s];
+      acc_t r = rew + omega * rew * w;
+      if (p.normalize_sum) r = r * (acc_t(1) / (s_cnt[k] + omega));
+      if (p.has_adv) r = adv + alpha * r;
+      out[i] = static_cast<out_t>(r);
+    }
+    base = block_min_i64(nxt);  // its first barrier: pass 3's reads of the slots are done
+  }
+}
+
+// The whole stage over x [B*N] (compute dtype, rows of p.N tokens) in one launch of B blocks; out [B*N].
+void launch_row_stage(const at::Tensor& x, const Ids& ids, const at::Tensor& rewards, const at::Tensor* outcome,
+                      at::Tensor& out, const SegParams& p) {
+  if (p.R == 0 || p.N == 0) return;
+  const int64_t blocks = p.R / p.N;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "too many rows: ", blocks);
+  auto stream = P2T_STREAM();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "p2t_row_stage_acc", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "p2t_row_stage_out", [&] {
+      using out_t = scalar_t;
+      auto* kernel = &row_stage_kernel<acc_t, out_t>;
+      P2T_LAUNCH(kernel, blocks, kRowThreads, stream, x.data_ptr<acc_t>(), ids, rewards.data_ptr<acc_t>(),
+                 outcome != nullptr ? outcome->data_ptr<acc_t>() : nullptr, out.data_ptr<out_t>(), p);
+      P2T_LAUNCH_CHECK();
+    });
+  });
+}
+
 void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* name) {
 #ifdef P2T_HOST_EMULATION
   TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
@@ -507,8 +697,7 @@ at::Tensor token_attribution_cuda(const at::Tensor& grad, const at::Tensor& embe
   P2T_DEVICE_GUARD(grad.device());
   auto out = at::empty({grad.size(0)}, grad.options().dtype(compute_dtype({grad, embeds, null_embed})));
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
-  attribution_into(grad, embeds, null_embed, m.defined() ? m.data_ptr<bool>() : nullptr, out,
-                   Ids{nullptr, false, nullptr, 0}, nullptr, 1);
+  attribution_into(grad, embeds, null_embed, m.defined() ? m.data_ptr<bool>() : nullptr, out);
   return out;
 }
 
@@ -527,8 +716,13 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
   TORCH_CHECK(R < std::numeric_limits<int32_t>::max(), "scores has too many tokens: ", R);
   auto out = at::empty({R}, x.options());
   if (R == 0) return out;
-  auto pos = new_bounds(S, x);
   const Ids id = make_ids(ids, nullptr, S);
+  if (R <= kRowStageMaxFlat) {  // one row, one block, one launch
+    SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false};
+    launch_row_stage(x, id, rewards, nullptr, out, p);
+    return out;
+  }
+  auto pos = new_bounds(S, x);
   if (S > 0) {
     auto* kernel = &run_bounds_kernel;
     P2T_LAUNCH(kernel, (R + kBoundsThreads - 1) / kBoundsThreads, kBoundsThreads, P2T_STREAM(), id,
@@ -641,14 +835,12 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
   auto outcome = outcome_in.to(cd).contiguous();
   const int64_t S = rewards.size(0);
   auto scores = at::empty({R}, grad.options().dtype(cd));
-  auto pos = new_bounds(S, grad);
   const Ids id = make_ids(ids, m.defined() ? &m : nullptr, S);
   // reshape: a view for the usual contiguous layouts; rows_unit_stride inside copies only when needed
-  attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, nullptr, scores, id,
-                   pos.data_ptr<int32_t>(), N);
+  attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, id.mask, scores);
   SegParams p{R, N, S, B, group_size, 0, scale, omega, temperature, alpha, eps, standardize, normalize_sum, true};
   auto flat = out.view({R});
-  launch_segment(scores, id, rewards, &outcome, pos, flat, p);
+  launch_row_stage(scores, id, rewards, &outcome, flat, p);
 }
 
 at::Tensor p2t_advantages_cuda(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
