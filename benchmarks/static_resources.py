@@ -38,6 +38,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+SRC = {"root": ROOT, "rev": "working tree"}  # where csrc/ and p2t_kernels/ are read from (--rev: a commit)
 NAME = "static_resources_sm90"
 
 # sm_90 (H100/H200) limits, from the CUDA occupancy calculator
@@ -83,6 +84,8 @@ def _bytes_cuda(name: str) -> tuple:
         return sz[0] + sz[1] + sz[2] / SHAPE["D"], "(token, d)", tokens * SHAPE["D"]
     if base == "segment_kernel" and len(sz) >= 2:
         return sz[0] + 8 + sz[1], "token", tokens  # scores, int64 id, out
+    if base == "row_stage_kernel" and len(sz) >= 2:
+        return sz[0] + 8 + 1 + sz[1], "token", tokens  # the whole stage: scores, int64 id, mask, out
     if base == "token_advantages_kernel" and len(sz) >= 2:
         return sz[0] + 1 + sz[1], "token", tokens  # token rewards, mask, out
     if base == "run_bounds_kernel":
@@ -157,7 +160,7 @@ def demangle(names: list) -> dict:
 def _hash(paths: list, extra: str) -> str:
     h = hashlib.sha256(extra.encode())
     for p in sorted(paths):
-        h.update(os.path.relpath(p, ROOT).encode())
+        h.update(os.path.relpath(p, SRC["root"]).encode())
         with open(p, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
@@ -206,8 +209,9 @@ def _launch_threads(src: str, kernel: str) -> int:
 
 def cuda_part(cache: dict, force: bool) -> dict:
     nvcc = _nvcc()
-    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    headers = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.h")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h")))
+    root = SRC["root"]
+    sources = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
+    headers = sorted(glob.glob(os.path.join(root, "csrc", "*.h")) + glob.glob(os.path.join(root, "csrc", "cuda", "*.h")))
     if not nvcc:
         part = dict(cache.get("cuda") or {})
         part["note"] = "nvcc not found: CUDA part " + ("kept from the cache" if part.get("kernels") else "skipped")
@@ -222,7 +226,7 @@ def cuda_part(cache: dict, force: bool) -> dict:
     key = _hash(sources + headers, json.dumps([version, torch.__version__, flags]))
     if not force and (cache.get("cuda") or {}).get("key") == key:
         return dict(cache["cuda"], note="unchanged sources: kept from the cache")
-    incs = [os.path.join(ROOT, "csrc")] + ce.include_paths("cuda") + [sysconfig.get_paths()["include"]]
+    incs = [os.path.join(root, "csrc")] + ce.include_paths("cuda") + [sysconfig.get_paths()["include"]]
     for p in sys.path:
         d = os.path.join(p, "nvidia", "cu13", "include")
         if os.path.isdir(d):
@@ -247,7 +251,7 @@ def cuda_part(cache: dict, force: bool) -> dict:
             name = names[mangled]
             base = re.sub(r"<.*", "", name)
             threads = int(ntid.group(1)) if ntid else _launch_threads(source, base)
-            kernels.append(dict(name=name, source=os.path.relpath(src_path, ROOT), threads=threads,
+            kernels.append(dict(name=name, source=os.path.relpath(src_path, root), threads=threads,
                                 threads_from="__launch_bounds__" if ntid else ("launch" if threads else "unknown"),
                                 **r))
     for k in kernels:
@@ -271,10 +275,10 @@ def triton_part(cache: dict, force: bool) -> dict:
         part["note"] = f"triton unavailable ({e}): Triton part " + ("kept from the cache" if part.get("kernels")
                                                                      else "skipped")
         return part
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, SRC["root"])
     from p2t_kernels import aot_check
 
-    sources = sorted(glob.glob(os.path.join(ROOT, "p2t_kernels", "*.py")))
+    sources = sorted(glob.glob(os.path.join(SRC["root"], "p2t_kernels", "*.py")))
     key = _hash(sources, triton.__version__)
     if not force and (cache.get("triton") or {}).get("key") == key:
         return dict(cache["triton"], note="unchanged sources: kept from the cache")
@@ -346,8 +350,8 @@ def table(kernels: list) -> list:
 
 
 def headline(doc: dict) -> list:
-    """The README's table: the fp32/bf16 kernels the headline cases run (no fp64/fp16 instances, the
-    attribution only with equal input dtypes), CUDA then Triton."""
+    """The README's table: the fp32/bf16 kernels the headline cases run (no fp64/fp16 instances; the
+    attribution with equal input dtypes and the null in that dtype), CUDA then Triton."""
     lines = ["| backend | kernel | threads | regs | spills (B) | smem (B) | occupancy | bytes/elem | floor at "
              f"{doc['bandwidth_gbps'] / 1000:.1f} TB/s |", "|---|---|---|---|---|---|---|---|---|"]
     for part in ("cuda", "triton"):
@@ -355,8 +359,12 @@ def headline(doc: dict) -> list:
             n = k["name"]
             if re.search(r"double|Half|fp64|fp16", n) or "error" in k:
                 continue
-            if n.startswith("attribution_kernel") and not re.match(r"attribution_kernel<(BFloat16, BFloat16|float, float)", n):
-                continue
+            if n.startswith("attribution_kernel"):
+                targs = [t.strip() for t in n[n.index("<") + 1:n.rindex(">")].split(",")]
+                # equal input dtypes (bf16 or fp32) and the null read in that dtype (the instance p2t uses)
+                if targs[0] != targs[1] or targs[0] not in ("BFloat16", "float") or (len(targs) >= 6
+                                                                                      and targs[5] != targs[0]):
+                    continue
             occ = f"{100 * k['occupancy']:.0f}%" + (f" ({k['limiter']})" if k.get("limiter") not in (None, "none") else "")
             bpe = f"{k['bytes_per_elem']:.3g}/{'(tok,d)' if k['element'] == '(token, d)' else 'tok'}" \
                 if k.get("bytes_per_elem") else "—"
@@ -374,7 +382,16 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth", type=float, default=4300.0, help="copy bandwidth in GB/s (H200 ~4300)")
     ap.add_argument("--only", choices=("cuda", "triton"), default=None)
     ap.add_argument("--headline", action="store_true", help="print the README's table from the JSON in --out")
+    ap.add_argument("--rev", default=None, help="read csrc/ and p2t_kernels/ of this git commit (default: the files)")
     a = ap.parse_args(argv)
+    if a.rev:
+        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=10", a.rev], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        tmp = tempfile.mkdtemp(prefix="p2t-static-")
+        archive = subprocess.run(["git", "-C", ROOT, "archive", sha, "csrc", "p2t_kernels"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        SRC.update(root=tmp, rev=sha)
     if a.headline:
         with open(os.path.join(a.out, NAME + ".json")) as f:
             print("\n".join(headline(json.load(f))))
@@ -397,6 +414,9 @@ def main(argv=None) -> int:
         print(f"triton: {parts['triton'].get('note')} ({len(parts['triton'].get('kernels', []))} variants)", flush=True)
     for p in parts.values():
         finish(p.get("kernels", []), a.bandwidth)
+    for p in parts.values():
+        if p.get("note") == "compiled":
+            p["sources"] = SRC["rev"]
     doc = dict(arch="sm_90", bandwidth_gbps=a.bandwidth, shape=SHAPE, limits=SM90,
                date=time.strftime("%Y-%m-%d", time.gmtime()), **{k: v for k, v in cache.items()
                                                                   if k in ("cuda", "triton") and k not in parts},
@@ -414,6 +434,7 @@ def main(argv=None) -> int:
             continue
         who = (f"nvcc {p.get('nvcc', '?')}, `{p.get('flags', '')}`" if part == "cuda"
                else f"triton {p.get('triton', '?')}, its ptxas, `--gpu-name={p.get('gpu_name', '?')}`")
+        who += f"; sources: {p.get('sources', '?')}"
         md += [f"## {'CUDA (csrc/cuda)' if part == 'cuda' else 'Triton (p2t_kernels)'}: {who}", ""]
         md += table(p.get("kernels", [])) + [""]
     with open(os.path.join(a.out, NAME + ".md"), "w") as f:
