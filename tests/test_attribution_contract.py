@@ -277,3 +277,24 @@ def test_token_rewards_checks_segment_ids_of_other_batches():
     for mode in ("process", "p2t"):
         with pytest.raises(ValueError, match="segment_ids"):
             token_rewards(other, mode)
+
+
+def test_vocabulary_gather_equals_joining_the_token_strings(tmp_path):
+    """Text and bytes of random ids (multi-character tokens, special tokens, repeats, none) gathered from
+    the flat per-tokenizer buffer equal joining the per-token table entries."""
+    from p2t.attribution import align
+    gpt2, char = gpt2_tokenizer(str(tmp_path / "g")), char_tokenizer()
+    rng = np.random.default_rng(3)
+    for tok, kind in ((gpt2, "bytes"), (gpt2, "text"), (char, "text")):
+        table, lens = align._vocab_table(tok, kind)
+        specials = sorted(align.special_ids(tok))
+        for n in (0, 1, 2, 37, 500):
+            ids = rng.integers(0, len(table), n).tolist()
+            ids[:min(n, 2)] = specials[:min(n, 2)]  # entries of length 0
+            idx = np.asarray(ids, dtype=np.int64)
+            want = (b"" if kind == "bytes" else "").join(table[i] for i in ids)
+            if kind == "bytes":
+                assert align._pieces_bytes(tok, ids, idx) == want
+            else:
+                text, got_lens = align._pieces_text(tok, ids, idx)
+                assert text == want and got_lens.tolist() == [len(table[i]) for i in ids]

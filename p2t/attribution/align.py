@@ -145,8 +145,65 @@ def _vocab_table(tokenizer, kind: str):
     arr = np.empty(size, dtype=object)
     arr[:] = vals
     lens = np.fromiter((len(v) for v in vals), dtype=np.int64, count=size)
-    slot[kind] = (size, arr, lens)
+    slot[kind] = (size, arr, lens, vals)
     return arr, lens
+
+
+def _vocab_flat(tokenizer, kind: str):
+    """The table of :func:`_vocab_table` laid end to end in one NumPy buffer (UTF-32 code points for
+    ``"text"``, bytes for ``"bytes"``) with each token's start and length in it; ``None`` when the
+    texts do not encode (lone surrogates). Gathering a row's tokens from it reads no Python object per
+    token (a vocabulary of 10^5 strings hit at random misses the cache on every one)."""
+    got = _vocab_table(tokenizer, kind)
+    if got is None:
+        return None
+    slot = _VOCAB_CACHE[tokenizer]
+    key = kind + "/flat"
+    hit = slot.get(key)
+    if hit is not None and hit[0] == slot[kind][0]:
+        return hit[1]
+    vals = slot[kind][3]
+    try:
+        if kind == "bytes":
+            buf = np.frombuffer(b"".join(vals), dtype=np.uint8)
+        else:
+            buf = np.frombuffer("".join(vals).encode("utf-32-le"), dtype=np.uint32)
+    except (UnicodeEncodeError, TypeError):
+        flat = None
+    else:
+        lens = got[1]
+        flat = (buf, np.cumsum(lens) - lens, lens)
+    slot[key] = (slot[kind][0], flat)
+    return flat
+
+
+def _gather(flat, idx: np.ndarray):
+    """The concatenated entries of the tokens ``idx`` from a :func:`_vocab_flat` buffer, and their lengths."""
+    buf, starts, lens = flat
+    n = lens[idx]
+    ends = np.cumsum(n)
+    total = int(ends[-1]) if ends.size else 0
+    pos = np.repeat(starts[idx] - (ends - n), n) + np.arange(total, dtype=np.int64)
+    return buf[pos], n
+
+
+def _pieces_text(tokenizer, ids: List[int], idx: np.ndarray):
+    """The token strings of ``ids`` joined, and their lengths (the ``"text"`` table)."""
+    flat = _vocab_flat(tokenizer, "text")
+    if flat is not None:
+        cps, n = _gather(flat, idx)
+        return cps.tobytes().decode("utf-32-le"), n
+    table, lens = _VOCAB_CACHE[tokenizer]["text"][3], _VOCAB_CACHE[tokenizer]["text"][2]
+    return "".join([table[i] for i in ids]), lens[idx]
+
+
+def _pieces_bytes(tokenizer, ids: List[int], idx: np.ndarray) -> bytes:
+    """The token bytes of ``ids`` concatenated (the ``"bytes"`` table)."""
+    flat = _vocab_flat(tokenizer, "bytes")
+    if flat is not None:
+        return _gather(flat, idx)[0].tobytes()
+    table = _VOCAB_CACHE[tokenizer]["bytes"][3]
+    return b"".join([table[i] for i in ids])
 
 
 def offsets_array(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> Tuple[str, np.ndarray]:
@@ -154,22 +211,26 @@ def offsets_array(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> 
     vectorised over tokens)."""
     idx = np.asarray(ids, dtype=np.int64).reshape(-1)
     ids = ids if isinstance(ids, list) else idx.tolist()
+    return offsets_of(tokenizer, ids, idx, text)
+
+
+def offsets_of(tokenizer, ids: List[int], idx: np.ndarray, text: Optional[str]) -> Tuple[str, np.ndarray]:
+    """:func:`offsets_array` with the ids both as a list and as an int64 array (the caller has both)."""
     fast = _byte_level_offsets(tokenizer, ids, idx)
     if fast is not None:
         return fast
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     fuse = type(decoder).__name__ == "Fuse"  # the decoded text is the token strings joined: no decode needed
     full = None if fuse else _decode(tokenizer, ids)
-    pieces = lens = None
+    joined = lens = None
     if getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
         # token strings that are the text itself (character-level vocabularies): no decoding
         try:
             got = _vocab_table(tokenizer, "text")
-            if got is not None and (not ids or int(idx.max()) < len(got[0])):
-                pieces, lens = got[0][idx], got[1][idx]
+            if got is not None and (not ids or (int(idx.max()) < len(got[0]) and int(idx.min()) >= 0)):
+                joined, lens = _pieces_text(tokenizer, ids, idx)
         except Exception:  # noqa: BLE001 - any failure just means the slower paths below
-            pieces = None
-    joined = "".join(pieces) if pieces is not None else None
+            joined = None
     if fuse and joined is not None:
         full = joined
     elif full is None:
@@ -229,7 +290,7 @@ def _byte_level_offsets(tokenizer, ids: List[int], idx: np.ndarray) -> Optional[
         return None
     if got is None or int(idx.max()) >= len(got[0]) or int(idx.min()) < 0:
         return None
-    raw = b"".join(got[0][idx])
+    raw = _pieces_bytes(tokenizer, ids, idx)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
