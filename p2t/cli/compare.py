@@ -179,7 +179,7 @@ def summarise(runs: Dict[str, List[List[dict]]], threshold: Optional[float] = No
         if ref not in out:
             continue
         for mode, s in out.items():
-            if mode == ref:
+            if mode == ref or (ref == "process" and mode == "outcome"):  # process - outcome is listed already
                 continue
             tests = {}
             for metric in ("final", "auc"):
@@ -220,10 +220,12 @@ def table(summary: dict, settings: str) -> str:
     if tests:
         lines += ["", "| comparison | Δ final acc [95 % bootstrap CI] | Welch p | Δ AUC [95 % bootstrap CI] | Welch p |",
                   "|---|---|---|---|---|"]
+        def cell(d):
+            ci = "n/a" if np.isnan(d["ci95"][0]) else f"{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}"
+            p = "n/a" if np.isnan(d["p"]) else f"{d['p']:.3f}"
+            return f"{d['diff']:+.3f} [{ci}] | {p}"
         for mode, ref, t in tests:
-            f, a = t["final"], t["auc"]
-            lines.append(f"| {mode} − {ref} | {f['diff']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] | "
-                         f"{f['p']:.3f} | {a['diff']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}] | {a['p']:.3f} |")
+            lines.append(f"| {mode} − {ref} | {cell(t['final'])} | {cell(t['auc'])} |")
     thr = next((s["threshold"] for s in summary.values() if "threshold" in s), None)
     note = f"Threshold {thr:.3f}. " if thr is not None else ""
     return "\n".join(lines) + "\n\n" + note + settings + "\n"
