@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import p2t  # noqa: E402
-from p2t.ops import reference as ref  # noqa: E402
+from p2t.ops import _backends, reference as ref  # noqa: E402
 from p2t.ops._spec import SPECS  # noqa: E402
 from _op_helpers import _err, check, oracle_p2t, pipeline, segments  # noqa: E402
 
@@ -502,6 +502,7 @@ def test_triton_under_torch_compile_dynamic():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    _backends._RESOLVED.clear()  # a cold dispatch cache, whatever ran before: it must not cost a recompile
 
     def f(g, e, n, ids, R, o, mask):
         return p2t.p2t_advantages(g, e, n, ids, R, o, group_size=2, mask=mask, backend="triton", validate=False)

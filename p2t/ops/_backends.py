@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
+import torch
+
 from ._spec import PUBLIC_OPS
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
@@ -80,6 +82,10 @@ _RESOLVED: dict = {}  # (name, op, device type) -> function; cleared when a back
 
 
 def get(name: str, op: str, device_type: str) -> Callable:
+    if torch.compiler.is_compiling():
+        # resolved afresh while tracing: a guard on the cache's contents would recompile the caller once the
+        # cache fills (the first eager call after a trace)
+        return _resolve(name, op, device_type)
     key = (name, op, device_type) if isinstance(name, str) else None
     fn = _RESOLVED.get(key)
     if fn is not None:
