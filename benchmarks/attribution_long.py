@@ -45,21 +45,12 @@ PERF_7B = dict(tokens=4096, fwd_ms=122.0, step_ms=269.0, step_gib=31.1)
 
 
 def id_tokenizer(vocab: int):
-    """One character per id (ids >= 3); 0 <pad>, 1 <unk>, 2 the step tag ``\\n``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars, c = [], 0x4E00
-    while len(chars) < vocab - 3:
-        ch = chr(c)
-        if not ch.isspace():
-            chars.append(ch)
-        c += 1
-    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<pad>", "<unk>", "\n"] + chars)},
-                                    unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
+    """One character per id (ids >= 3); 0 <pad>, 1 <unk>, 2 the step tag ``\\n``: the e2e benchmark's."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("e2e_reward_step", os.path.join(HERE, "e2e_reward_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.id_tokenizer(vocab)
 
 
 def response(L: int, step: int, vocab: int, seed: int = 0):

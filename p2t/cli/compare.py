@@ -235,38 +235,10 @@ def plot_compare(runs: Dict[str, List[List[dict]]], path: str, title: Optional[s
     """Three panels per mode (mean over seeds, shaded min-max): held-out sampled accuracy, the true step
     accuracy of the training samples and the PRM's mean step reward on them (reward hacking shows as the
     two diverging)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from p2t.grpo.metrics import series, trailing_mean
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = (("eval_accuracy", "sampled accuracy, held-out prompts", False),
-              ("step_accuracy", "true step accuracy (training samples)", True),
-              ("step_reward", "PRM mean step reward (training samples)", True))
-    for ax, (key, label, smooth) in zip(axes, panels):
-        for i, (mode, recs) in enumerate(runs.items()):
-            curves = [series(r, key) for r in recs]
-            curves = [cv for cv in curves if len(cv[0])]
-            if not curves:
-                continue
-            n = min(len(cv[0]) for cv in curves)
-            x = curves[0][0][:n]
-            ys = np.stack([cv[1][:n] for cv in curves])
-            if smooth and n > 8:
-                ys = np.stack([trailing_mean(y, max(1, n // 15)) for y in ys])
-            line, = ax.plot(x, ys.mean(0), label=f"{mode} (n={len(ys)})", color=f"C{i}")
-            if len(ys) > 1:
-                ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("update")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from p2t.grpo.metrics import plot_panels
+    plot_panels(runs, path, (("eval_accuracy", "sampled accuracy, held-out prompts", False),
+                             ("step_accuracy", "true step accuracy (training samples)", True),
+                             ("step_reward", "PRM mean step reward (training samples)", True)), title)
 
 
 def run(args) -> int:

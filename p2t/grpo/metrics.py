@@ -48,13 +48,20 @@ def trailing_mean(y: np.ndarray, k: int) -> np.ndarray:
 
 def plot_curves(runs: Dict[str, List[List[dict]]], path: str, title: Optional[str] = None):
     """One line per mode (mean over its runs, shaded min-max): training reward and sampled eval accuracy."""
+    plot_panels(runs, path, (("reward", "training reward (mean outcome)", True),
+                             ("eval_accuracy", "sampled accuracy, held-out prompts", False)), title)
+
+
+def plot_panels(runs: Dict[str, List[List[dict]]], path: str, panels, title: Optional[str] = None):
+    """One panel per ``(metric key, title, smooth)``; in each, one line per mode (mean over its runs, shaded
+    min-max, one colour per mode across panels). ``smooth``: trailing mean over ~1/15 of the updates (for
+    per-update metrics, which are noisy)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "reward", "training reward (mean outcome)"),
-                           (axes[1], "eval_accuracy", "sampled accuracy, held-out prompts")):
-        for mode, recs in runs.items():
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, label, smooth) in zip(axes[0], panels):
+        for i, (mode, recs) in enumerate(runs.items()):
             curves = [series(r, key) for r in recs]
             curves = [cv for cv in curves if len(cv[0])]
             if not curves:
@@ -62,9 +69,9 @@ def plot_curves(runs: Dict[str, List[List[dict]]], path: str, title: Optional[st
             n = min(len(cv[0]) for cv in curves)
             x = curves[0][0][:n]
             ys = np.stack([cv[1][:n] for cv in curves])
-            if key == "reward" and n > 8:  # smooth the noisy per-update reward (trailing mean)
+            if smooth and n > 8:
                 ys = np.stack([trailing_mean(y, max(1, n // 15)) for y in ys])
-            line, = ax.plot(x, ys.mean(0), label=f"{mode} (n={len(ys)})")
+            line, = ax.plot(x, ys.mean(0), label=f"{mode} (n={len(ys)})", color=f"C{i}")
             if len(ys) > 1:
                 ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
         ax.set_xlabel("update")
