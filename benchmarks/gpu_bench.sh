@@ -63,11 +63,11 @@ run_step() {  # name, seconds, command...
 }
 
 # Most important first; the last step takes what is left of the budget.
-# 2. end-to-end P2T reward step, Qwen2 1.5B shape, bf16, sdpa
+# 2. end-to-end P2T reward step, Qwen2 1.5B shape, bf16, sdpa; packed beside sorted-padded micro-batches
 LIGER=""
 "$PY" -c "import liger_kernel" 2>/dev/null && LIGER="--liger"
-run_step "e2e reward step" 220 "$PY" benchmarks/e2e_reward_step.py --device cuda $LIGER --reps 2 \
-  --out "$OUT/e2e_${TAG}.csv"
+run_step "e2e reward step" 250 "$PY" benchmarks/e2e_reward_step.py --device cuda $LIGER --reps 2 \
+  --methods forward,naive,engine,packed,exact,host --out "$OUT/e2e_${TAG}.csv"
 # 3. op benchmarks at the headline shapes, every provider (static and dynamic compile), bf16 + fp32
 run_step "ops headline" 70 "$PY" benchmarks/bench_ops.py --device cuda --suite quick --dtypes bf16,fp32 \
   --out "$OUT/ops-headline_${TAG}.csv"
