@@ -326,6 +326,14 @@ def _kinds(kinds: dict) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in list(kinds.items())[:8])
 
 
+def _save_model(d: str, model, tok: CharTokenizer, metrics: dict):
+    """A lab checkpoint: the model, its tokenizer and the build's measurements (``lab_metrics.json``)."""
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    with open(os.path.join(d, "lab_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+
+
 def _save_atomic(save: Callable[[str], None], path: str):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -384,13 +392,7 @@ def ensure_lab(lab: Optional[LabConfig] = None, cache_dir: Optional[str] = None,
         _log(f"lab: SFT done in {t_sft:.0f}s; on {report['samples']} held-out problems: sampled accuracy "
              f"{report['sampled_accuracy']:.3f}, greedy {report['greedy_accuracy']:.3f}, wrong steps "
              f"{report['wrong_step_share']:.3f} ({_kinds(report['wrong_step_kinds'])})", log)
-
-        def save_policy(d):
-            policy.save_pretrained(d)
-            tok.save_pretrained(d)
-            with open(os.path.join(d, "lab_metrics.json"), "w") as f:
-                json.dump(report, f, indent=1)
-        _save_atomic(save_policy, pol_dir)
+        _save_atomic(lambda d: _save_model(d, policy, tok, report), pol_dir)
     if not os.path.exists(os.path.join(prm_dir, "config.json")):
         from transformers import Qwen2ForCausalLM
         policy = Qwen2ForCausalLM.from_pretrained(pol_dir)
@@ -401,12 +403,6 @@ def ensure_lab(lab: Optional[LabConfig] = None, cache_dir: Optional[str] = None,
         _log(f"lab: PRM done in {time.time() - t0:.0f}s; on {metrics['samples']} fresh policy samples: step "
              f"accuracy {metrics['step_accuracy']:.3f}, wrong-step recall {metrics['wrong_step_recall']:.3f}, "
              f"right-step recall {metrics['right_step_recall']:.3f}, AUROC {metrics['step_auroc']:.3f}", log)
-
-        def save(d):
-            prm.save_pretrained(d)
-            tok.save_pretrained(d)
-            with open(os.path.join(d, "lab_metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=1)
-        _save_atomic(save, prm_dir)
+        _save_atomic(lambda d: _save_model(d, prm, tok, metrics), prm_dir)
     torch.set_num_threads(torch_threads)
     return paths
