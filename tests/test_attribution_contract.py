@@ -233,13 +233,16 @@ def _tracked_step(tmp_path, mode):
 
     from _grpo_helpers import digit_reward, tiny_config
     tr = GRPOTrainer(tiny_config(tmp_path, tmp_path / "cache", mode=mode), reward_fn=digit_reward)
-    score_ids, optimize = tr.scorer.score_ids, tr.optimize
+    optimize = tr.optimize
 
-    def tracked_score_ids(*a, **kw):
-        sb = score_ids(*a, **kw)
-        wrap = {f: getattr(sb, f).as_subclass(_Tracked)
-                for f in ("scores", "segment_ids", "segment_rewards", "segment_logits", "response_mask")}
-        return dataclasses.replace(sb, **wrap)
+    def tracked(call):  # every scorer entry point the trainer may use (p2t: the fused advantages_ids)
+        def run(*a, **kw):
+            sb = call(*a, **kw)
+            wrap = {f: getattr(sb, f).as_subclass(_Tracked) for f in ("scores", "segment_ids", "segment_rewards",
+                                                                     "segment_logits", "response_mask", "advantages")
+                    if getattr(sb, f) is not None}
+            return dataclasses.replace(sb, **wrap)
+        return run
 
     def untracked_optimize(r):
         _Tracked.counting = False
@@ -248,7 +251,9 @@ def _tracked_step(tmp_path, mode):
         finally:
             _Tracked.counting = True
 
-    tr.scorer.score_ids, tr.optimize = tracked_score_ids, untracked_optimize
+    for name in ("score_ids", "rewards_ids", "advantages_ids"):
+        setattr(tr.scorer, name, tracked(getattr(tr.scorer, name)))
+    tr.optimize = untracked_optimize
     _Tracked.reads = []
     rec = tr.step()
     return tr, rec, list(_Tracked.reads)

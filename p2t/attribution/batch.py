@@ -78,6 +78,8 @@ class ScoredBatch:
     response_mask: bool ``[B, N]``, True on the response's tokens.
     steps_per_response: number of steps of each response (ids of response b follow those of b-1).
     prm: one :class:`PRMView` per response (``None`` for a response that was not scored).
+    advantages: ``[B, N]`` token advantages when the batch comes from
+        :meth:`~p2t.attribution.P2TScorer.advantages_ids` (``None`` otherwise).
     """
     scores: torch.Tensor
     segment_ids: torch.Tensor
@@ -88,12 +90,14 @@ class ScoredBatch:
     prm: Any = field(repr=False)
     method: str = "taylor"
     objective: str = "logit"
+    advantages: Optional[torch.Tensor] = None
 
     def to(self, device) -> "ScoredBatch":
         """The same batch with its tensors (not the PRM views) on ``device``."""
         return ScoredBatch(self.scores.to(device), self.segment_ids.to(device), self.segment_rewards.to(device),
                            self.segment_logits.to(device), self.response_mask.to(device),
-                           list(self.steps_per_response), self.prm, self.method, self.objective)
+                           list(self.steps_per_response), self.prm, self.method, self.objective,
+                           None if self.advantages is None else self.advantages.to(device))
 
     def token_rewards(self, mode: str = "p2t", *, omega: float = 0.6, temperature: float = 1.0,
                       standardize: bool = False, normalize: str = "paper", backend: str = "auto") -> torch.Tensor:
@@ -161,12 +165,21 @@ class Assembly:
         self.logits = torch.zeros(int(self.base[-1]), dtype=dtype, device=self.dev)
         self.per_row = {}
 
-    def add(self, rows: Sequence, attr: torch.Tensor, m: torch.Tensor) -> None:
-        """One micro-batch: ``attr`` ``[len(rows), L]`` per PRM position, ``m`` ``[K]`` log-odds in
-        readout order."""
+    def add(self, rows: Sequence, attr: Optional[torch.Tensor], m: torch.Tensor) -> None:
+        """One micro-batch: ``attr`` ``[len(rows), L]`` per PRM position (``None``: step rewards only, the
+        scores stay 0), ``m`` ``[K]`` log-odds in readout order."""
         import numpy as np
         dev, dtype = self.dev, self.dtype
-        attr, m = attr.to(dev, dtype), m.to(dev, dtype)
+        m = m.to(dev, dtype)
+        attr = None if attr is None else attr.to(dev, dtype)
+        at = np.concatenate([self.base[r.index] + np.arange(r.num_steps) for r in rows])
+        self.logits[torch.from_numpy(at).to(dev)] = m
+        k0 = 0
+        for j, r in enumerate(rows):
+            self.per_row[r.index] = (attr, j, m[k0:k0 + r.num_steps])
+            k0 += r.num_steps
+        if attr is None:
+            return
         # (local row, PRM position) -> (row, policy token), one index copy per micro-batch
         src_r = np.concatenate([np.full(r.map_prm.size, j, dtype=np.int64) for j, r in enumerate(rows)])
         dst_b = np.concatenate([np.full(r.map_policy.size, r.index, dtype=np.int64) for r in rows])
@@ -177,12 +190,6 @@ class Assembly:
             w = np.concatenate([r.map_weight if r.map_weight is not None else np.ones(r.map_prm.size) for r in rows])
             vals = vals * torch.from_numpy(w).to(dev, dtype)
         self.scores.index_put_((idx[2], idx[3]), vals, accumulate=True)
-        at = np.concatenate([self.base[r.index] + np.arange(r.num_steps) for r in rows])
-        self.logits[torch.from_numpy(at).to(dev)] = m
-        k0 = 0
-        for j, r in enumerate(rows):
-            self.per_row[r.index] = (attr, j, m[k0:k0 + r.num_steps])
-            k0 += r.num_steps
 
     def _view(self, b: int) -> Optional[PRMView]:
         r = self.rows[b]
@@ -192,7 +199,8 @@ class Assembly:
         conv = getattr(self.tokenizer, "convert_ids_to_tokens", None)
         ids = r.input_ids.tolist()
         tokens = list(conv(ids)) if conv else [self.tokenizer.decode([t]) for t in ids]
-        return PRMView(ids, tokens, attr[j, :r.length].clone(), torch.from_numpy(r.token_step.copy()),
+        a = attr[j, :r.length].clone() if attr is not None else torch.zeros(r.length, dtype=self.dtype)
+        return PRMView(ids, tokens, a, torch.from_numpy(r.token_step.copy()),
                        r.readout.tolist(), torch.sigmoid(mb), mb, list(r.steps), r.text,
                        [tuple(s) for s in r.policy_spans.tolist()], r.prompt_length)
 

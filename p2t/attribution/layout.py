@@ -315,3 +315,33 @@ def pack(rows: List[Row], pad_id: int, device) -> dict:
     return dict(input_ids=t(ids), attention_mask=t(attn), step_index=t(tstep), prompt_mask=t(pmask),
                 readout_positions=t(ro), row_index=t(row_index), local=t(local),
                 num_local=int(k.max()) if k.size else 0)
+
+
+def groups(rows: Sequence[Row], cost, budget: int) -> List[List[int]]:
+    """Micro-batches of ``rows`` (indices): sorted by length, longest first, grouped while rows x cost
+    of the first <= ``budget`` (one row at least)."""
+    order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
+    out, cur = [], []
+    for r in order:
+        if cur and (len(cur) + 1) * cost(rows[cur[0]]) > budget:
+            out.append(cur)
+            cur = []
+        cur.append(r)
+    return out + ([cur] if cur else [])
+
+
+def whole_groups(rows: Sequence[Optional[Row]], group_size: int, budget: int) -> List[List[int]]:
+    """Micro-batches made of whole groups (``group_size`` consecutive rows; ``None``: a row with no PRM
+    input): groups sorted by their longest PRM input, longest first, as many per micro-batch as keep
+    rows x that length <= ``budget`` (one group at least). Row indices, each group's rows in order."""
+    n = len(rows) // group_size
+    longest = [max([r.length for r in rows[g * group_size:(g + 1) * group_size] if r is not None] or [0])
+               for g in range(n)]
+    out, cur, top = [], [], 0
+    for g in sorted(range(n), key=lambda g: -longest[g]):
+        if cur and (len(cur) + group_size) * top > budget:
+            out.append(cur)
+            cur = []
+        top = longest[g] if not cur else top
+        cur += range(g * group_size, (g + 1) * group_size)
+    return out + ([cur] if cur else [])

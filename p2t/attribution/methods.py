@@ -22,7 +22,8 @@ from typing import Callable, Tuple
 
 import torch
 
-__all__ = ["METHODS", "taylor", "taylor_per_step", "integrated_gradients", "exact", "reduce", "null_embedding", "frozen"]
+__all__ = ["METHODS", "taylor", "taylor_per_step", "integrated_gradients", "exact", "exact_copies", "reduce",
+           "gradient", "attribute", "null_embedding", "frozen"]
 
 METHODS = ("taylor", "taylor_per_step", "integrated_gradients", "exact")
 Margins = Callable[[torch.Tensor], torch.Tensor]
@@ -54,6 +55,12 @@ def _grad_at(f: Margins, x: torch.Tensor, objective: str, grad_outputs=None, bat
     finally:
         x.requires_grad_(False)
     return m.detach(), g
+
+
+def gradient(f: Margins, x, objective: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(m, dF/dx) of one forward and one backward, all step objectives summed: what :func:`taylor`
+    reduces, and what :func:`p2t.p2t_advantages` takes whole."""
+    return _grad_at(f, x, objective)
 
 
 def taylor(f: Margins, x, null, amask, objective: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +135,55 @@ def exact(f: Margins, f_copies: Callable[[int, torch.Tensor], torch.Tensor], x, 
     return scores, m0
 
 
+def exact_copies(margins: Callable, x, attn, inputs: dict, objective: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``f_copies(r, xs)`` of :func:`exact` for a padded micro-batch: row ``r``'s inputs repeated for each
+    perturbed copy in ``xs`` ``[c, L, D]``, the row's step objectives summed per copy (``margins(xs,
+    attention_mask, inputs)`` is the head's log-odds)."""
+    ro = inputs["readout_positions"]
+    L = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def copies(r, xs):
+        c = xs.shape[0]
+        ro_r = ro[ro[:, 0] == r]
+        ro_c = torch.stack([torch.arange(c, device=x.device).repeat_interleave(ro_r.shape[0]),
+                            ro_r[:, 1].repeat(c)], dim=1)
+        sub = {k: inputs[k][r:r + 1].expand(c, L) for k in ("input_ids", "step_index", "prompt_mask")}
+        sub.update(readout_positions=ro_c, row_index=inputs["row_index"][r:r + 1].expand(c))
+        if "position_ids" in inputs:  # e.g. a vision-language PRM's 3-D positions [3, b, L]
+            p = inputs["position_ids"]
+            sub["position_ids"] = p[..., r:r + 1, :].expand(*p.shape[:-2], c, L)
+        m = margins(xs, attn[r:r + 1].expand(c, L), sub)
+        return torch.zeros(c, dtype=acc, device=x.device).index_add(0, ro_c[:, 0], objective_of(m, objective).to(acc))
+    return copies
+
+
+def attribute(scorer, t: dict, inputs: dict, x: torch.Tensor, method: str, ig_steps: int):
+    """Attributions ``[b, L]`` and margins ``[K]`` of one padded micro-batch of ``scorer`` (its tensors
+    ``t``, model ``inputs`` and ``inputs_embeds`` ``x``) by ``method`` (``None``: no attributions)."""
+    attn, tstep, ro = t["attention_mask"], t["step_index"], t["readout_positions"]
+    amask = tstep >= 0
+    null = scorer._null_embed.to(device=x.device, dtype=x.dtype)
+    f = lambda xx: scorer.head.margins(scorer.model, xx, attn, inputs)  # noqa: E731
+    with scorer._autocast():
+        if method is None:  # the step rewards alone: one forward (the caller turned autograd off)
+            return None, f(x).detach()
+        if method == "taylor":
+            return taylor(f, x, null, amask, scorer.objective)
+        if method == "taylor_per_step":
+            state = {"vmap_ok": scorer._vmap_ok}
+            out = taylor_per_step(f, x, null, amask, scorer.objective, step_index=tstep, local=t["local"],
+                                  num_local=t["num_local"], state=state)
+            scorer._vmap_ok = state["vmap_ok"]
+            return out
+        if method == "integrated_gradients":
+            return integrated_gradients(f, x, null, amask, scorer.objective, steps=ig_steps)
+        copies = exact_copies(lambda xs, am, sub: scorer.head.margins(scorer.model, xs, am, sub), x, attn, inputs,
+                              scorer.objective)
+        return exact(f, copies, x, null, amask, scorer.objective, rows_of_readouts=ro[:, 0],
+                     budget=scorer.micro_batch_tokens)
+
+
 def null_embedding(emb, tokenizer, null, nulls=("pad", "eos", "vocab_mean", "zero")) -> torch.Tensor:
     """e_null in the space of ``get_input_embeddings()`` outputs (what ``inputs_embeds`` holds): token
     ids go through the embedding module, so embeddings that scale their output (Gemma) agree."""
@@ -153,6 +209,23 @@ def null_embedding(emb, tokenizer, null, nulls=("pad", "eos", "vocab_mean", "zer
         raise ValueError(f"null token id {tid} is outside the PRM vocabulary [0, {weight.shape[0]})")
     with torch.no_grad():
         return emb(torch.tensor([tid], device=weight.device))[0].detach().clone()
+
+
+def autocast(device: torch.device, setting):
+    """bf16 autocast on a GPU (``setting="auto"``) or wherever asked (``True``); none otherwise."""
+    on = setting is True or (setting == "auto" and device.type == "cuda")
+    if on and (device.type == "cuda" or setting is True):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def call_context(frozen_ctx, grad: bool) -> contextlib.ExitStack:
+    """One scoring call: out of inference mode, autograd on (off for step rewards alone), the PRM frozen."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+    stack.enter_context(frozen_ctx)
+    return stack
 
 
 @contextlib.contextmanager

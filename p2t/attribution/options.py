@@ -212,3 +212,51 @@ def same_tokenizer(a, b) -> bool:
         return a.get_vocab() == b.get_vocab()
     except Exception:  # noqa: BLE001 - tokenizers of the user's own without a usable vocabulary
         return False
+
+
+def check_advantages(outcome_rewards, n: int, group_size, scale: str, normalize: str, mask, length, device):
+    """The arguments of :meth:`P2TScorer.advantages_ids` that the scorer uses itself, checked before
+    any PRM call: ``(outcome_rewards float tensor on device, mask bool or None on device, length)``."""
+    from ..ops._checks import NORMALIZE, SCALES
+    o = outcome_rewards
+    if not isinstance(o, torch.Tensor):
+        o = torch.as_tensor(o, dtype=torch.float32)
+    if o.dim() != 1 or o.shape[0] != n or not o.is_floating_point():
+        raise ValueError(f"outcome_rewards must be a float tensor of shape ({n},) (one per response), got "
+                         f"{o.dtype} {tuple(o.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or n % group_size:
+        raise ValueError(f"group_size must be a positive int dividing the {n} responses, got {group_size!r}")
+    choice("scale", scale, SCALES)
+    choice("normalize", normalize, NORMALIZE)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != n:
+            raise ValueError(f"mask must be a [{n}, N] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
+        if length is not None and int(length) != mask.shape[1]:
+            raise ValueError(f"length={length} but mask has {mask.shape[1]} columns")
+        length, mask = mask.shape[1], mask.to(device).bool()
+    return o.to(device), mask, length
+
+
+def load_pretrained(cls, path_or_id: str, kind: str, *, tokenizer, policy_tokenizer, dtype, device, trust_remote_code: bool,
+                    model_class, model_kwargs: Optional[dict], **options):
+    """:meth:`P2TScorer.from_pretrained` (``cls``: the scorer class to build)."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+    if not isinstance(kind, str):
+        raise TypeError("kind: a callable reward has no checkpoint to load; build the model yourself and pass "
+                        "P2TScorer(model, tokenizer, kind=reward_fn)")
+    choice("kind", kind, KINDS)
+    load_tok = lambda t: AutoTokenizer.from_pretrained(t, trust_remote_code=trust_remote_code)  # noqa: E731
+    tok = load_tok(path_or_id) if tokenizer is None else (load_tok(tokenizer) if isinstance(tokenizer, str)
+                                                            else tokenizer)
+    if isinstance(policy_tokenizer, str):
+        policy_tokenizer = load_tok(policy_tokenizer)
+    if model_class is None:
+        model_class = AutoModelForCausalLM if kind == "lm_judge" else AutoModelForTokenClassification
+    kw = dict(model_kwargs or {})
+    if dtype is not None:
+        kw["dtype"] = dtype
+    model = model_class.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **kw)
+    if device is not None:
+        model.to(device)
+    return cls(model, tok, kind, policy_tokenizer=policy_tokenizer, **options)

@@ -12,6 +12,9 @@ One scoring call:
 4. scatters the attributions onto the policy's tokens on the output device (identity when both share
    a tokenizer, overlap of character spans otherwise) and numbers steps globally across the batch.
 
+:meth:`P2TScorer.advantages_ids` goes on to the token advantages (fused: :mod:`.fused`);
+:meth:`P2TScorer.rewards_ids` stops at the step rewards (one forward, no gradient).
+
 What is differentiated (``objective``): each step's log-odds ``m_s = log(R_s / (1 - R_s))`` (the
 logit margin, ``"logit"``, the default) or its probability ``R_s`` (``"prob"``). The margin does not
 saturate: when the PRM is confident (R_s near 0 or 1) the gradient of R_s vanishes as R_s(1 - R_s),
@@ -20,19 +23,19 @@ Step rewards are reported as probabilities in both cases.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from . import fused as fused_
 from . import methods as M
 from . import packing as packing_
 from .batch import Assembly, PRMView, ScoredBatch
 from .heads import KINDS, PRESETS
-from .layout import AttributionWarning, Row, pack
+from .layout import AttributionWarning, Row, groups, pack
 from .methods import METHODS
-from .options import (NULLS, UNSET, check_call, check_ids, check_texts, choice, default_max_length, embedding,
-                      resolve)
+from .options import (NULLS, UNSET, check_advantages, check_call, check_ids, check_texts, default_max_length, embedding,
+                      load_pretrained, resolve)
 
 __all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "KINDS", "METHODS", "NULLS", "PRESETS"]
 
@@ -129,26 +132,9 @@ class P2TScorer:
         ``policy_tokenizer`` may be tokenizers or paths. ``trust_remote_code`` stays off unless asked.
         Other keyword options go to :class:`P2TScorer`.
         """
-        from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
-
-        if not isinstance(kind, str):
-            raise TypeError("kind: a callable reward has no checkpoint to load; build the model yourself and pass "
-                            "P2TScorer(model, tokenizer, kind=reward_fn)")
-        choice("kind", kind, KINDS)
-        load_tok = lambda t: AutoTokenizer.from_pretrained(t, trust_remote_code=trust_remote_code)  # noqa: E731
-        tok = load_tok(path_or_id) if tokenizer is None else (load_tok(tokenizer) if isinstance(tokenizer, str)
-                                                                else tokenizer)
-        if isinstance(policy_tokenizer, str):
-            policy_tokenizer = load_tok(policy_tokenizer)
-        if model_class is None:
-            model_class = AutoModelForCausalLM if kind == "lm_judge" else AutoModelForTokenClassification
-        kw = dict(model_kwargs or {})
-        if dtype is not None:
-            kw["dtype"] = dtype
-        model = model_class.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **kw)
-        if device is not None:
-            model.to(device)
-        return cls(model, tok, kind, policy_tokenizer=policy_tokenizer, **options)
+        return load_pretrained(cls, path_or_id, kind, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer,
+                               dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               model_class=model_class, model_kwargs=model_kwargs, **options)
 
     def _default_max_length(self) -> Optional[int]:
         return default_max_length(self.model, self.tokenizer)
@@ -171,57 +157,24 @@ class P2TScorer:
         return M.frozen(self.model, self.reward_fn, self.gradient_checkpointing)
 
     def _autocast(self):
-        dev = self.device
-        on = self.autocast is True or (self.autocast == "auto" and dev.type == "cuda")
-        if on and (dev.type == "cuda" or self.autocast is True):
-            return torch.autocast(dev.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return M.autocast(self.device, self.autocast)
 
     def _margins(self, x, attn, ids, tstep, ro, prompt_mask, row_index) -> torch.Tensor:
-        """Log-odds m_s [K] of every readout (row, position) of the batch (float32; float64 PRM: float64)."""
+        """Log-odds m_s [K] of every readout (row, position) (float32; float64 PRM: float64)."""
         return self.head.margins(self.model, x, attn, dict(input_ids=ids, step_index=tstep, readout_positions=ro,
                                                            prompt_mask=prompt_mask, row_index=row_index))
 
     def _attribute(self, rows: List[Row], method: str, ig_steps: int):
-        """Attributions [b, L] and margins [K] of a micro-batch."""
-        if self.packing and method != "exact":
+        """Attributions [b, L] and margins [K] of a micro-batch (``method=None``: ``None`` and margins)."""
+        if self.packing and method not in ("exact", None):
             return packing_.attribute(self, rows, method, ig_steps)
-        t = pack(rows, self._pad_id, self.device)
-        ids, attn, tstep, ro = t["input_ids"], t["attention_mask"], t["step_index"], t["readout_positions"]
-        inputs = {k: t[k] for k in ("input_ids", "step_index", "readout_positions", "prompt_mask", "row_index")}
-        amask = tstep >= 0
-        x = self._inputs_embeds(rows, t, inputs).detach()
-        null = self._null_embed.to(device=x.device, dtype=x.dtype)
-        f = lambda xx: self.head.margins(self.model, xx, attn, inputs)  # noqa: E731
-        with self._autocast():
-            if method == "taylor":
-                return M.taylor(f, x, null, amask, self.objective)
-            if method == "taylor_per_step":
-                state = {"vmap_ok": self._vmap_ok}
-                out = M.taylor_per_step(f, x, null, amask, self.objective, step_index=tstep, local=t["local"],
-                                        num_local=t["num_local"], state=state)
-                self._vmap_ok = state["vmap_ok"]
-                return out
-            if method == "integrated_gradients":
-                return M.integrated_gradients(f, x, null, amask, self.objective, steps=ig_steps)
-            L = ids.shape[1]
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return M.attribute(self, *self._micro_batch(rows), method, ig_steps)
 
-            def copies(r, xs):  # the row's objectives summed, for each perturbed copy of row r
-                c = xs.shape[0]
-                ro_r = ro[ro[:, 0] == r]
-                ro_c = torch.stack([torch.arange(c, device=x.device).repeat_interleave(ro_r.shape[0]),
-                                    ro_r[:, 1].repeat(c)], dim=1)
-                sub = {k: inputs[k][r:r + 1].expand(c, L) for k in ("input_ids", "step_index", "prompt_mask")}
-                sub.update(readout_positions=ro_c, row_index=inputs["row_index"][r:r + 1].expand(c))
-                if "position_ids" in inputs:  # e.g. a vision-language PRM's 3-D positions [3, b, L]
-                    p = inputs["position_ids"]
-                    sub["position_ids"] = p[..., r:r + 1, :].expand(*p.shape[:-2], c, L)
-                m = self.head.margins(self.model, xs, attn[r:r + 1].expand(c, L), sub)
-                return torch.zeros(c, dtype=acc, device=x.device).index_add(
-                    0, ro_c[:, 0], M.objective_of(m, self.objective).to(acc))
-            return M.exact(f, copies, x, null, amask, self.objective, rows_of_readouts=ro[:, 0],
-                           budget=self.micro_batch_tokens)
+    def _micro_batch(self, rows: List[Row]):
+        """(padded tensors, model inputs, ``inputs_embeds``) of a micro-batch."""
+        t = pack(rows, self._pad_id, self.device)
+        inputs = {k: t[k] for k in ("input_ids", "step_index", "readout_positions", "prompt_mask", "row_index")}
+        return t, inputs, self._inputs_embeds(rows, t, inputs).detach()
 
     def _inputs_embeds(self, rows: List[Row], t: dict, inputs: dict) -> torch.Tensor:
         """``inputs_embeds`` of a micro-batch: the embedding of its ids. The hook where a multimodal PRM
@@ -230,15 +183,7 @@ class P2TScorer:
         return self._embedding()(t["input_ids"])
 
     def _groups(self, rows: List[Row], cost) -> List[List[int]]:
-        """Rows sorted by length (longest first), grouped while rows x cost of the first <= the budget."""
-        order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
-        groups, cur = [], []
-        for r in order:
-            if cur and (len(cur) + 1) * cost(rows[cur[0]]) > self.micro_batch_tokens:
-                groups.append(cur)
-                cur = []
-            cur.append(r)
-        return groups + ([cur] if cur else [])
+        return groups(rows, cost, self.micro_batch_tokens)
 
     # ------------------------------------------------------------------ public
     def score(self, prompts: Sequence[str], responses: Sequence[str], *, method: str = "taylor",
@@ -276,29 +221,80 @@ class P2TScorer:
         check_ids(prompts, response_token_ids)
         return self._score(prompts, None, response_token_ids, method, ig_steps, length, device, skip=True)
 
-    def _score(self, prompts, responses, ids, method, ig_steps, length, device, skip: bool) -> ScoredBatch:
-        method, ig_steps = check_call(prompts, method, self.ig_steps if ig_steps is None else ig_steps)
-        rows = self.layout.rows(prompts, responses, ids, hint=not skip, skip_empty=skip)
+    def rewards_ids(self, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]], *,
+                    length: Optional[int] = None, device=None) -> ScoredBatch:
+        """:meth:`score_ids` without attributions (``scores`` 0): the step rewards that process rewards
+        need, from one forward per micro-batch under ``torch.no_grad`` (no backward, no activations kept)."""
+        check_ids(prompts, response_token_ids)
+        return self._score(prompts, None, response_token_ids, None, None, length, device, skip=True)
+
+    def fuses(self, method: str = "taylor") -> bool:
+        """Whether :meth:`advantages_ids` ends in the fused :func:`p2t.p2t_advantages` for ``method``
+        (:func:`.fused.unfused_reason` says why not)."""
+        return fused_.unfused_reason(self, method) is None
+
+    def advantages_ids(self, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]], outcome_rewards,
+                       *, group_size: int, alpha: float = 1.0, omega: float = 0.6, temperature: float = 1.0,
+                       standardize: bool = False, normalize: str = "paper", scale: str = "group", eps: float = 1e-6,
+                       mask: Optional[torch.Tensor] = None, length: Optional[int] = None, device=None,
+                       method: str = "taylor", attributions: bool = True) -> ScoredBatch:
+        """P2T token advantages ``A^_b + alpha * r_i`` of sampled completions, in one call.
+
+        ``outcome_rewards`` ``[B]`` (``group_size`` consecutive responses per group), the options of
+        :func:`p2t.p2t_advantages` and ``mask`` (``[B, N]``: where advantages are kept, e.g. the loss
+        mask; 0 elsewhere; it does not change the steps; default: the response tokens). Returns the
+        :meth:`score_ids` batch with ``advantages`` ``[B, N]`` float32 set. Where :meth:`fuses`, the call
+        ends in :func:`p2t.p2t_advantages` on each micro-batch of whole groups (:mod:`.fused`); otherwise
+        in :meth:`ScoredBatch.token_rewards` and :func:`p2t.token_advantages` (equal within the ops'
+        tolerances). ``attributions=False`` on the fused path leaves ``scores`` 0 (one read of the
+        gradient and the embeddings per micro-batch instead of two).
+        """
+        check_ids(prompts, response_token_ids)
+        dev = self._out_device(device)
+        o, mask, length = check_advantages(outcome_rewards, len(prompts), group_size, scale, normalize, mask, length,
+                                           dev)
+        kw = dict(group_size=group_size, alpha=alpha, omega=omega, temperature=temperature, standardize=standardize,
+                  normalize=normalize, scale=scale, eps=eps)
+        if not self.fuses(method):
+            sb = self.score_ids(prompts, response_token_ids, method=method, length=length, device=dev)
+            return fused_.unfused(sb, o, mask, **kw)
+        check_call(prompts, method, self.ig_steps)
+        rows, lens, N, _ = self._rows(prompts, None, response_token_ids, length, dev, skip=True, stacklevel=4)
+        with self._context(grad=True):
+            return fused_.advantages(self, rows, lens, N, dev, o, mask, attributions=attributions, **kw)
+
+    def _rows(self, prompts, responses, ids, length, device, skip: bool, stacklevel: int = 5):
+        """The PRM inputs, the response lengths, the output's columns and device of one call."""
+        rows = self.layout.rows(prompts, responses, ids, hint=not skip, skip_empty=skip, stacklevel=stacklevel)
         lens = [r.num_policy if r is not None else len(ids[i]) for i, r in enumerate(rows)]
         N = max(lens) if length is None else int(length)
         if max(lens) > N:
             raise ValueError(f"a response has {max(lens)} tokens but length={N}")
-        dev = torch.device(device if device is not None else (self.output_device or self.device))
+        return rows, lens, N, self._out_device(device)
+
+    def _out_device(self, device) -> torch.device:
+        return torch.device(device if device is not None else (self.output_device or self.device))
+
+    def _context(self, grad: bool):
+        return M.call_context(self._frozen(), grad)
+
+    def _score(self, prompts, responses, ids, method, ig_steps, length, device, skip: bool) -> ScoredBatch:
+        """One scoring call; ``method=None``: the step rewards alone (no gradient)."""
+        if method is not None:
+            method, ig_steps = check_call(prompts, method, self.ig_steps if ig_steps is None else ig_steps)
+        elif not prompts:
+            raise ValueError("responses is empty")
+        rows, lens, N, dev = self._rows(prompts, responses, ids, length, device, skip)
         live = [r for r in rows if r is not None]
         cost = ((lambda r: r.length * max(1, r.num_steps)) if method == "taylor_per_step"  # noqa: E731
                 else (lambda r: r.length))
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(torch.enable_grad())
-            stack.enter_context(self._frozen())
+        with self._context(grad=method is not None):
             out = Assembly(rows, lens, N, dev, self._dtype, self.tokenizer)
             groups = (packing_.plan(self.model, live, self.pack_length, self.micro_batch_tokens,
                                     per_step=method == "taylor_per_step")
-                      if self.packing and method != "exact" and live else self._groups(live, cost))
+                      if self.packing and method not in ("exact", None) and live else self._groups(live, cost))
             for group in groups:
                 grows = [live[g] for g in group]
-                attr, m = self._attribute(grows, method, ig_steps)
-                out.add(grows, attr, m)
-
-        return out.finish(method, self.objective)
+                out.add(grows, *self._attribute(grows, method, ig_steps))
+        return out.finish(method or "none", self.objective)
 

@@ -8,12 +8,14 @@
 Tokens in no step (separators, the EOS token) get ``A^_b``; padding gets 0. The token rewards of every
 mode come from one function, :func:`p2t.attribution.token_rewards`.
 
-Why the trainer does not end in the fused :func:`p2t.p2t_advantages`: the fused op takes the PRM's
-``[B, N, D]`` gradient and embeddings, which the scorer reduces to ``[B, N]`` attributions micro-batch
-by micro-batch (the point of its token budget: one micro-batch's activations alive at a time). Holding
-them for the whole batch to fuse the last two steps would cost ``2 * B * N * D`` floats for a saving of
-two ``[B, N]`` passes; the unfused tail (:func:`p2t.segment_redistribute` then
-:func:`p2t.token_advantages`) computes what it fuses (equal within the ops' tolerances).
+:func:`rollout_advantages` is the trainer's one call per rollout. In ``p2t`` mode it ends in the fused
+:func:`p2t.p2t_advantages` wherever the scorer can fuse (:meth:`p2t.P2TScorer.advantages_ids`: the
+policy's own tokens in the PRM input, the ``taylor`` method, no packing, no images). The fused op takes
+a ``[B, N, D]`` gradient and the scorer holds one micro-batch's gradient at a time, so the micro-batches
+there are made of whole groups, which keeps the group statistics of ``A^`` exact inside each one. Other
+set-ups take the unfused tail (:func:`p2t.segment_redistribute` then :func:`p2t.token_advantages`,
+equal within the ops' tolerances), as does ``fused=False``. ``process`` mode needs no gradient at all:
+its step rewards come from the scorer's forward alone (:meth:`p2t.P2TScorer.rewards_ids`).
 """
 from __future__ import annotations
 
@@ -72,6 +74,30 @@ def advantages_from_scored(mode: str, outcome_rewards: torch.Tensor, mask: torch
     adv = p2t.token_advantages(outcome_rewards.float(), tr, group_size=group_size,
                                alpha=alpha if mode != "outcome" else 0.0, mask=mask, scale=scale)
     return adv, tr
+
+
+def rollout_advantages(scorer, mode: str, prompts, response_ids, outcome_rewards: torch.Tensor,
+                       mask: torch.Tensor, *, group_size: int, alpha: float, scale: str, omega: float = 0.6, temperature: float = 1.0,
+                       standardize: bool = False, normalize: str = "paper", method: str = "taylor",
+                       fused: bool = True, device=None, extra: Optional[dict] = None):
+    """(advantages ``[B, N]``, token rewards ``[B, N]``, scored batch or ``None``) of one rollout whose
+    completions are ``response_ids`` (policy ids, ``mask``'s columns), on ``device``: one scorer call
+    (none in outcome mode). ``extra``: more scorer arguments (a vision-language PRM's ``images``; they
+    keep the call on :meth:`~p2t.P2TScorer.score_ids`)."""
+    kw = dict(omega=omega, temperature=temperature, standardize=standardize, normalize=normalize)
+    N = mask.shape[1]
+    if mode == "p2t" and fused and not extra and scorer.fuses(method):
+        sb = scorer.advantages_ids(prompts, response_ids, outcome_rewards, group_size=group_size, alpha=alpha,
+                                   scale=scale, mask=mask, device=device, method=method, **kw)
+        return sb.advantages, _token_rewards(sb, "p2t", **kw).float(), sb
+    scored = None
+    if mode == "process" and not extra:
+        scored = scorer.rewards_ids(prompts, response_ids, length=N, device=device)
+    elif mode != "outcome":
+        scored = scorer.score_ids(prompts, response_ids, method=method, length=N, device=device, **(extra or {}))
+    adv, tr = advantages_from_scored(mode, outcome_rewards, mask, scored, group_size=group_size, alpha=alpha,
+                                     scale=scale, **kw)
+    return adv, tr, scored
 
 
 def _stats(scores: torch.Tensor, segment_ids: torch.Tensor, S: int, temperature: float, standardize: bool):

@@ -70,6 +70,7 @@ class GRPOConfig:
     attribution_method: str = "taylor"   # P2TScorer method
     # evaluation, output
     eval_every: int = 10
+    fused_advantages: bool = True        # p2t mode ends in the fused p2t_advantages where the scorer can fuse
     eval_prompts: int = 200
     eval_samples_per_prompt: int = 4
     eval_seed: int = 2024

@@ -3,9 +3,10 @@
 One update:
   1. take ``prompts_per_update`` prompts, sample ``group_size`` responses each with HF ``generate``;
   2. outcome rewards from the user's ``fn(prompts, responses, **columns) -> list[float]``;
-  3. (process, p2t) one :meth:`p2t.P2TScorer.score_ids` call: step rewards and per-token attributions
-     aligned to the completion columns, on the policy's device (no host round trip);
-  4. token rewards (:func:`p2t.token_rewards`) and advantages (:mod:`p2t.grpo.advantages`, the p2t ops);
+  3. (process, p2t) one scorer call (:func:`p2t.grpo.advantages.rollout_advantages`): step rewards (and, in
+     p2t mode, per-token attributions) aligned to the completion columns, on the policy's device;
+  4. token rewards (:func:`p2t.token_rewards`) and advantages (p2t mode: the fused :func:`p2t.p2t_advantages`
+     where the scorer can fuse);
   5. ``num_iterations`` passes of the clipped surrogate over the batch (old log-probs stored when > 1),
      ``gradient_accumulation_steps`` micro-batches per optimiser step, gradient clipping.
 
@@ -164,19 +165,18 @@ class GRPOTrainer:
         B, N = cmask.shape
         if c.mask_truncated_completions:  # no EOS: cut at max_new_tokens, left out of the loss (TRL's meaning)
             cmask = cmask & (ids[:, P:] == self.tokenizer.eos_token_id).any(-1, keepdim=True)
-        scored = None
-        if c.mode != "outcome":  # one call: aligned to the completion columns, on the policy's device
-            images = {}
-            if c.prm_image_column is not None:  # a vision-language PRM reads each prompt's image
-                if c.prm_image_column not in columns:
-                    raise ValueError(f"prm_image_column={c.prm_image_column!r} is not a column of the prompts "
-                                     f"(columns: {', '.join(sorted(columns)) or 'none'})")
-                images = dict(images=columns[c.prm_image_column])
-            scored = self.scorer.score_ids(expanded, resp_ids, method=c.attribution_method, length=N,
-                                           device=self.device, **images)
-        adv, tr = adv_mod.advantages_from_scored(
-            c.mode, o, cmask, scored, group_size=c.group_size, alpha=c.alpha, scale=c.scale_rewards, omega=c.omega,
-            temperature=c.attr_temperature, standardize=c.standardize, normalize=c.normalize)
+        images = {}
+        if c.mode != "outcome" and c.prm_image_column is not None:  # a vision-language PRM reads each image
+            if c.prm_image_column not in columns:
+                raise ValueError(f"prm_image_column={c.prm_image_column!r} is not a column of the prompts "
+                                 f"(columns: {', '.join(sorted(columns)) or 'none'})")
+            images = dict(images=columns[c.prm_image_column])
+        # one scorer call, aligned to the completion columns, on the policy's device (p2t: the fused op)
+        adv, tr, scored = adv_mod.rollout_advantages(
+            self.scorer, c.mode, expanded, resp_ids, o, cmask, group_size=c.group_size, alpha=c.alpha,
+            scale=c.scale_rewards, omega=c.omega, temperature=c.attr_temperature, standardize=c.standardize,
+            normalize=c.normalize, method=c.attribution_method, fused=c.fused_advantages, device=self.device,
+            extra=images)
         r = Rollout(expanded, responses, columns, ids, attn, P, cmask, o, adv, tr, scored,
                     *((scored.segment_ids, scored.scores, scored.segment_rewards) if scored is not None else ()))
         with torch.no_grad():
