@@ -74,8 +74,8 @@ template <typename g_t, typename e_t, typename acc_t, typename n_t = acc_t>
 void attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
                         const n_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
                         int64_t R, int64_t D) {
-  // ~16K elements (64 KB of fp32) per tensor per task
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  // ~128 KB of grad + embeds per task (~5 us at one core's memory bandwidth)
+  const int64_t grain = grain_for_bytes(D * static_cast<int64_t>(sizeof(g_t) + sizeof(e_t)));
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool avx2 = has_avx2();
 #endif

@@ -715,3 +715,84 @@ def test_cpu_kernels_in_a_forked_child():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "child 0" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def _run_cpu_script(code, env_extra=None, timeout=300):
+    import subprocess
+    import sys
+    import textwrap
+    env = dict(__import__("os").environ, **(env_extra or {}))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout,
+                       env=env)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.skipif("cpu" not in p2t.available_backends(), reason="C++ extension not built")
+@pytest.mark.parametrize("adaptive", ["0", "1"])
+def test_cpu_pool_scheduling_paths(adaptive):
+    """The C++ kernels' pool (csrc/parallel.h) gives results bitwise equal to one thread on every path:
+    jobs just below / at / above the smallest pooled job (8 tasks), many tasks, several Python threads calling
+    at once (the pool is held by one, the others run inline), fp32 / bf16 / fp64, masks; with the
+    busy-core check off (the pool always runs) and on."""
+    out = _run_cpu_script("""
+        import threading, torch, p2t
+        g = torch.Generator().manual_seed(0)
+        cases = []
+        # fp32 D=1024: 8 KB per row, 16 rows per task -> 112 rows = 7 tasks (inline), 113 = 8 tasks, 128 = 8
+        for R, D, dt in [(112, 1024, torch.float32), (113, 1024, torch.float32), (128, 1024, torch.float32),
+                         (20011, 3, torch.float32), (3001, 129, torch.bfloat16), (777, 517, torch.float64),
+                         (5, 100000, torch.float32)]:
+            x = [torch.randn(R, D, generator=g).to(dt) for _ in range(2)] + [torch.randn(D, generator=g).to(dt)]
+            m = torch.rand(R, generator=g) > 0.3
+            cases.append((x, m))
+        torch.set_num_threads(1)
+        want = [(p2t.token_attribution(*x, backend="cpu"), p2t.token_attribution(*x, mask=m, backend="cpu"))
+                for x, m in cases]
+        ref = [p2t.token_attribution(*[t.double() for t in x], backend="reference") for x, _ in cases]
+        for (w, _), r, (x, _) in zip(want, ref, cases):
+            assert torch.allclose(w.double(), r, rtol=1e-4, atol=1e-3 * x[0].shape[1] ** 0.5), (w - r).abs().max()
+        torch.set_num_threads(2)
+        bad = []
+        def check(rep):
+            for _ in range(rep):
+                for (x, m), (w, wm) in zip(cases, want):
+                    if not torch.equal(p2t.token_attribution(*x, backend="cpu"), w):
+                        bad.append(x[0].shape)
+                    if not torch.equal(p2t.token_attribution(*x, mask=m, backend="cpu"), wm):
+                        bad.append(("mask", x[0].shape))
+        check(3)
+        ts = [threading.Thread(target=check, args=(5,)) for _ in range(4)]
+        for t in ts: t.start()
+        for t in ts: t.join()
+        assert not bad, bad
+        print("ok")
+    """, {"P2T_CPU_ADAPTIVE_THREADS": adaptive})
+    assert "ok" in out
+
+
+@pytest.mark.skipif("cpu" not in p2t.available_backends() or not __import__("sys").platform.startswith("linux"),
+                    reason="C++ extension not built, or not Linux (/proc)")
+def test_cpu_pool_uses_no_worker_when_every_core_is_busy():
+    """With as many busy processes as CPUs, no core is free: the kernels run on the calling thread alone (no
+    pool worker is started), and give the same result; with the check off, a worker is started."""
+    code = """
+        import os, subprocess, sys, torch, p2t
+        torch.set_num_threads(2)
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count())]
+        try:
+            g, e, n = torch.randn(4096, 1000), torch.randn(4096, 1000), torch.randn(1000)
+            torch.set_num_threads(1)
+            want = p2t.token_attribution(g, e, n, backend="cpu")
+            torch.set_num_threads(2)
+            before = len(os.listdir("/proc/self/task"))
+            for _ in range(20):
+                assert torch.equal(p2t.token_attribution(g, e, n, backend="cpu"), want)
+            print("new threads", len(os.listdir("/proc/self/task")) - before)
+        finally:
+            for b in busy:
+                b.kill()
+                b.wait()
+    """
+    assert "new threads 0" in _run_cpu_script(code, {"P2T_CPU_ADAPTIVE_THREADS": "1"})
+    assert "new threads 1" in _run_cpu_script(code, {"P2T_CPU_ADAPTIVE_THREADS": "0"})
