@@ -49,6 +49,7 @@ SHARPENED = ("p2t-std", "p2t-exact", "p2t-ig", "p2t-ps")  # take --std-temperatu
 
 
 def configure(parser: argparse.ArgumentParser):
+    from p2t.attribution.options import NULLS
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__
     parser.add_argument("--modes", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
@@ -61,6 +62,8 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--output-dir", default="runs/compare")
     parser.add_argument("--std-temperature", type=float, default=0.5, help="attr_temperature of p2t-std")
     parser.add_argument("--config", metavar="FILE", help="a p2t train config file shared by every run")
+    parser.add_argument("--prm-null", choices=NULLS, default=None,
+                        help="the scorer's null embedding in every run (default: the scorer's, pad)")
     parser.add_argument("--resume", action="store_true", help="skip runs that already finished")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: summarise the runs of the seed range that finished (per mode)")
@@ -72,6 +75,8 @@ def _train_flags(args, variant: str, seed: int, out: str) -> List[str]:
     flags = ["--seed", str(seed), "--output-dir", out, "--no-progress", "--threads", "1"]
     if args.config:
         flags += ["--config", args.config]
+    if args.prm_null:
+        flags += ["--prm-null", args.prm_null]
     extra = [a for a in args.train_args if a != "--"]
     flags += extra
     for k, v in VARIANTS[variant].items():
@@ -319,7 +324,8 @@ def run(args) -> int:
     settings = (f"Settings: seeds {seeds[0]}..{seeds[-1]} (runs per mode: {counts}); {cfg['num_updates']} updates of "
                 f"{cfg['prompts_per_update']} prompts x {cfg['group_size']} samples; lr {cfg['learning_rate']}; loss "
                 f"{cfg['loss_type']}; alpha {cfg['alpha']}; omega {cfg['omega']}; {', '.join(SHARPENED)}: "
-                f"standardize, attr_temperature {args.std_temperature}; sampled accuracy (temperature "
+                f"standardize, attr_temperature {args.std_temperature}; null {cfg.get('prm_null') or 'pad'}; "
+                f"sampled accuracy (temperature "
                 f"{cfg['eval_temperature']}) on {cfg['eval_prompts']} held-out prompts x "
                 f"{cfg['eval_samples_per_prompt']} samples every {cfg['eval_every']} updates; AUC = mean accuracy "
                 f"over training (trapezoid); sd over seeds (population); step accuracy / PRM step reward: mean "

@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hi
 from .lab.models import LabConfig
 
 from ..attribution.batch import MODES, NORMALIZE, SCALES  # noqa: F401  (defined once)
+from ..attribution.options import NULLS
+from .sampling import SAMPLERS
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 PRM_KINDS = ("step_classifier", "value_head", "lm_judge")
@@ -35,6 +37,7 @@ class GRPOConfig:
     prm_gradient_checkpointing: bool = False  # recompute the PRM's layer activations in its backward (long responses)
     prm_judge_logits: str = "all"         # lm_judge logits at every position (all) or at the step tags only (readout)
     prm_image_column: Optional[str] = None  # train-data column of each prompt's image file: a vision-language PRM
+    prm_null: Optional[str] = None       # null embedding: pad | eos | vocab_mean | zero; None = the scorer's (pad)
     reward: Optional[str] = None         # outcome reward "module:function", fn(prompts, responses, **columns); None = the lab's
     train_data: Optional[str] = None     # JSONL of {"prompt": ..., other columns}; None = the lab's generated task
     eval_data: Optional[str] = None      # JSONL for evaluation; None = held-out lab prompts
@@ -46,6 +49,7 @@ class GRPOConfig:
     max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 1.0
+    sampler: str = "auto"                # auto (the decode loop where the policy allows it) | fast | hf (generate)
     # optimisation
     learning_rate: float = 1e-4
     warmup_updates: int = 10             # linear learning-rate warm-up (Adam's first steps are sign-like)
@@ -68,9 +72,9 @@ class GRPOConfig:
     standardize: bool = False            # standardize attributions within each step before the softmax
     normalize: str = "paper"             # paper | sum
     attribution_method: str = "taylor"   # P2TScorer method
+    fused_advantages: bool = True        # p2t mode ends in the fused p2t_advantages where the scorer can fuse
     # evaluation, output
     eval_every: int = 10
-    fused_advantages: bool = True        # p2t mode ends in the fused p2t_advantages where the scorer can fuse
     eval_prompts: int = 200
     eval_samples_per_prompt: int = 4
     eval_seed: int = 2024
@@ -81,7 +85,7 @@ class GRPOConfig:
     resume: bool = False
     bf16: bool = False                   # bf16 autocast for the policy forward (GPU only)
     device: str = "auto"
-    threads: Optional[int] = None        # torch CPU threads; None = torch's default
+    threads: Optional[int] = None        # torch CPU threads; None = 1 for the toy lab, else torch's default
     progress: bool = True
     lab_cache: Optional[str] = None      # where the lab's warm-up checkpoints are cached
     lab_packaged: bool = True            # use the lab checkpoints shipped with p2t when the lab settings match
@@ -104,6 +108,9 @@ class GRPOConfig:
         choice("normalize", NORMALIZE)
         choice("prm_kind", PRM_KINDS)
         choice("prm_judge_logits", ("all", "readout"))
+        choice("sampler", SAMPLERS)
+        if self.prm_null is not None:
+            choice("prm_null", NULLS)
         for name in ("num_updates", "prompts_per_update", "group_size", "max_new_tokens", "num_iterations",
                      "gradient_accumulation_steps", "eval_prompts", "eval_samples_per_prompt"):
             v = getattr(self, name)

@@ -101,6 +101,8 @@ def scorer_options(config: GRPOConfig, policy_tokenizer, lab: bool) -> dict:
             opts[key] = value
     opts.update(packing=c.prm_packing, gradient_checkpointing=c.prm_gradient_checkpointing,
                 judge_logits=c.prm_judge_logits)
+    if c.prm_null is not None:
+        opts["null"] = c.prm_null
     return opts
 
 
@@ -153,6 +155,9 @@ def resolve(config: GRPOConfig, *, policy=None, tokenizer=None, scorer=None, rew
         cls = MultimodalP2TScorer if c.prm_image_column is not None else P2TScorer
         scorer = cls.from_pretrained(c.prm or lab_paths["prm"], kind=c.prm_kind, device=device,
                                      **scorer_options(c, tokenizer, lab))
+    elif scorer is not None and c.prm_null is not None and getattr(scorer, "null", c.prm_null) != c.prm_null:
+        raise ValueError(f"prm_null={c.prm_null!r} but the scorer passed was built with null={scorer.null!r}; "
+                         "build it with that null or leave prm_null unset")
     if reward_fn is None:
         if c.reward is not None:
             reward_fn = import_fn(c.reward)

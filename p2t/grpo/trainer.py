@@ -1,7 +1,8 @@
 """The lean GRPO loop with outcome, process or P2T token advantages.
 
 One update:
-  1. take ``prompts_per_update`` prompts, sample ``group_size`` responses each with HF ``generate``;
+  1. take ``prompts_per_update`` prompts, sample ``group_size`` responses each (:mod:`p2t.grpo.sampling`:
+     a KV-cached decode loop for Qwen2/Llama-style policies, else HF ``generate``);
   2. outcome rewards from the user's ``fn(prompts, responses, **columns) -> list[float]``;
   3. (process, p2t) one scorer call (:func:`p2t.grpo.advantages.rollout_advantages`): step rewards (and, in
      p2t mode, per-token attributions) aligned to the completion columns, on the policy's device;
@@ -27,6 +28,7 @@ import torch
 
 from . import advantages as adv_mod
 from . import loss as loss_mod
+from . import sampling
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GRPOConfig
 from .metrics import MetricsLog, plot_curves
@@ -93,8 +95,9 @@ class GRPOTrainer:
         config.validate()
         self.config = c = config
         self.log = log or (lambda s: None)
-        if c.threads:
-            torch.set_num_threads(c.threads)
+        threads = c.threads or (1 if c.uses_lab else None)  # see GRPOConfig.threads
+        if threads:
+            torch.set_num_threads(threads)
         setup = resolve(c, policy=policy, tokenizer=tokenizer, scorer=scorer, reward_fn=reward_fn,
                         prompt_source=prompt_source, eval_rows=eval_rows, log=self.log)
         self.device, self.policy, self.tokenizer = setup.device, setup.policy, setup.tokenizer
@@ -122,9 +125,10 @@ class GRPOTrainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             with torch.no_grad(), self._autocast():
-                out = self.policy.generate(**enc, do_sample=True, temperature=temperature, top_p=self.config.top_p,
-                                           top_k=0, max_new_tokens=self.config.max_new_tokens,
-                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                out = sampling.sample(self.policy, enc["input_ids"], enc["attention_mask"],
+                                      max_new_tokens=self.config.max_new_tokens, temperature=temperature,
+                                      top_p=self.config.top_p, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, sampler=self.config.sampler)
         comp = out[:, P:]
         is_eos = comp == tok.eos_token_id
         # completion tokens: everything up to and including the first EOS
