@@ -15,12 +15,15 @@ Methods, in one run on one model:
   :func:`p2t.token_advantages` once per batch. ``engine@16384``: the same with a larger budget.
 * ``engine_packed`` (``--methods ...,packed``): the engine with ``packing=True`` (responses laid end
   to end in rows, positions restarting per response; :mod:`p2t.attribution.packing`).
+* ``engine_fused`` (``--methods ...,fused``): the trainer's path, ``advantages_ids``: micro-batches of
+  whole groups of 8 responses (longest group first), each ending in the fused :func:`p2t.p2t_advantages`.
 * ``engine_liger`` (``--liger``, CUDA): the engine after Liger-Kernel's Qwen2 patches (RoPE, RMSNorm,
   SwiGLU) -- applied last, since they patch the transformers module for the whole process.
 * ``host``: the engine's work outside the PRM (input layout from the ids, micro-batch tensors, the
   scatter onto policy tokens, token rewards and advantages), measured by running the same ``score_ids``
-  call on a PRM whose forward costs nothing (an embedding and a 2-class linear head), reported per 16k
-  tokens beside the PRM step it would add to.
+  call on a PRM whose forward costs almost nothing (an embedding and a 2-class linear head) minus that
+  null PRM's own embedding lookup, forward and backward (replayed at the shapes it was called with), per 16k
+  tokens beside the PRM step it would add to; ``host_fused``: the same for ``advantages_ids``.
 * ``exact``: leave-one-out attribution (each response token replaced by the null embedding, one
   forward each), extrapolated from the measured forward's cost per token forwarded (padding included):
   sum_b n_b * L_b tokens forwarded, n_b response tokens of a response of L_b tokens.
@@ -228,7 +231,10 @@ def scorer_inputs(batch: Batch, tok):
     return prompts, ids, N
 
 
-def make_engine_step(model, batch: Batch, device: str, budget: int, tok=None, **options):
+def make_engine_step(model, batch: Batch, device: str, budget: int, tok=None, fused: bool = False, **options):
+    """The product's reward step: ``score_ids`` + ``token_rewards("p2t")`` + :func:`p2t.token_advantages`
+    (micro-batches sorted by length), or with ``fused`` the trainer's ``advantages_ids`` (micro-batches of
+    whole groups of ``GROUP`` rows, ending in :func:`p2t.p2t_advantages`)."""
     from p2t.attribution import P2TScorer
 
     tok = tok or id_tokenizer(model.config.vocab_size)
@@ -237,51 +243,76 @@ def make_engine_step(model, batch: Batch, device: str, budget: int, tok=None, **
                        micro_batch_tokens=budget, max_length=1 << 20, **options)
     prompts, ids, N = scorer_inputs(batch, tok)
     o = batch.outcome.to(device)
+    group = min(GROUP, batch.B)
 
     def step():
+        if fused:
+            return scorer.advantages_ids(prompts, ids, o, group_size=group, length=N, device=device).advantages
         sb = scorer.score_ids(prompts, ids, length=N, device=device)
-        return p2t.token_advantages(o, sb.token_rewards("p2t"), group_size=min(GROUP, batch.B),
-                                    mask=sb.response_mask)
+        return p2t.token_advantages(o, sb.token_rewards("p2t"), group_size=group, mask=sb.response_mask)
     step.scorer, step.inputs = scorer, (prompts, ids, N)
     return step
 
 
 class NullPRM(torch.nn.Module):
-    """A PRM whose forward costs (almost) nothing: an embedding and a 2-class head on it."""
+    """A PRM whose forward costs (almost) nothing: an embedding and a 2-class head on it. It records the
+    shape of every ``inputs_embeds`` it is called with (``calls``), so that its own work can be replayed."""
 
     def __init__(self, vocab: int, dim: int = 8):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, dim)
         self.head = torch.nn.Linear(dim, 2)
+        self.calls = []
 
     def get_input_embeddings(self):
         return self.embed
 
     def forward(self, inputs_embeds=None, attention_mask=None):
+        self.calls.append(tuple(inputs_embeds.shape))
         return (self.head(inputs_embeds),)
 
 
-def host_overhead(batch: Batch, device: str, budget: int, tok, reps: int) -> dict:
-    """Milliseconds of the engine's work outside the PRM for this batch: the whole ``score_ids`` +
-    token rewards + advantages call on :class:`NullPRM`, and its input layout alone (host only)."""
+def host_overhead(batch: Batch, device: str, budget: int, tok, reps: int, clock: str = "wall") -> dict:
+    """Milliseconds of the engine's work outside the PRM for this batch, on :class:`NullPRM`: the whole
+    call (``total``: ``score_ids`` + token rewards + advantages; ``fused``: ``advantages_ids``, the
+    trainer's path), its input layout alone (host only), and the null PRM's own forward and backward
+    (``prm``: its embedding lookup, forward and backward replayed at the recorded shapes), which a real PRM
+    replaces; the host work outside the PRM is the call minus ``prm``."""
     torch.manual_seed(0)
     prm = NullPRM(tok.vocab_size if hasattr(tok, "vocab_size") else len(tok)).to(device)
+    prm.requires_grad_(False)
     step = make_engine_step(prm, batch, device, budget, tok=tok)
+    fused = make_engine_step(prm, batch, device, budget, tok=tok, fused=True)
     prompts, ids, _ = step.inputs
     layout = step.scorer.layout
-    t = {}
-    for name, fn in (("total", step),
-                     ("layout", lambda: layout.rows(prompts, None, ids, hint=False, skip_empty=True))):
+
+    def replay(shapes):  # the PRM's embedding lookup, forward and backward at the recorded shapes
+        ids = [torch.randint(prm.embed.num_embeddings, s[:2], device=device) for s in shapes]
+
+        def run():
+            for i in ids:
+                x = prm.embed(i).requires_grad_(True)
+                torch.autograd.grad(prm(inputs_embeds=x)[0][..., 1].sum(), x)
+        return run
+    now = time.process_time if clock == "cpu" and not device.startswith("cuda") else time.perf_counter
+    jobs = {"total": step, "fused": fused,
+            "layout": lambda: layout.rows(prompts, None, ids, hint=False, skip_empty=True)}
+    for name in ("total", "fused"):
+        prm.calls = []
+        jobs[name]()
+        jobs[f"prm_{name}"] = replay(list(prm.calls))
+    t = {name: [] for name in jobs}
+    for fn in jobs.values():
         fn()
-        sync(device)
-        xs = []
-        for _ in range(max(reps, 3)):
-            t0 = time.perf_counter()
+    sync(device)
+    for _ in range(max(reps, 3)):  # interleaved, so that load from other processes hits every part alike
+        for name, fn in jobs.items():
+            sync(device)
+            t0 = now()
             fn()
             sync(device)
-            xs.append(time.perf_counter() - t0)
-        t[name] = sorted(xs)[len(xs) // 2] * 1e3
-    return t
+            t[name].append(now() - t0)
+    return {name: sorted(xs)[len(xs) // 2] * 1e3 for name, xs in t.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,19 +454,25 @@ def main(argv=None) -> int:
             for i, bt in enumerate(budgets):
                 jobs.append(("engine" if i == 0 else f"engine@{bt}", make_engine_step(model, batch, device, bt,
                                                                                         tok=tok)))
+        if "fused" in methods:  # the trainer's path: whole groups per micro-batch, the fused op at the end
+            jobs.append(("engine_fused", make_engine_step(model, batch, device, budget, tok=tok, fused=True)))
         if "packed" in methods:  # the engine with packed rows (positions restarting per response)
             jobs.append(("engine_packed", make_engine_step(model, batch, device, budget, tok=tok, packing=True)))
         for name, (q, peak) in measure(jobs, device, args.reps, clock=args.clock).items():
             record(name, q, peak)
         if "host" in methods:
-            h = host_overhead(batch, device, budget, tok, args.reps)
+            h = host_overhead(batch, device, budget, tok, args.reps, clock=args.clock)
             per16k = 16384 / batch.tokens
             eng = res.get("engine", {}).get("t", (float("nan"),))[0] * 1e3
-            host[batch.name] = (h["total"] * per16k, h["layout"] * per16k, eng * per16k)
-            print(f"  host (outside the PRM): {h['total']:.1f} ms per call = {h['total'] * per16k:.2f} ms per 16k "
-                  f"tokens (input layout {h['layout'] * per16k:.2f}); "
-                  f"{100 * h['total'] / eng:.1f}% of this engine step", flush=True)
-            res["host"] = dict(t=(h["total"] / 1e3,) * 3, peak=float("nan"), tps=batch.tokens / (h["total"] / 1e3))
+            out_u, out_f = h["total"] - h["prm_total"], h["fused"] - h["prm_fused"]
+            host[batch.name] = (out_u * per16k, out_f * per16k, h["layout"] * per16k, eng * per16k)
+            print(f"  host (outside the PRM): score_ids path {out_u * per16k:.2f} ms per 16k tokens (call "
+                  f"{h['total'] * per16k:.2f} - null PRM {h['prm_total'] * per16k:.2f}), fused advantages_ids "
+                  f"{out_f * per16k:.2f} (call {h['fused'] * per16k:.2f} - null PRM {h['prm_fused'] * per16k:.2f}); "
+                  f"input layout {h['layout'] * per16k:.2f}; {100 * out_u / eng:.1f}% of this engine step",
+                  flush=True)
+            for name, ms in (("host", out_u), ("host_fused", out_f)):
+                res[name] = dict(t=(ms / 1e3,) * 3, peak=float("nan"), tps=batch.tokens / (ms / 1e3))
         if "exact" in methods and "forward" in res:
             # one forward per response token (prompt excluded), each of the response's full length, at the
             # measured forward's cost per token forwarded (its rows are padded to the batch's longest)
@@ -453,7 +490,8 @@ def main(argv=None) -> int:
                     x=batch.tokens, y50=y50, y20=y20, y80=y80, x_name="tokens", layout="padded",
                     dtype=str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32"),
                     shape=f"Qwen2-{'tiny' if args.tiny else '1.5B'},B={batch.B},N={batch.N}",
-                    peak_mem_mb=r["peak"] * 1024, host_ms=r["t"][0] * 1e3 if name == "host" else float("nan")))
+                    peak_mem_mb=r["peak"] * 1024,
+                    host_ms=r["t"][0] * 1e3 if name.startswith("host") else float("nan")))
         bench.write_csv(rows_out, out)  # after every batch: a timeout keeps what was measured
     if args.liger:
         try:
@@ -471,9 +509,9 @@ def main(argv=None) -> int:
             xf = f"{r['t'][0] / fw['t'][0]:.2f}x" if fw else ""
             print(f"{batch.name:<8} {name:<16} {r['t'][0] * 1e3:10.1f} {r['tps']:12.0f} {r['peak']:9.3f} {sp:>14} "
                   f"{mem:>13} {xf:>15}")
-    for name, (tot, lay, eng) in host.items():
-        print(f"host work outside the PRM, {name}: {tot:.2f} ms per 16k tokens (input layout {lay:.2f} ms); "
-              f"the engine step is {eng:.1f} ms per 16k tokens here")
+    for name, (tot, fus, lay, eng) in host.items():
+        print(f"host work outside the PRM, {name}: {tot:.2f} ms per 16k tokens (fused advantages_ids {fus:.2f}; "
+              f"input layout {lay:.2f} ms); the engine step is {eng:.1f} ms per 16k tokens here")
     if not args.tiny:
         print("targets: 8x2048 engine >= 1.8x naive tokens/s and <= 1/3 of its peak; mixed64 >= 2.5x naive tokens/s; "
               "host work outside the PRM <= 5 ms per 16k tokens (2% of a ~290 ms H100 1.5B-shape step)")

@@ -157,6 +157,37 @@ def test_assign_steps_array_equals_the_loop():
             assert got.tolist() == want, (spans, steps, ht)
 
 
+def test_assign_steps_array_of_many_rows_equals_the_loop_per_row():
+    """Rows laid end to end (``row_offsets``; spans and steps shifted into disjoint character ranges) are
+    assigned as each row alone: tokens with text but no characters leading a row take the first token
+    after them in that row, never the last token of the row before."""
+    rng = random.Random(2)
+    for _ in range(200):
+        spans_all, steps_all, ht_all, want, off, base = [], [], [], [], [0], 0
+        for _ in range(rng.randint(1, 5)):
+            n_chars = rng.randint(0, 20)
+            cuts = sorted(rng.sample(range(n_chars + 1), min(n_chars + 1, rng.randint(0, 6))))
+            steps = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+            spans, pos = [(0, 0)] * rng.randint(0, 2), 0  # empty spans leading the row
+            while pos < n_chars:
+                if rng.random() < 0.2:
+                    spans.append((pos, pos))
+                step = rng.randint(1, 4)
+                spans.append((pos, min(pos + step, n_chars)))
+                pos += step
+            ht = [rng.random() < 0.6 for _ in spans]
+            k0 = len(steps_all)
+            want += [k + k0 if k >= 0 else -1 for k in assign_steps(spans, steps, ht)]
+            spans_all += [(a + base, b + base) for a, b in spans]
+            steps_all += [(a + base, b + base) for a, b in steps]
+            ht_all += ht
+            off.append(off[-1] + len(spans))
+            base += n_chars
+        got = assign_steps_array(np.asarray(spans_all).reshape(-1, 2), np.asarray(steps_all).reshape(-1, 2),
+                                 np.asarray(ht_all, dtype=bool), row_offsets=np.asarray(off))
+        assert got.tolist() == want, (spans_all, steps_all, ht_all, off)
+
+
 def test_byte_level_offsets_from_token_bytes(tmp_path):
     """GPT-2's ids -> offsets from the token bytes (no re-encoding) equal the offsets of encoding the text."""
     gpt2 = gpt2_tokenizer(str(tmp_path / "g"))
@@ -303,3 +334,70 @@ def test_vocabulary_gather_equals_joining_the_token_strings(tmp_path):
             else:
                 text, got_lens = align._pieces_text(tok, ids, idx)
                 assert text == want and got_lens.tolist() == [len(table[i]) for i in ids]
+
+
+# ---------------------------------------------------------------- the batch layout against the per-row one
+def _layout(tok, **kw):
+    from p2t.attribution.layout import Layout
+    o = dict(template="{prompt}\n{response}", add_special_tokens=True, step_separator="\n", separator_suffix="",
+             step_split="\n", read_at="separator", max_length=None, truncation="steps")
+    o.update(kw)
+    return Layout(tok, tok, True, system_prompt=None, **o)
+
+
+def _same_row(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    fields = ("input_ids", "token_step", "readout", "map_prm", "map_policy", "policy_step", "policy_spans")
+    return ((a.index, a.prompt_length, a.steps, a.text, a.map_weight) == (b.index, b.prompt_length, b.steps, b.text,
+                                                                          b.map_weight)
+            and all(np.array_equal(getattr(a, f), getattr(b, f)) for f in fields))
+
+
+@pytest.mark.parametrize("which", ["char", "gpt2", "lab"])
+def test_batch_layout_equals_the_row_by_row_layout(tmp_path, which):
+    """Layout.rows of policy ids (the whole batch at once, what score_ids, rewards_ids and advantages_ids
+    use) builds exactly the rows, warnings and errors of Layout.row one response at a time: specials
+    inside and around steps, empty rows, whitespace rows, random ids, multi-byte characters, truncation,
+    other separators and read_at="last"."""
+    import warnings
+
+    from p2t.grpo.lab.tokenizer import CharTokenizer
+    tok = {"char": char_tokenizer, "gpt2": lambda: gpt2_tokenizer(str(tmp_path / "g")), "lab": CharTokenizer}[which]()
+    texts = ["17+25=42\n42+33=75\n#75", "a b\n\n c d 12\n\nend", " \n \n", "", "x", "+1=2\nnext line",
+             "\n\nlead\ntrail\n\n"]
+    if which != "lab":
+        texts += ["a×b 日本\n\né", "emoji 🙂 ok\n2"]
+    rng = random.Random(1)
+    for kw in [dict(), dict(step_split="\n\n"), dict(read_at="last"), dict(max_length=24),
+               dict(max_length=24, truncation="error"), dict(step_separator="\n\n", separator_suffix="\n"),
+               dict(add_special_tokens=False, template="{prompt}{response}")]:
+        lay = _layout(tok, **kw)
+        specials = sorted(lay.policy_special)
+        for _ in range(12):
+            B = rng.randint(1, 6)
+            ids = []
+            for _ in range(B):
+                row = tok.encode(rng.choice(texts), add_special_tokens=False)
+                if row and specials and rng.random() < 0.4:
+                    row.insert(rng.randint(0, len(row)), rng.choice(specials))
+                if rng.random() < 0.15:
+                    row = [rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))]
+                ids.append(row)
+            prompts = [rng.choice(["q", "What is 2+2?", ""]) for _ in range(B)]
+            got, want = [], []
+            for build, seen in ((lambda: lay.rows(prompts, None, ids, hint=False, skip_empty=True), got),
+                                (lambda: [lay.row(i, lay.template_parts(p), None, ids[i], hint=False, skip_empty=True)
+                                          for i, p in enumerate(prompts)], want)):
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    try:
+                        seen.append(build())
+                    except ValueError as e:
+                        seen.append(str(e))
+                seen.append([str(x.message) for x in w])
+            if isinstance(want[0], str):
+                assert got[0] == want[0]
+                continue
+            assert got[1] == want[1]
+            assert len(got[0]) == B and all(_same_row(a, b) for a, b in zip(got[0], want[0])), (kw, prompts, ids)

@@ -39,14 +39,14 @@ def split_steps(text: str, split: StepSplit) -> List[Span]:
     else:
         if split is not None and (not isinstance(split, str) or not split):
             raise ValueError(f"step_split must be a non-empty string, None or a callable, got {split!r}")
-        spans, pos = [], 0
-        while True:
-            j = -1 if split is None else text.find(split, pos)
-            end = len(text) if j < 0 else j
-            spans.append((pos, end))
-            if j < 0:
-                break
-            pos = j + len(split)
+        out, pos = [], 0
+        for piece in ([text] if split is None else text.split(split)):  # trimmed by str.strip (C, not per char)
+            core = piece.strip()
+            if core:
+                a = pos + len(piece) - len(piece.lstrip())
+                out.append((a, a + len(core)))
+            pos += len(piece) + (len(split) if split is not None else 0)
+        return out
     out = []
     for a, b in spans:
         while a < b and text[a].isspace():
@@ -172,7 +172,8 @@ def _vocab_flat(tokenizer, kind: str):
         flat = None
     else:
         lens = got[1]
-        flat = (buf, np.cumsum(lens) - lens, lens)
+        flat = (buf, (np.cumsum(lens) - lens).astype(np.int32 if buf.size < 2 ** 31 else np.int64),
+                lens.astype(np.int32))  # small tables: gathered at random, they stay in cache
     slot[key] = (slot[kind][0], flat)
     return flat
 
@@ -353,9 +354,11 @@ def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span],
     return out
 
 
-def assign_steps_array(spans: np.ndarray, steps: np.ndarray, has_text: Optional[np.ndarray] = None) -> np.ndarray:
+def assign_steps_array(spans: np.ndarray, steps: np.ndarray, has_text: Optional[np.ndarray] = None,
+                       row_offsets: Optional[np.ndarray] = None) -> np.ndarray:
     """:func:`assign_steps` on arrays (``spans`` ``[n, 2]``, ``steps`` ``[K, 2]``, sorted), vectorised
-    over tokens: int64 ``[n]``."""
+    over tokens: int64 ``[n]``. ``row_offsets`` ``[B + 1]``: the tokens are many rows laid end to end (and
+    their spans and steps in disjoint, increasing character ranges): each row is assigned on its own."""
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     steps = np.asarray(steps, dtype=np.int64).reshape(-1, 2)
     n, K = spans.shape[0], steps.shape[0]
@@ -387,9 +390,18 @@ def assign_steps_array(spans: np.ndarray, steps: np.ndarray, has_text: Optional[
         cont = empty & np.asarray(has_text, dtype=bool)
         if cont.any():
             anchor = np.maximum.accumulate(np.where(cont, -1, np.arange(n)))
-            # leading ones (nothing before them): the first token after them
-            first = int(np.argmin(cont)) if not cont.all() else -1
-            anchor = np.where(anchor < 0, first, anchor)
+            # leading ones (nothing before them in their row): the first token after them
+            if row_offsets is None:
+                first = int(np.argmin(cont)) if not cont.all() else -1
+                anchor = np.where(anchor < 0, first, anchor)
+            else:
+                off = np.asarray(row_offsets, dtype=np.int64)
+                rs = np.repeat(off[:-1], np.diff(off))
+                starts = off[:-1][np.diff(off) > 0]
+                first = np.minimum.reduceat(np.where(cont, n, np.arange(n)), starts)  # n: none in the row
+                first_of = np.full(off.size - 1, -1, dtype=np.int64)
+                first_of[np.diff(off) > 0] = np.where(first < n, first, -1)
+                anchor = np.where(anchor < rs, first_of[_row_of(off)], anchor)
             out = np.where(cont, np.where(anchor >= 0, out[np.maximum(anchor, 0)], -1), out)
     return out
 
@@ -427,3 +439,106 @@ def overlap_map(src: Sequence[Span], dst: Sequence[Span]) -> List[Tuple[int, int
         else:
             out.extend((i, j, ov / total) for j, ov in parts)
     return out
+
+
+# ------------------------------------------------------------------ many rows at once
+def _row_of(off: np.ndarray) -> np.ndarray:
+    """The row of every element of rows laid end to end with offsets ``off`` ``[B + 1]``."""
+    return np.repeat(np.arange(off.size - 1), np.diff(off))
+
+
+def contiguous_rows(a: np.ndarray, b: np.ndarray, off: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """:func:`_contiguous_array` on many rows at once: tokens laid end to end (row ``r`` holds tokens
+    ``off[r]:off[r + 1]`` whose spans lie in ``[0, lengths[r])``); ``[n, 2]`` int64, row-local."""
+    n = a.size
+    if n == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    row = _row_of(off)
+    base = np.concatenate([[0], np.cumsum(lengths)])[:-1]  # rows laid end to end in character space too
+    lo, hi = base[row], (base + lengths)[row]
+    a, b = a + lo, b + lo
+    text = b > a
+    e = np.where(text, np.minimum(b, hi), lo)
+    starts = off[:-1][np.diff(off) > 0]
+    last = np.maximum.reduceat(np.where(text, np.arange(n), -1), starts)  # the row's last token with text
+    last = last[last >= 0]
+    e[last] = hi[last]  # it reaches the end of its row
+    prev = np.concatenate([[0], e[:-1]])
+    prev[starts] = lo[starts]  # every row starts at its own beginning (earlier rows end at or before it)
+    s = np.maximum.accumulate(prev)
+    return np.stack([s, np.maximum(s, e)], axis=1) - lo[:, None]
+
+
+def offsets_many(tokenizer, flat: np.ndarray, off: np.ndarray) -> Tuple[List[str], np.ndarray]:
+    """:func:`offsets_array` of many id rows laid end to end (``flat``, row offsets ``off``): the decoded
+    texts and the ``[n, 2]`` row-local spans. Byte-level BPE and character vocabularies gather every
+    row's token bytes / texts at once from the per-tokenizer table; rows they do not decode (and every
+    row of other tokenizers) go through :func:`offsets_of` one by one."""
+    B, n = off.size - 1, flat.size
+    texts: List[Optional[str]] = [None] * B
+    a = np.zeros(n, dtype=np.int64)
+    b = np.zeros(n, dtype=np.int64)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    kind = type(decoder).__name__
+    in_vocab = n == 0 or (int(flat.min()) >= 0 and int(flat.max()) < _table_size(tokenizer))
+    flat_tab = None
+    if in_vocab and kind == "ByteLevel":
+        flat_tab = _safe_flat(tokenizer, "bytes")
+    elif in_vocab and getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
+        flat_tab = _safe_flat(tokenizer, "text")
+    if flat_tab is not None and n:
+        buf, ln = _gather(flat_tab, flat)
+        ends = np.cumsum(ln)
+        starts = ends - ln
+        cut = np.concatenate([[0], ends])[off]  # where each row's bytes / code points start
+        if kind == "ByteLevel":
+            raw = buf.tobytes()
+            lead = (buf & 0xC0) != 0x80
+            chars = np.concatenate([[0], np.cumsum(lead)])
+            ca, cb = chars[starts], chars[ends]
+            base = getattr(tokenizer, "vocab_size", None)
+            for r in range(B):
+                try:
+                    text = raw[cut[r]:cut[r + 1]].decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                ids = flat[off[r]:off[r + 1]]
+                if ids.size and not (isinstance(base, int) and int(ids.max()) < base) and \
+                        text != _decode(tokenizer, ids.tolist()):
+                    continue
+                texts[r] = text
+            c0 = chars[cut]
+        else:
+            fuse = kind == "Fuse"
+            ca, cb = starts, ends
+            c0 = cut
+            for r in range(B):
+                text = buf[cut[r]:cut[r + 1]].tobytes().decode("utf-32-le")
+                if fuse or text == _decode(tokenizer, flat[off[r]:off[r + 1]].tolist()):
+                    texts[r] = text
+        row = _row_of(off)
+        a, b = ca - c0[row], cb - c0[row]
+    spans = np.zeros((n, 2), dtype=np.int64)
+    fast = np.asarray([t is not None for t in texts], dtype=bool)
+    lengths = np.asarray([len(t) if t is not None else 0 for t in texts], dtype=np.int64)
+    if fast.any():
+        got = contiguous_rows(a, b, off, lengths)
+        spans[:] = got
+    for r in np.nonzero(~fast)[0]:  # one by one, as offsets_array does it
+        ids = flat[off[r]:off[r + 1]]
+        texts[r], spans[off[r]:off[r + 1]] = offsets_of(tokenizer, ids.tolist(), ids, None)
+    return texts, spans
+
+
+def _table_size(tokenizer) -> int:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return -1
+
+
+def _safe_flat(tokenizer, kind: str):
+    try:
+        return _vocab_flat(tokenizer, kind)
+    except Exception:  # noqa: BLE001 - the one-by-one path handles it
+        return None

@@ -10,7 +10,8 @@ import torch
 
 from ..ops._checks import NORMALIZE, SCALES  # noqa: F401  (re-exported: the option values, defined once)
 
-__all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
+__all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly", "row_map", "token_rewards", "MODES", "NORMALIZE",
+           "SCALES"]
 
 MODES = ("outcome", "process", "p2t")
 
@@ -143,6 +144,18 @@ def token_rewards(batch, mode: str = "p2t", *, omega: float = 0.6, temperature: 
                                     validate=validate)
 
 
+def row_map(rows: Sequence, local_rows: Optional[Sequence[int]] = None):
+    """The map of a micro-batch's rows from PRM positions onto policy tokens as index arrays:
+    ``(local row, PRM position)`` and ``(response, policy token)``; ``local_rows``: each row's index in the
+    micro-batch (default: its position in ``rows``)."""
+    import numpy as np
+    n = np.fromiter((r.map_prm.size for r in rows), dtype=np.int64, count=len(rows))
+    j = np.arange(len(rows)) if local_rows is None else np.asarray(local_rows, dtype=np.int64)
+    b = np.fromiter((r.index for r in rows), dtype=np.int64, count=len(rows))
+    return ((np.repeat(j, n), np.concatenate([r.map_prm for r in rows])),
+            (np.repeat(b, n), np.concatenate([r.map_policy for r in rows])))
+
+
 class Assembly:
     """Collects the micro-batches of one scoring call into a :class:`ScoredBatch` on ``device``: the
     segment ids and mask are known on the host before any PRM call (one copy each); attributions are
@@ -152,13 +165,16 @@ class Assembly:
     def __init__(self, rows: Sequence, lens: Sequence[int], length: int, device, dtype, tokenizer):
         import numpy as np
         self.rows, self.dev, self.dtype, self.tokenizer = rows, torch.device(device), dtype, tokenizer
+        live = [r for r in rows if r is not None]
         self.steps = [r.num_steps if r is not None else 0 for r in rows]
         self.base = np.concatenate([[0], np.cumsum(self.steps)]).astype(np.int64)
         B, N = len(rows), int(length)
         seg = np.full((B, N), -1, dtype=np.int64)
-        for b, r in enumerate(rows):
-            if r is not None:
-                seg[b, :r.num_policy] = np.where(r.policy_step >= 0, r.policy_step + self.base[b], -1)
+        if live:  # every response's policy tokens at once: (response, column) <- its local step + first step id
+            n = np.fromiter((r.num_policy for r in live), dtype=np.int64, count=len(live))
+            b = np.repeat(np.fromiter((r.index for r in live), dtype=np.int64, count=len(live)), n)
+            ps = np.concatenate([r.policy_step for r in live])
+            seg[b, np.arange(ps.size) - np.repeat(np.cumsum(n) - n, n)] = np.where(ps >= 0, ps + self.base[b], -1)
         self.segment_ids = torch.from_numpy(seg).to(self.dev)
         self.mask = torch.from_numpy(np.arange(N)[None, :] < np.asarray(lens)[:, None]).to(self.dev)
         self.scores = torch.zeros((B, N), dtype=dtype, device=self.dev)
@@ -172,19 +188,17 @@ class Assembly:
         dev, dtype = self.dev, self.dtype
         m = m.to(dev, dtype)
         attr = None if attr is None else attr.to(dev, dtype)
-        at = np.concatenate([self.base[r.index] + np.arange(r.num_steps) for r in rows])
-        self.logits[torch.from_numpy(at).to(dev)] = m
-        k0 = 0
-        for j, r in enumerate(rows):
-            self.per_row[r.index] = (attr, j, m[k0:k0 + r.num_steps])
-            k0 += r.num_steps
+        k = np.fromiter((r.num_steps for r in rows), dtype=np.int64, count=len(rows))
+        first = self.base[np.fromiter((r.index for r in rows), dtype=np.int64, count=len(rows))]
+        self.logits[torch.from_numpy(np.repeat(first, k) + np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k))
+                    .to(dev)] = m
+        for j, (r, k0) in enumerate(zip(rows, (np.cumsum(k) - k).tolist())):
+            self.per_row[r.index] = (attr, j, m, k0)
         if attr is None:
             return
         # (local row, PRM position) -> (row, policy token), one index copy per micro-batch
-        src_r = np.concatenate([np.full(r.map_prm.size, j, dtype=np.int64) for j, r in enumerate(rows)])
-        dst_b = np.concatenate([np.full(r.map_policy.size, r.index, dtype=np.int64) for r in rows])
-        idx = torch.from_numpy(np.stack([src_r, np.concatenate([r.map_prm for r in rows]), dst_b,
-                                         np.concatenate([r.map_policy for r in rows])])).to(dev)
+        src, dst = row_map(rows)
+        idx = torch.from_numpy(np.stack([src[0], src[1], dst[0], dst[1]])).to(dev)
         vals = attr[idx[0], idx[1]]
         if any(r.map_weight is not None for r in rows):
             w = np.concatenate([r.map_weight if r.map_weight is not None else np.ones(r.map_prm.size) for r in rows])
@@ -195,7 +209,8 @@ class Assembly:
         r = self.rows[b]
         if r is None:
             return None
-        attr, j, mb = self.per_row[r.index]
+        attr, j, m, k0 = self.per_row[r.index]
+        mb = m[k0:k0 + r.num_steps]
         conv = getattr(self.tokenizer, "convert_ids_to_tokens", None)
         ids = r.input_ids.tolist()
         tokens = list(conv(ids)) if conv else [self.tokenizer.decode([t]) for t in ids]

@@ -26,13 +26,13 @@ is missing, and the scorer then takes the unfused path (equal within the ops' to
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from . import methods as M
-from .batch import Assembly, ScoredBatch
+from .batch import Assembly, ScoredBatch, row_map
 from .layout import whole_groups
 
 __all__ = ["unfused_reason", "advantages", "unfused"]
@@ -61,10 +61,6 @@ def unfused(sb: ScoredBatch, o: torch.Tensor, mask: Optional[torch.Tensor], *, g
     sb.advantages = ops.token_advantages(o, sb.token_rewards("p2t", **options).float(), group_size=group_size,
                                          alpha=alpha, mask=keep, scale=scale, eps=eps)
     return sb
-
-
-def _index(parts: List[np.ndarray], dev) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)).to(dev)
 
 
 def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, mask: Optional[torch.Tensor], *,
@@ -97,13 +93,12 @@ def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, m
         b, (_, L, D) = len(idx), x.shape
         jl = torch.as_tensor(live, device=x.device)
         holes = any(r.map_policy.size != np.count_nonzero(r.policy_step >= 0) for r in lrows)
+        src, dst = row_map(lrows)
         if holes:  # the policy layout: every step token, the gradient of those the PRM sees, 0 for the others
-            dst_j = _index([np.full(r.map_policy.size, j, dtype=np.int64) for j, r in zip(live, lrows)], x.device)
-            src_j = _index([np.full(r.map_prm.size, j, dtype=np.int64) for j, r in enumerate(lrows)], x.device)
-            src_p = _index([r.map_prm for r in lrows], x.device)
-            dst_p = _index([r.map_policy for r in lrows], x.device)
+            src_t = torch.from_numpy(np.stack(src)).to(x.device)
+            dst_t = torch.from_numpy(np.stack([np.asarray(live)[src[0]], dst[1]])).to(x.device)
             G, X = (x.new_zeros((b, N, D)) for _ in range(2))
-            G[dst_j, dst_p], X[dst_j, dst_p] = g[src_j, src_p], x[src_j, src_p]
+            G[dst_t[0], dst_t[1]], X[dst_t[0], dst_t[1]] = g[src_t[0], src_t[1]], x[src_t[0], src_t[1]]
             seg_g = out.segment_ids[torch.as_tensor(idx, device=dev)].to(x.device)
             shift = torch.zeros(b, dtype=torch.long, device=x.device)
             shift[jl] = torch.from_numpy(off - out.base[[idx[j] for j in live]]).to(x.device)
@@ -122,12 +117,10 @@ def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, m
                                standardize=standardize, normalize=normalize, scale=scale_in, eps=eps, validate=False)
         if holes:
             adv[torch.as_tensor(idx, device=dev)] = a.to(dev, torch.float32)
-        else:  # gathered onto the policy's tokens: (live row, PRM position) -> (response, policy token)
-            src = torch.stack([_index([np.full(r.map_prm.size, j, dtype=np.int64) for j, r in zip(live, lrows)],
-                                      x.device), _index([r.map_prm for r in lrows], x.device)])
-            dst = torch.stack([_index([np.full(r.map_policy.size, r.index, dtype=np.int64) for r in lrows], dev),
-                               _index([r.map_policy for r in lrows], dev)])
-            adv[dst[0], dst[1]] = a[src[0], src[1]].to(dev, torch.float32)
+        else:  # gathered onto the policy's tokens: (row in the micro-batch, PRM position) -> (response, token)
+            src_t = torch.from_numpy(np.stack([np.asarray(live)[src[0]], src[1]])).to(x.device)
+            dst_t = torch.from_numpy(np.stack(dst)).to(dev)
+            adv[dst_t[0], dst_t[1]] = a[src_t[0], src_t[1]].to(dev, torch.float32)
     sb = out.finish("taylor", scorer.objective)
     sb.advantages = torch.where(keep, adv, torch.zeros((), device=dev))
     return sb

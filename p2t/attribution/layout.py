@@ -21,6 +21,7 @@ Everything here is host work on NumPy arrays, vectorised over tokens.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .align import (Span, assign_steps_array, encode_with_offsets, offsets_of, overlap_map, special_ids,
-                    split_steps)
+from .align import (Span, _row_of, assign_steps_array, encode_with_offsets, offsets_many, offsets_of, overlap_map,
+                    special_ids, split_steps)
 
 __all__ = ["Row", "Layout", "AttributionWarning", "pack"]
 
@@ -154,11 +155,114 @@ class Layout:
              stacklevel: int = 4) -> List[Optional[Row]]:
         """One row per response; ``None`` for a response without a step when ``skip_empty``."""
         parts = self.template_parts_many(prompts)  # prompts repeat (GRPO groups): each encoded once
+        if responses is None and policy_ids is not None and skip_empty and self.same_tokenizer:
+            return self._rows_ids(prompts, parts, policy_ids, stacklevel + 1)
         out: List[Optional[Row]] = []
         for i, prompt in enumerate(prompts):
             ids = None if policy_ids is None else policy_ids[i]
             out.append(self.row(i, parts[prompt], None if responses is None else responses[i], ids, hint=hint,
                                 skip_empty=skip_empty, stacklevel=stacklevel + 1))
+        return out
+
+    def _rows_ids(self, prompts: Sequence[str], parts, policy_ids, stacklevel: int) -> List[Optional[Row]]:
+        """:meth:`rows` of policy ids with the PRM's own tokenizer (``skip_empty``), built for the whole
+        batch at once: the rows' ids laid end to end in one array (row offsets by cumsum), their texts
+        and spans, step assignment, truncation and the PRM inputs computed on those arrays (no loop over
+        tokens, a few NumPy calls per batch); each :class:`Row` is a set of views into them."""
+        B = len(prompts)
+        lists = [x.tolist() if isinstance(x, torch.Tensor) else x for x in policy_ids]
+        n_b = np.fromiter((len(x) for x in lists), dtype=np.int64, count=B)
+        off = np.concatenate([[0], np.cumsum(n_b)])
+        flat = np.array(list(itertools.chain.from_iterable(lists)), dtype=np.int64).reshape(-1)
+        bad = (flat < 0) | (flat >= self.policy_vocab)
+        if bad.any():
+            k = int(bad.argmax())
+            i = int(np.searchsorted(off, k, side="right") - 1)
+            raise ValueError(f"response_token_ids[{i}] holds the id {int(flat[k])}, outside the policy "
+                             f"tokenizer's vocabulary [0, {self.policy_vocab})")
+        texts, spans = offsets_many(self.policy_tokenizer, flat, off)
+        row = _row_of(off)
+        split = None if self.read_at == "last" else self.step_split
+        steps = [split_steps(t, split) if t else [] for t in texts]
+        k_b = np.fromiter((len(x) for x in steps), dtype=np.int64, count=B)
+        s_off = np.concatenate([[0], np.cumsum(k_b)])
+        S = int(s_off[-1])
+        lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=B)
+        cbase = np.concatenate([[0], np.cumsum(lengths)])[:-1]  # the rows end to end in character space
+        st = (np.asarray([sp for x in steps for sp in x], dtype=np.int64).reshape(-1, 2)
+              + np.repeat(cbase, k_b)[:, None])
+        special = (self._special_table[flat] if self._special_table is not None else
+                   np.isin(flat, list(self.policy_special)))
+        has_text = (spans[:, 1] > spans[:, 0]) | ~special
+        g = assign_steps_array(spans + cbase[row][:, None], st, has_text, row_offsets=off)  # global step ids
+        srow = np.repeat(np.arange(B), k_b)
+        sel = np.nonzero((g >= 0) & has_text)[0]
+        counts = np.bincount(g[sel], minlength=S).astype(np.int64)
+        head_n = np.asarray([len(parts[p][0]) for p in prompts], dtype=np.int64)
+        tail_n = np.asarray([len(parts[p][1]) for p in prompts], dtype=np.int64)
+        nsep = len(self.sep_ids)
+        per_sep = nsep + len(self.suffix_ids)
+        per_step = counts + per_sep
+        keep = k_b.copy()
+        if self.max_length is not None and S:
+            cum = np.cumsum(per_step)
+            within = cum - np.repeat(np.concatenate([[0], cum])[s_off[:-1]], k_b)  # inclusive, per row
+            fits = head_n[srow] + within + tail_n[srow] <= self.max_length
+            total = head_n + np.bincount(srow, weights=per_step, minlength=B).astype(np.int64) + tail_n
+            for i in np.nonzero((total > self.max_length) & (k_b > 0))[0]:
+                i = int(i)
+                if self.truncation == "error":
+                    raise ValueError(f"responses[{i}]: the PRM input has {total[i]} tokens, more than max_length="
+                                     f"{self.max_length}; shorten it or pass truncation='steps'")
+                keep[i] = int(fits[s_off[i]:s_off[i + 1]].sum())
+                if keep[i] == 0:
+                    raise ValueError(f"responses[{i}]: not even its first step fits in the PRM's max_length="
+                                     f"{self.max_length} ({head_n[i] + per_step[s_off[i]] + tail_n[i]} tokens with "
+                                     "the prompt)")
+                warnings.warn(f"responses[{i}]: the PRM input has {total[i]} tokens, more than max_length="
+                              f"{self.max_length}; kept the first {keep[i]} of {k_b[i]} steps (the rest get "
+                              "segment id -1 and score 0)", AttributionWarning, stacklevel=stacklevel)
+        kept = (np.arange(S) - s_off[:-1][srow]) < keep[srow]
+        if not kept.all():
+            sel = sel[kept[g[sel]]]
+            g = np.where(g >= 0, np.where(kept[np.maximum(g, 0)], g, -1), -1)
+            per_step = np.where(kept, per_step, 0)
+            counts = np.where(kept, counts, 0)
+        live = k_b > 0
+        L_b = np.where(live, head_n + np.bincount(srow, weights=per_step, minlength=B).astype(np.int64) + tail_n, 0)
+        P = np.concatenate([[0], np.cumsum(L_b)])
+        # step k of row r starts after the row's head, its earlier steps and their separators
+        cs = np.concatenate([[0], np.cumsum(per_step)])
+        start = P[srow] + head_n[srow] + cs[:-1] - cs[s_off[:-1]][srow]
+        ids = np.empty(int(P[-1]), dtype=np.int64)
+        tstep = np.full(int(P[-1]), -1, dtype=np.int64)
+        for which, n_x, at in ((0, head_n, P[:-1]), (1, tail_n, P[1:] - tail_n)):
+            n_x = np.where(live, n_x, 0)
+            if n_x.any():
+                pos = np.repeat(at, n_x) + np.arange(int(n_x.sum())) - np.repeat(np.cumsum(n_x) - n_x, n_x)
+                ids[pos] = np.fromiter(itertools.chain.from_iterable(
+                    parts[prompts[r]][which] for r in np.nonzero(n_x)[0]), dtype=np.int64, count=int(n_x.sum()))
+        sep_at = start + counts
+        for o, t in enumerate(self.sep_ids + self.suffix_ids):
+            ids[sep_at[kept] + o] = t
+        sel = sel[np.argsort(g[sel], kind="stable")]  # row by row, step by step (steps hold sorted tokens)
+        gs = g[sel]
+        pos = start[gs] + np.arange(sel.size) - (np.cumsum(counts) - counts)[gs]
+        ids[pos] = flat[sel]
+        local = np.where(g >= 0, g - s_off[:-1][row], -1)
+        tstep[pos] = local[sel]
+        readout = (sep_at + nsep - 1 - P[srow]) if self.read_at == "separator" else (L_b - 1)[srow]
+        m_off = np.concatenate([[0], np.cumsum(np.bincount(row[sel], minlength=B))])
+        map_prm, map_policy = pos - P[row[sel]], sel - off[row[sel]]
+        out: List[Optional[Row]] = []
+        for i in range(B):
+            if not live[i]:
+                out.append(None)
+                continue
+            a, b, s0, m0, m1 = off[i], off[i + 1], s_off[i], m_off[i], m_off[i + 1]
+            out.append(Row(i, ids[P[i]:P[i + 1]], tstep[P[i]:P[i + 1]], readout[s0:s0 + keep[i]], int(head_n[i]),
+                           map_prm[m0:m1], map_policy[m0:m1], None, local[a:b], spans[a:b], steps[i][:keep[i]],
+                           texts[i]))
         return out
 
     def _policy_offsets(self, i, response, ids, hint: bool, skip_empty: bool, stacklevel: int):
@@ -297,20 +401,20 @@ def pack(rows: List[Row], pad_id: int, device) -> dict:
     ``row_index`` ``[b]``; and ``local`` ``[K]`` (each readout's step within its row) with
     ``num_local`` (its maximum + 1) for the per-step method. Built in NumPy, one copy each."""
     b = len(rows)
-    lens = np.asarray([r.length for r in rows], dtype=np.int64)
+    lens = np.fromiter((r.length for r in rows), dtype=np.int64, count=b)
     L = int(lens.max())
+    at = (np.repeat(np.arange(b), lens), np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens))
     ids = np.full((b, L), pad_id, dtype=np.int64)
     tstep = np.full((b, L), -1, dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, :r.length] = r.input_ids
-        tstep[i, :r.length] = r.token_step
+    ids[at] = np.concatenate([r.input_ids for r in rows])
+    tstep[at] = np.concatenate([r.token_step for r in rows])
     cols = np.arange(L)[None, :]
     attn = (cols < lens[:, None]).astype(np.int64)
-    pmask = cols < np.asarray([r.prompt_length for r in rows])[:, None]
-    k = np.asarray([r.num_steps for r in rows], dtype=np.int64)
+    pmask = cols < np.fromiter((r.prompt_length for r in rows), dtype=np.int64, count=b)[:, None]
+    k = np.fromiter((r.num_steps for r in rows), dtype=np.int64, count=b)
     ro = np.stack([np.repeat(np.arange(b), k), np.concatenate([r.readout for r in rows])], axis=1)
-    local = np.concatenate([np.arange(n) for n in k])
-    row_index = np.asarray([r.index for r in rows], dtype=np.int64)
+    local = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+    row_index = np.fromiter((r.index for r in rows), dtype=np.int64, count=b)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
     return dict(input_ids=t(ids), attention_mask=t(attn), step_index=t(tstep), prompt_mask=t(pmask),
                 readout_positions=t(ro), row_index=t(row_index), local=t(local),
