@@ -15,8 +15,8 @@ Methods, in one run on one model:
   :func:`p2t.token_advantages` once per batch. ``engine@16384``: the same with a larger budget.
 * ``engine_packed`` (``--methods ...,packed``): the engine with ``packing=True`` (responses laid end
   to end in rows, positions restarting per response; :mod:`p2t.attribution.packing`).
-* ``engine_fused`` (``--methods ...,fused``): the trainer's path, ``advantages_ids``: micro-batches of
-  whole groups of 8 responses (longest group first), each ending in the fused :func:`p2t.p2t_advantages`.
+* ``engine_fused`` (``--methods ...,fused``): the trainer's path, ``advantages_ids``: the engine's
+  micro-batches, each ending in the fused :func:`p2t.p2t_advantages` (groups of 8 responses).
 * ``engine_liger`` (``--liger``, CUDA): the engine after Liger-Kernel's Qwen2 patches (RoPE, RMSNorm,
   SwiGLU) -- applied last, since they patch the transformers module for the whole process.
 * ``host``: the engine's work outside the PRM (input layout from the ids, micro-batch tensors, the
@@ -233,8 +233,8 @@ def scorer_inputs(batch: Batch, tok):
 
 def make_engine_step(model, batch: Batch, device: str, budget: int, tok=None, fused: bool = False, **options):
     """The product's reward step: ``score_ids`` + ``token_rewards("p2t")`` + :func:`p2t.token_advantages`
-    (micro-batches sorted by length), or with ``fused`` the trainer's ``advantages_ids`` (micro-batches of
-    whole groups of ``GROUP`` rows, ending in :func:`p2t.p2t_advantages`)."""
+    (micro-batches sorted by length), or with ``fused`` the trainer's ``advantages_ids`` (the same
+    micro-batches, each ending in :func:`p2t.p2t_advantages`; groups of ``GROUP`` rows)."""
     from p2t.attribution import P2TScorer
 
     tok = tok or id_tokenizer(model.config.vocab_size)
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
             for i, bt in enumerate(budgets):
                 jobs.append(("engine" if i == 0 else f"engine@{bt}", make_engine_step(model, batch, device, bt,
                                                                                         tok=tok)))
-        if "fused" in methods:  # the trainer's path: whole groups per micro-batch, the fused op at the end
+        if "fused" in methods:  # the trainer's path: the fused op at the end of every micro-batch
             jobs.append(("engine_fused", make_engine_step(model, batch, device, budget, tok=tok, fused=True)))
         if "packed" in methods:  # the engine with packed rows (positions restarting per response)
             jobs.append(("engine_packed", make_engine_step(model, batch, device, budget, tok=tok, packing=True)))

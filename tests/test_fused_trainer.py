@@ -1,6 +1,6 @@
-"""The fused end of a P2T step: ``P2TScorer.advantages_ids`` (micro-batches of whole groups ending in
-``p2t.p2t_advantages``) against the unfused path and a float64 reference; the rewards-only path of
-process mode; the trainer's p2t step going through the fused op."""
+"""The fused end of a P2T step: ``P2TScorer.advantages_ids`` (every micro-batch ending in
+``p2t.p2t_advantages``, A^ of the whole batch) against the unfused path and a float64 reference; the
+rewards-only path of process mode; the trainer's p2t step going through the fused op."""
 from __future__ import annotations
 
 import random
@@ -114,24 +114,25 @@ def test_fused_mask_zeroes_without_changing_steps(toy):
     torch.testing.assert_close(f.advantages.double(), _unfused64(f, o, 2, alpha=0.5, mask=mask), rtol=0, atol=1e-6)
 
 
-def test_micro_batches_hold_whole_groups(toy, monkeypatch):
-    from p2t.attribution import layout
-    prompts, ids, o = _batch(toy.tokenizer, 7, groups=6, group_size=3)
-    seen = []
-    real = layout.whole_groups
+def test_fused_micro_batches_are_the_scorers(toy, monkeypatch):
+    """The fused path forwards the PRM on score_ids' micro-batches (sorted by length under the token
+    budget: no extra padding, a group larger than the budget is split), one fused op per micro-batch."""
+    prompts, ids, o = _batch(toy.tokenizer, 7, groups=3, group_size=6)
+    shapes = {"fwd": [], "op": []}
+    real_fwd, real_op = type(toy.model).forward, p2t.ops.p2t_advantages
 
-    def spy(rows, g, budget):
-        out = real(rows, g, budget)
-        seen.append(out)
-        return out
-    monkeypatch.setattr(fused_mod, "whole_groups", spy)
-    toy.advantages_ids(prompts, ids, o, group_size=3)
-    (mbs,) = seen
-    assert len(mbs) > 1, "the test needs several micro-batches"
-    assert sorted(i for mb in mbs for i in mb) == list(range(len(ids)))
-    for mb in mbs:
-        assert len(mb) % 3 == 0 and all(mb[k] % 3 == 0 and mb[k:k + 3] == list(range(mb[k], mb[k] + 3))
-                                        for k in range(0, len(mb), 3))
+    def fwd(self, *a, **k):
+        shapes["fwd"].append(tuple(k["inputs_embeds"].shape[:2]))
+        return real_fwd(self, *a, **k)
+    monkeypatch.setattr(type(toy.model), "forward", fwd)
+    monkeypatch.setattr(p2t.ops, "p2t_advantages",
+                        lambda *a, **k: shapes["op"].append(k["group_size"]) or real_op(*a, **k))
+    toy.score_ids(prompts, ids)
+    want = list(shapes["fwd"])
+    shapes["fwd"].clear()
+    toy.advantages_ids(prompts, ids, o, group_size=6)
+    assert shapes["fwd"] == want and len(want) > 1 and all(b * L <= 96 or b == 1 for b, L in want)
+    assert shapes["op"] == [1] * len(want)
 
 
 def test_unfused_fallbacks_and_bad_arguments(toy, monkeypatch):
@@ -163,6 +164,16 @@ def test_rewards_only_path_gives_the_same_step_rewards(toy, monkeypatch):
     torch.testing.assert_close(r.token_rewards("process"), full.token_rewards("process"), rtol=0, atol=1e-6)
     v = next(v for v in r.prm if v is not None)
     assert (v.attributions == 0).all() and v.step_rewards.numel() > 0
+
+
+def test_fused_op_is_exact_when_a_group_spans_micro_batches(toy):
+    """One group of 12 responses over several micro-batches: A^ comes from the whole group."""
+    prompts, ids, o = _batch(toy.tokenizer, 9, groups=1, group_size=12)
+    o = torch.linspace(0, 1, 12)
+    for scale in ("group", "batch", "none"):
+        f = toy.advantages_ids(prompts, ids, o, group_size=12, scale=scale, alpha=0.3)
+        torch.testing.assert_close(f.advantages.double(), _unfused64(f, o, 12, alpha=0.3, scale=scale), rtol=0,
+                                   atol=1e-6)
 
 
 # ---------------------------------------------------------------- the trainer

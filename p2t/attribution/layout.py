@@ -433,19 +433,3 @@ def groups(rows: Sequence[Row], cost, budget: int) -> List[List[int]]:
         cur.append(r)
     return out + ([cur] if cur else [])
 
-
-def whole_groups(rows: Sequence[Optional[Row]], group_size: int, budget: int) -> List[List[int]]:
-    """Micro-batches made of whole groups (``group_size`` consecutive rows; ``None``: a row with no PRM
-    input): groups sorted by their longest PRM input, longest first, as many per micro-batch as keep
-    rows x that length <= ``budget`` (one group at least). Row indices, each group's rows in order."""
-    n = len(rows) // group_size
-    longest = [max([r.length for r in rows[g * group_size:(g + 1) * group_size] if r is not None] or [0])
-               for g in range(n)]
-    out, cur, top = [], [], 0
-    for g in sorted(range(n), key=lambda g: -longest[g]):
-        if cur and (len(cur) + group_size) * top > budget:
-            out.append(cur)
-            cur = []
-        top = longest[g] if not cur else top
-        cur += range(g * group_size, (g + 1) * group_size)
-    return out + ([cur] if cur else [])

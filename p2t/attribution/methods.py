@@ -135,7 +135,8 @@ def exact(f: Margins, f_copies: Callable[[int, torch.Tensor], torch.Tensor], x, 
     return scores, m0
 
 
-def exact_copies(margins: Callable, x, attn, inputs: dict, objective: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
+def exact_copies(margins: Callable, x, attn, inputs: dict,
+                 objective: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """``f_copies(r, xs)`` of :func:`exact` for a padded micro-batch: row ``r``'s inputs repeated for each
     perturbed copy in ``xs`` ``[c, L, D]``, the row's step objectives summed per copy (``margins(xs,
     attention_mask, inputs)`` is the head's log-odds)."""

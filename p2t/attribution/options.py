@@ -237,8 +237,8 @@ def check_advantages(outcome_rewards, n: int, group_size, scale: str, normalize:
     return o.to(device), mask, length
 
 
-def load_pretrained(cls, path_or_id: str, kind: str, *, tokenizer, policy_tokenizer, dtype, device, trust_remote_code: bool,
-                    model_class, model_kwargs: Optional[dict], **options):
+def load_pretrained(cls, path_or_id: str, kind: str, *, tokenizer, policy_tokenizer, dtype, device,
+                    trust_remote_code: bool, model_class, model_kwargs: Optional[dict], **options):
     """:meth:`P2TScorer.from_pretrained` (``cls``: the scorer class to build)."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 

@@ -244,7 +244,7 @@ class P2TScorer:
         :func:`p2t.p2t_advantages` and ``mask`` (``[B, N]``: where advantages are kept, e.g. the loss
         mask; 0 elsewhere; it does not change the steps; default: the response tokens). Returns the
         :meth:`score_ids` batch with ``advantages`` ``[B, N]`` float32 set. Where :meth:`fuses`, the call
-        ends in :func:`p2t.p2t_advantages` on each micro-batch of whole groups (:mod:`.fused`); otherwise
+        ends in :func:`p2t.p2t_advantages` on each micro-batch (:mod:`.fused`); otherwise
         in :meth:`ScoredBatch.token_rewards` and :func:`p2t.token_advantages` (equal within the ops'
         tolerances). ``attributions=False`` on the fused path leaves ``scores`` 0 (one read of the
         gradient and the embeddings per micro-batch instead of two).

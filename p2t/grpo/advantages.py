@@ -11,11 +11,13 @@ mode come from one function, :func:`p2t.attribution.token_rewards`.
 :func:`rollout_advantages` is the trainer's one call per rollout. In ``p2t`` mode it ends in the fused
 :func:`p2t.p2t_advantages` wherever the scorer can fuse (:meth:`p2t.P2TScorer.advantages_ids`: the
 policy's own tokens in the PRM input, the ``taylor`` method, no packing, no images). The fused op takes
-a ``[B, N, D]`` gradient and the scorer holds one micro-batch's gradient at a time, so the micro-batches
-there are made of whole groups, which keeps the group statistics of ``A^`` exact inside each one. Other
-set-ups take the unfused tail (:func:`p2t.segment_redistribute` then :func:`p2t.token_advantages`,
-equal within the ops' tolerances), as does ``fused=False``. ``process`` mode needs no gradient at all:
-its step rewards come from the scorer's forward alone (:meth:`p2t.P2TScorer.rewards_ids`).
+the ``[B, N, D]`` gradient and embeddings that the scorer only ever holds one micro-batch at a time, so
+it runs once per micro-batch: ``A^_b`` depends on the outcome rewards alone and is computed once for the
+whole batch, the op returns ``alpha * r_i`` (each row in a group of its own) and ``A^_b`` is added as its
+output is gathered onto the completion tokens (:mod:`p2t.attribution.fused`). Other set-ups take the
+unfused tail (:func:`p2t.segment_redistribute` then :func:`p2t.token_advantages`, equal within the ops'
+tolerances), as does ``fused=False``. ``process`` mode needs no gradient at all: its step rewards come
+from the scorer's forward alone (:meth:`p2t.P2TScorer.rewards_ids`).
 """
 from __future__ import annotations
 
@@ -77,9 +79,9 @@ def advantages_from_scored(mode: str, outcome_rewards: torch.Tensor, mask: torch
 
 
 def rollout_advantages(scorer, mode: str, prompts, response_ids, outcome_rewards: torch.Tensor,
-                       mask: torch.Tensor, *, group_size: int, alpha: float, scale: str, omega: float = 0.6, temperature: float = 1.0,
-                       standardize: bool = False, normalize: str = "paper", method: str = "taylor",
-                       fused: bool = True, device=None, extra: Optional[dict] = None):
+                       mask: torch.Tensor, *, group_size: int, alpha: float, scale: str, omega: float = 0.6,
+                       temperature: float = 1.0, standardize: bool = False, normalize: str = "paper",
+                       method: str = "taylor", fused: bool = True, device=None, extra: Optional[dict] = None):
     """(advantages ``[B, N]``, token rewards ``[B, N]``, scored batch or ``None``) of one rollout whose
     completions are ``response_ids`` (policy ids, ``mask``'s columns), on ``device``: one scorer call
     (none in outcome mode). ``extra``: more scorer arguments (a vision-language PRM's ``images``; they
