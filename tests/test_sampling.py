@@ -133,5 +133,12 @@ def test_models_the_loop_does_not_cover_use_generate(monkeypatch):
         draw(model, ids, mask, "fast")
     with pytest.raises(ValueError, match="sampler"):
         draw(model, ids, mask, "beam")
+    class Adapted(torch.nn.Linear):  # e.g. a LoRA or quantised layer: its weight is not the whole story
+        pass
+    other = tiny("llama")
+    v = other.model.layers[1].self_attn.v_proj
+    other.model.layers[1].self_attn.v_proj = Adapted(v.in_features, v.out_features, bias=False)
+    assert not sampling.supports(other)
+    assert not sampling.supports(tiny("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     from transformers import GPT2Config, GPT2LMHeadModel
     assert not sampling.supports(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V)))

@@ -53,12 +53,17 @@ def _why_not(model) -> Optional[str]:
         return "sliding-window attention"
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope not in ("default", "linear", "llama3"):  # the others depend on the running length
+        return f"rope_type {rope!r}"
     for layer in base.layers:
         at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if at is None or mlp is None or not all(hasattr(at, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) \
                 or not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
             return "a layer without q/k/v/o and gate/up/down projections"
-        if type(at.q_proj) is not torch.nn.Linear or type(mlp.gate_proj) is not torch.nn.Linear:
+        projections = [getattr(at, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+            [getattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(m) is not torch.nn.Linear for m in projections):
             return "projections that are not plain nn.Linear (quantised or adapted)"
     gen = getattr(model, "generation_config", None)
     for name, neutral in _NEUTRAL.items():
