@@ -5,8 +5,10 @@
 // the others spin at the closing barrier, keeping the descheduled thread off the cores: the call takes a
 // scheduler quantum (~8 ms) instead of ~1 ms. Here:
 //
-// - the work is cut into many small tasks taken one at a time by whichever thread is running (dynamic
-//   scheduling), so a descheduled thread holds up at most one small task;
+// - the work is cut into many small tasks. Each thread owns a contiguous block of them (thread k the k-th
+//   of `threads` equal blocks, the same rows on every call, so a core finds its block in its own cache on
+//   the next call as with a static split); a thread that has finished its block takes the tasks left in
+//   the others' blocks, one at a time. A descheduled thread thus holds up at most one small task;
 // - a job uses no more threads than there are cores free for it: the CPUs this process may run on, less
 //   the threads of the whole machine that are runnable right now besides the caller (the running count
 //   of /proc/loadavg, one pread per job). A worker sharing a core with a busy process can be descheduled
@@ -135,10 +137,22 @@ inline int usable_threads(int wanted, int own_awake = 0) {
 // ------------------------------------------------------------------------------------------------
 // the pool
 // ------------------------------------------------------------------------------------------------
+struct Block {
+  alignas(64) std::atomic<int64_t> next{0};  // next task of the block to hand out (>= end: none left)
+  int64_t end = 0;
+};
+
 struct Job {
-  const std::function<void(int64_t)>* fn;  // valid while some task of this job is unfinished
-  int64_t n;
-  std::atomic<int64_t> next{0};
+  Job(int64_t n_, int threads_) : n(n_), threads(threads_), blocks(new Block[threads_]) {
+    for (int k = 0; k < threads; ++k) {
+      blocks[k].next.store(n * k / threads, std::memory_order_relaxed);
+      blocks[k].end = n * (k + 1) / threads;
+    }
+  }
+  const std::function<void(int64_t)>* fn = nullptr;  // valid while some task of this job is unfinished
+  const int64_t n;
+  const int threads;
+  std::unique_ptr<Block[]> blocks;
   std::atomic<int64_t> done{0};
 };
 
@@ -151,9 +165,8 @@ class Pool {
       inline_run(n, fn);
       return;
     }
-    auto job = std::make_shared<Job>();
+    auto job = std::make_shared<Job>(n, threads);
     job->fn = &fn;
-    job->n = n;
     {
       std::lock_guard<std::mutex> lk(m_);
       grow(threads - 1);
@@ -162,7 +175,7 @@ class Pool {
       ++gen_;
     }
     cv_work_.notify_all();
-    work(*job);
+    work(*job, 0);
     // The last tasks are in flight on workers. A running worker finishes one in a few microseconds:
     // spin for that long, then sleep, so that a worker descheduled mid-task can get this core.
     const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
@@ -186,17 +199,22 @@ class Pool {
   }
 
  private:
-  // A task index >= n means the job is finished (or being finished by others): fn is not touched then,
-  // so a worker waking up late never calls into a returned caller.
-  void work(Job& job) {
+  // Thread `slot` takes the tasks of its own block, then those left in the others'. A block handing out an
+  // index >= its end has none left: fn is not touched then, so a worker waking up late never calls into a
+  // returned caller.
+  void work(Job& job, int slot) {
     in_task() = true;
-    for (;;) {
-      const int64_t t = job.next.fetch_add(1, std::memory_order_relaxed);
-      if (t >= job.n) break;
-      (*job.fn)(t);
-      if (job.done.fetch_add(1, std::memory_order_acq_rel) + 1 == job.n) {
-        std::lock_guard<std::mutex> lk(m_);
-        cv_done_.notify_all();
+    for (int k = 0; k < job.threads; ++k) {
+      Block& b = job.blocks[(slot + k) % job.threads];
+      for (;;) {
+        if (b.next.load(std::memory_order_relaxed) >= b.end) break;
+        const int64_t t = b.next.fetch_add(1, std::memory_order_relaxed);
+        if (t >= b.end) break;
+        (*job.fn)(t);
+        if (job.done.fetch_add(1, std::memory_order_acq_rel) + 1 == job.n) {
+          std::lock_guard<std::mutex> lk(m_);
+          cv_done_.notify_all();
+        }
       }
     }
     in_task() = false;
@@ -224,7 +242,7 @@ class Pool {
         if (id >= wanted_ || !job_) continue;
         job = job_;
       }
-      work(*job);
+      work(*job, id + 1);
     }
   }
 
