@@ -181,9 +181,10 @@ class Assembly:
         self.logits = torch.zeros(int(self.base[-1]), dtype=dtype, device=self.dev)
         self.per_row = {}
 
-    def add(self, rows: Sequence, attr: Optional[torch.Tensor], m: torch.Tensor) -> None:
+    def add(self, rows: Sequence, attr: Optional[torch.Tensor], m: torch.Tensor) -> torch.Tensor:
         """One micro-batch: ``attr`` ``[len(rows), L]`` per PRM position (``None``: step rewards only, the
-        scores stay 0), ``m`` ``[K]`` log-odds in readout order."""
+        scores stay 0), ``m`` ``[K]`` log-odds in readout order. Returns the map it scattered by: int64
+        ``[4, M]`` on the output device, (row in the micro-batch, PRM position, response, policy token)."""
         import numpy as np
         dev, dtype = self.dev, self.dtype
         m = m.to(dev, dtype)
@@ -194,16 +195,18 @@ class Assembly:
                     .to(dev)] = m
         for j, (r, k0) in enumerate(zip(rows, (np.cumsum(k) - k).tolist())):
             self.per_row[r.index] = (attr, j, m, k0)
-        if attr is None:
-            return
         # (local row, PRM position) -> (row, policy token), one index copy per micro-batch
         src, dst = row_map(rows)
         idx = torch.from_numpy(np.stack([src[0], src[1], dst[0], dst[1]])).to(dev)
+        if attr is None:
+            return idx
         vals = attr[idx[0], idx[1]]
-        if any(r.map_weight is not None for r in rows):
+        shared = any(r.map_weight is not None for r in rows)  # PRM tokens split over policy tokens: sums
+        if shared:
             w = np.concatenate([r.map_weight if r.map_weight is not None else np.ones(r.map_prm.size) for r in rows])
             vals = vals * torch.from_numpy(w).to(dev, dtype)
-        self.scores.index_put_((idx[2], idx[3]), vals, accumulate=True)
+        self.scores.index_put_((idx[2], idx[3]), vals, accumulate=shared)  # identity: one value per token
+        return idx
 
     def _view(self, b: int) -> Optional[PRMView]:
         r = self.rows[b]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import methods as M
-from .batch import Assembly, ScoredBatch, row_map
+from .batch import Assembly, ScoredBatch
 
 __all__ = ["unfused_reason", "advantages", "unfused"]
 
@@ -80,18 +80,17 @@ def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, m
         with scorer._autocast():
             m, g = M.gradient(lambda xx: scorer.head.margins(scorer.model, xx, attn, inputs), x, scorer.objective)
         nul = null.to(device=x.device, dtype=x.dtype)
-        out.add(lrows, M.reduce(g, x, nul, tstep >= 0) if attributions else None, m)
+        at = out.add(lrows, M.reduce(g, x, nul, tstep >= 0) if attributions else None, m)  # (j, PRM, b, policy)
         b, D = len(lrows), x.shape[2]
         idx = np.fromiter((r.index for r in lrows), dtype=np.int64, count=b)
         k = np.fromiter((r.num_steps for r in lrows), dtype=np.int64, count=b)
         off = torch.from_numpy(np.cumsum(k) - k).to(x.device)  # first step id of each row in this micro-batch
         rows_t = torch.from_numpy(idx).to(dev)
-        src, dst = row_map(lrows)
         if any(r.map_policy.size != np.count_nonzero(r.policy_step >= 0) for r in lrows):
             # the policy layout: every step token, the gradient of those the PRM sees, 0 for the others
-            at = torch.from_numpy(np.stack([src[0], src[1], dst[1]])).to(x.device)
+            ax = at.to(x.device)
             G, X = (x.new_zeros((b, N, D)) for _ in range(2))
-            G[at[0], at[2]], X[at[0], at[2]] = g[at[0], at[1]], x[at[0], at[1]]
+            G[ax[0], ax[3]], X[ax[0], ax[3]] = g[ax[0], ax[1]], x[ax[0], ax[1]]
             seg = out.segment_ids[rows_t].to(x.device)  # global step ids -> this micro-batch's
             shift = off - torch.from_numpy(out.base[idx]).to(x.device)
             seg = torch.where(seg >= 0, seg + shift[:, None], -1)
@@ -104,8 +103,8 @@ def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, m
         if G is not g:
             adv[rows_t] = a.to(dev, torch.float32) + a_hat[rows_t][:, None]
         else:  # gathered onto the policy's tokens: (row in the micro-batch, PRM position) -> (response, token)
-            s_t, d_t = torch.from_numpy(np.stack(src)).to(x.device), torch.from_numpy(np.stack(dst)).to(dev)
-            adv[d_t[0], d_t[1]] = a[s_t[0], s_t[1]].to(dev, torch.float32) + a_hat[d_t[0]]
+            ax = at[:2].to(x.device)
+            adv[at[2], at[3]] = a[ax[0], ax[1]].to(dev, torch.float32) + a_hat[at[2]]
     sb = out.finish("taylor", scorer.objective)
     sb.advantages = torch.where(keep, adv, torch.zeros((), device=dev))
     return sb
