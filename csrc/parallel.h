@@ -9,12 +9,13 @@
 //   of `threads` equal blocks, the same rows on every call, so a core finds its block in its own cache on
 //   the next call as with a static split); a thread that has finished its block takes the tasks left in
 //   the others' blocks, one at a time. A descheduled thread thus holds up at most one small task;
-// - a job uses no more threads than there are cores free for it: the CPUs this process may run on, less
-//   the threads of the whole machine that are runnable right now besides the caller (the running count
-//   of /proc/loadavg, one pread per job). A worker sharing a core with a busy process can be descheduled
-//   in the middle of a task for a scheduler slice, and the caller then waits for it; on a core of its own
-//   the caller alone is faster than that. P2T_CPU_ADAPTIVE_THREADS=0 turns this off (threads are then
-//   only capped by the CPUs this process may run on);
+// - never more threads than the CPUs this process may run on; and while the caller has a core to itself,
+//   no more threads than the cores that nothing else is running on: the machine's cores less the threads
+//   runnable right now besides the caller (the running count of /proc/loadavg, one pread per job). A
+//   worker sharing a core with a busy process can be descheduled in the middle of a task for a scheduler
+//   slice while the caller waits for it; on a core of its own the caller alone is faster than that. When
+//   every core is already shared (more runnable threads than cores), each thread gets a share of a core,
+//   and all the threads asked for are used. P2T_CPU_ADAPTIVE_THREADS=0 turns the runnable count off;
 // - jobs of fewer than kMinPoolTasks tasks run on the caller alone: waking a sleeping worker costs more;
 // - idle workers sleep (condition variable); the caller, once no task is left, spins for a few
 //   microseconds for the last tasks in flight, then sleeps, leaving its core to a descheduled worker.
@@ -94,7 +95,10 @@ inline int allowed_cpus() {
 // included: the "R" of /proc/loadavg's "R/T" field. -1 when unknown.
 inline int runnable_now() {
 #ifdef __linux__
-  static const int fd = ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+  static const int fd = [] {  // P2T_CPU_LOADAVG: a file in /proc/loadavg's format to read instead (tests)
+    const char* path = std::getenv("P2T_CPU_LOADAVG");
+    return ::open(path != nullptr && *path != '\0' ? path : "/proc/loadavg", O_RDONLY | O_CLOEXEC);
+  }();
   if (fd < 0) return -1;
   char buf[128];
   const ssize_t n = ::pread(fd, buf, sizeof(buf) - 1, 0);
@@ -123,13 +127,17 @@ inline int online_cpus() {
 }
 
 // Threads (the caller included) for a job that asks for `wanted`: never more than the CPUs this process
-// may use, nor (adaptive) more than 1 + the cores of the machine that nothing else is running on.
-// `own_awake`: workers of this pool counted as runnable while they go back to sleep after a job.
+// may use; (adaptive) when some core is free for the caller, no more than the cores that nothing else
+// runs on. `own_awake`: workers of this pool still counted as runnable while they go back to sleep.
 inline int usable_threads(int wanted, int own_awake = 0) {
   int t = std::min(wanted, allowed_cpus());
   if (t > 1 && adaptive_enabled()) {
     const int r = runnable_now();
-    if (r > 0) t = std::min(t, 1 + std::max(0, online_cpus() - std::max(1, r - own_awake)));
+    if (r > 0) {
+      const int others = std::max(0, r - 1 - own_awake);  // runnable threads besides ours
+      const int free_cores = online_cpus() - others;      // the caller's core included
+      if (free_cores >= 1) t = std::min(t, free_cores);
+    }
   }
   return std::max(1, t);
 }
