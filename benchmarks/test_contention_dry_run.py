@@ -27,7 +27,7 @@ def test_contention_dry_run(tmp_path):
         rows = list(csv.DictReader(f))
     cells = {(r["phase"], r["dtype"], r["provider"]) for r in rows}
     assert cells == {(ph, d, pr) for ph in ("quiet", "busy") for d in ("fp32", "bf16")
-                     for pr in ("cpp-1t", "cpp-2t", "compile-2t")}, cells
+                     for pr in ("cpp-1t", "cpp-2t", "compile-2t", "cpp-2t-all")}, cells
     assert all(float(r["median_ms"]) > 0 and float(r["p90_ms"]) >= float(r["median_ms"]) for r in rows)
     # the busy process was stopped
     pids = [int(ln.split()[2]) for ln in log.splitlines() if ln.startswith("busy process")]
