@@ -100,6 +100,17 @@ def test_fused_equals_unfused_and_float64(toy, seed, group_size, monkeypatch):
             assert (f.advantages[:group_size][f.segment_ids[:group_size] < 0] == 0).all()
 
 
+def test_fused_float64_prm(tmp_path):
+    d, t = save_model("step_classifier", str(tmp_path / "prm64"))
+    s = P2TScorer.from_pretrained(d, kind="step_classifier", tokenizer=t, dtype=torch.float64, micro_batch_tokens=96,
+                                  **TOY)
+    prompts, ids, o = _batch(s.tokenizer, 4, groups=3, group_size=4)
+    f = s.advantages_ids(prompts, ids, o, group_size=4, standardize=True, temperature=0.5)
+    assert f.scores.dtype == torch.float64 and f.advantages.dtype == torch.float32
+    torch.testing.assert_close(f.advantages.double(), _unfused64(f, o, 4, standardize=True, temperature=0.5), rtol=0,
+                               atol=1e-6)
+
+
 def test_fused_mask_zeroes_without_changing_steps(toy):
     prompts, ids, o = _batch(toy.tokenizer, 5, groups=3, group_size=2)
     N = max(map(len, ids))
