@@ -8,8 +8,9 @@
 //               segment, in token order (a counting sort, skipped when every segment is one run).
 //               Pass 3, one task per segment (or several small ones): (standardise), / temperature, max,
 //               sum of exp, write r_i = c (R_s + omega R_s w_i) through an epilogue.
-// threads:      work is cut into many small tasks taken dynamically (csrc/parallel.h): a core kept busy
-//               by another process delays one small task, not a static half of the work.
+// threads:      work is cut into many small tasks, each thread a fixed block of them, leftovers taken by
+//               whichever thread is running (csrc/parallel.h): a core kept busy by another process delays
+//               one small task, not a static half of the work; no more threads than free cores.
 // advantages:   A~ = A^_b + alpha r (0 where mask is False), A^ from group statistics on the host.
 // p2t_advantages runs the attribution into a [R] buffer and the segment pass with the advantage
 // epilogue: one read of grad/embeds, no [B, N, D] intermediate.
