@@ -44,6 +44,11 @@ class LabConfig:
     the SFT policy's layers plus ``prm_extra_layers`` fresh ones on top: whether a written digit is wrong
     is "does it differ from what the policy's last layer predicted at the token before", which a fresh
     layer can read by attending to the previous token. ``prm_train_base`` also trains the policy's layers.
+
+    ``prm_kind="verifier"`` (the default) builds the PRM instead of training it: the policy's layers plus two
+    layers on top that flag every written token some other token beat by more than ``prm_margin`` logits in
+    the policy's own prediction, and a head calibrated on ``prm_samples`` policy samples (see
+    :func:`verifier_prm`); ``prm_kind="trained"`` trains the classifier described above.
     """
     hidden_size: int = 128
     num_layers: int = 2
@@ -58,12 +63,14 @@ class LabConfig:
     prm_batch_size: int = 128
     prm_lr: float = 1e-3
     prm_lr_min: float = 5e-5
-    prm_samples: int = 4096
+    prm_samples: int = 1024
     prm_sample_temperature: float = 1.0
     prm_synthetic: float = 0.5
     prm_synthetic_error_rate: float = 0.4
     prm_extra_layers: int = 2
     prm_train_base: bool = False
+    prm_kind: str = "verifier"
+    prm_margin: float = 0.0
     report_samples: int = 400
     seed: int = 1234
 
@@ -187,6 +194,149 @@ def prm_example(tok: CharTokenizer, problem: task.Problem, response: str):
     return text_ids, [-100] * (1 + len(problem.prompt)) + task.char_labels(problem, response)
 
 
+def _offset_heads(attn, head_dim: int, offsets: Sequence[float], sharpness: float, rope_theta: float):
+    """Queries and keys of ``attn`` set to constant biases whose rotary scores peak where the key is
+    ``offsets[h]`` positions before the query (head ``h``)."""
+    inv = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    q = torch.cat([torch.full((head_dim // 2,), sharpness, dtype=torch.float64),
+                   torch.zeros(head_dim // 2, dtype=torch.float64)])
+    attn.q_proj.weight.zero_()
+    attn.k_proj.weight.zero_()
+    attn.q_proj.bias.copy_(q.repeat(len(offsets)))
+    attn.k_proj.bias.copy_(torch.cat([sharpness * torch.cat([torch.cos(o * inv), torch.sin(o * inv)]) for o in offsets]))
+
+
+VERIFIER_CHECKED = "0123456789+=#"  # written tokens the verifier checks (a separator is never checked: the
+#                                     PRM's trailing one stands where the policy writes EOS)
+VERIFIER_RIVALS = "0123456789+=#\n"  # tokens whose policy logit may beat the written one
+
+
+@torch.no_grad()
+def verifier_prm(policy, tok: CharTokenizer, lab: LabConfig):
+    """A step-classifier PRM that reads the policy's own prediction (built, not trained; head uncalibrated).
+
+    ``Qwen2ForTokenClassification`` whose residual stream is the policy's (``H`` dims, the policy's layers
+    copied, zero-padded, their norms rescaled for the wider mean) plus ``2V + 3`` side dimensions the
+    policy's layers neither read nor write: a small code of the written token (1e-2 of the embedding's
+    norm: the policy's RMS norms move by ~1e-4), a constant, and three channels the layers on top fill:
+
+    * layer ``L`` (first on top): its heads attend to the previous token (constant rotary query/key
+      biases) and write the policy's logits there (normalised last hidden state through the tied
+      embedding); its MLP has one unit per (rival v, written w) pair, ``silu(beta (l_v - l_w - margin)) *
+      [token is w]``, summed into a *flag*: > 0 where some rival beat the written token;
+    * layer ``L+1``: four heads read the flag 0, 1, 2, 3 tokens back into a *line flag*, so a separator
+      sees the result digits of its line;
+    * the head scores "right" from the constant against the line flag (two weights, see
+      :func:`train_prm`).
+
+    The written token's log-probability under the policy separates wrong from right digits with AUROC
+    0.9998 on the lab; a classifier trained on top of the frozen policy could not learn to read it in
+    the time the build has (``benchmarks/results/lab_prm_probe.md``).
+    """
+    from transformers import Qwen2ForTokenClassification
+    V, H, L = len(tok), lab.hidden_size, lab.num_layers
+    code, logit, const, flag, line_flag = H, H + V, H + 2 * V, H + 2 * V + 1, H + 2 * V + 2
+    checked = tok.convert_tokens_to_ids(list(VERIFIER_CHECKED))
+    rivals = tok.convert_tokens_to_ids(list(VERIFIER_RIVALS))
+    units = [(v, w) for w in checked for v in rivals if v != w]
+    cfg = policy_config(tok, lab, 2)
+    cfg.head_dim = H // lab.num_heads
+    cfg.hidden_size = H + 2 * V + 3
+    cfg.intermediate_size = max(lab.intermediate_size, len(units))
+    cfg.num_labels = 2
+    cfg.classifier_dropout = 0.0
+    cfg.tie_word_embeddings = False
+    if lab.num_heads < 4:  # the layer on top reads four offsets; the policy's layers leave extra heads at 0
+        cfg.num_attention_heads = cfg.num_key_value_heads = 4
+    prm = Qwen2ForTokenClassification(cfg)
+    for p in prm.parameters():
+        p.zero_()
+    W = policy.model.embed_tokens.weight
+    c = 1e-2 * W.norm(dim=1).mean()
+    prm.model.embed_tokens.weight[:, :H] = W
+    prm.model.embed_tokens.weight[:, code:code + V] = c * torch.eye(V)
+    prm.model.embed_tokens.weight[:, const] = c
+    widen = math.sqrt(H / cfg.hidden_size)  # RMS over the wider stream
+    hd, nh = cfg.head_dim, lab.num_heads
+    for i in range(L):
+        src, dst = policy.model.layers[i], prm.model.layers[i]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            rows = getattr(src.self_attn, name).weight.shape[0]
+            getattr(dst.self_attn, name).weight[:rows, :H] = getattr(src.self_attn, name).weight
+            getattr(dst.self_attn, name).bias[:rows] = getattr(src.self_attn, name).bias
+        dst.self_attn.o_proj.weight[:H, :nh * hd] = src.self_attn.o_proj.weight
+        inter = src.mlp.gate_proj.weight.shape[0]
+        dst.mlp.gate_proj.weight[:inter, :H] = src.mlp.gate_proj.weight
+        dst.mlp.up_proj.weight[:inter, :H] = src.mlp.up_proj.weight
+        dst.mlp.down_proj.weight[:H, :inter] = src.mlp.down_proj.weight
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            getattr(dst, name).weight[:H] = getattr(src, name).weight * widen
+    theta = float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    heads = cfg.num_attention_heads
+    a = prm.model.layers[L]
+    a.input_layernorm.weight[:H] = policy.model.norm.weight * widen
+    _offset_heads(a.self_attn, hd, [1.0] * heads, 9.0, theta)
+    a.self_attn.v_proj.weight[:nh * hd, :H] = torch.eye(H)[:nh * hd]
+    a.self_attn.o_proj.weight[logit:logit + V, :nh * hd] = W[:, :nh * hd]
+    a.post_attention_layernorm.weight[code:code + V] = 1.0 / c
+    a.post_attention_layernorm.weight[logit:logit + V] = 1.0
+    a.post_attention_layernorm.weight[const] = 1.0
+    beta = 20.0
+    for u, (v, w) in enumerate(units):
+        a.mlp.gate_proj.weight[u, logit + v] = beta
+        a.mlp.gate_proj.weight[u, logit + w] = -beta
+        a.mlp.gate_proj.weight[u, const] = -beta * lab.prm_margin / c
+        a.mlp.up_proj.weight[u, code + w] = 1.0
+        a.mlp.down_proj.weight[flag, u] = 1.0
+    b = prm.model.layers[L + 1]
+    b.input_layernorm.weight[flag] = 1.0
+    _offset_heads(b.self_attn, hd, [0.0, 1.0, 2.0, 3.0][:heads] + [0.0] * max(0, heads - 4), 9.0, theta)
+    for h in range(min(heads, 4)):
+        b.self_attn.v_proj.weight[h * hd, flag] = 1.0
+        b.self_attn.o_proj.weight[line_flag, h * hd] = 1.0
+    b.post_attention_layernorm.weight.fill_(1.0)
+    prm.model.norm.weight[line_flag] = 1.0
+    prm.model.norm.weight[const] = 1.0 / c
+    return prm
+
+
+def _calibrate_head(prm, tok: CharTokenizer, data, lab: LabConfig, log=None):
+    """Set the verifier's head: logit("right") - logit("wrong") = k * rho * (tau - line flag), rho the final
+    norm's scale (the head reads the constant as rho and the line flag as rho * flag). ``tau`` is the
+    threshold on the separators of ``data`` with the best step accuracy (from a fixed grid); ``k`` makes
+    the median right step score 0.95."""
+    V, H = len(tok), lab.hidden_size
+    const, line_flag = H + 2 * V, H + 2 * V + 2
+    sep = tok.convert_tokens_to_ids(task.STEP_SEPARATOR)
+    seen = {}
+    hook = prm.model.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("n", o.detach()))
+    rho, flag, ys = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(data), 256):
+            chunk = data[i:i + 256]
+            ids = _pad([b[0] for b in chunk], tok.pad_token_id)
+            labels = _pad([b[1] for b in chunk], -100)
+            prm(input_ids=ids, attention_mask=ids != tok.pad_token_id)
+            m = (labels != -100) & (ids == sep)
+            n = seen["n"].double()
+            rho.append(n[..., const][m])
+            flag.append(n[..., line_flag][m] / n[..., const][m])
+            ys.append(labels[m].bool())
+    hook.remove()
+    rho, flag, y = torch.cat(rho), torch.cat(flag), torch.cat(ys)
+    grid = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+    acc = [float(((flag < t) == y).double().mean()) if len(y) else 0.0 for t in grid]
+    tau = grid[int(np.argmax(acc))]
+    ref = rho[y] if bool(y.any()) else rho  # (a policy that never writes a right step: any separator)
+    k = math.log(0.95 / 0.05) / ((float(ref.median()) if len(ref) else 1.0) * tau)
+    with torch.no_grad():
+        prm.score.weight.zero_()
+        prm.score.weight[1, const] = k * tau
+        prm.score.weight[1, line_flag] = -k
+    _log(f"prm: verifier threshold {tau:g} (step accuracy on {len(y)} training separators "
+         f"{max(acc):.3f}), sharpness {k:.3g}", log)
+
+
 def train_prm(policy, tok: CharTokenizer, lab: LabConfig, log=None):
     """A step-classifier PRM from the SFT policy's weights, trained with per-token auxiliary labels."""
     from transformers import Qwen2ForTokenClassification
@@ -197,6 +347,13 @@ def train_prm(policy, tok: CharTokenizer, lab: LabConfig, log=None):
     resp_ids = sample(policy, tok, [p.prompt for p in probs], temperature=lab.prm_sample_temperature)
     _log(f"prm: sampled {len(probs)} policy responses ({time.time() - t0:.0f}s)", log)
     data = [prm_example(tok, p, tok.decode(r)) for p, r in zip(probs, resp_ids)]
+    if lab.prm_kind == "verifier":
+        prm = verifier_prm(policy, tok, lab)
+        _calibrate_head(prm, tok, data, lab, log)
+        prm.eval()
+        return prm, data
+    if lab.prm_kind != "trained":
+        raise ValueError(f"prm_kind must be 'verifier' or 'trained', got {lab.prm_kind!r}")
     cfg = policy_config(tok, lab, lab.prm_extra_layers)
     cfg.num_labels = 2
     prm = Qwen2ForTokenClassification(cfg)
