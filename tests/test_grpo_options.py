@@ -91,6 +91,15 @@ def test_compare_passes_the_null_to_every_run():
         flags = _train_flags(args, variant, 3, "out")
         assert flags[flags.index("--prm-null") + 1] == "vocab_mean"
     assert "--prm-null" not in _train_flags(parser.parse_args([]), "p2t", 3, "out")
+    # the p2t-zero variant's own null wins over the shared one: what `p2t train` resolves from its flags
+    from p2t.cli.train import configure as train_configure
+    from p2t.grpo.config import from_args
+    train_parser = argparse.ArgumentParser()
+    train_configure(train_parser)
+    cfg = from_args(train_parser.parse_args(_train_flags(args, "p2t-zero", 3, "out")))
+    assert (cfg.mode, cfg.prm_null, cfg.attribution_method) == ("p2t", "zero", "taylor")
+    cfg = from_args(train_parser.parse_args(_train_flags(args, "p2t", 3, "out")))
+    assert (cfg.mode, cfg.prm_null) == ("p2t", "vocab_mean")
     with pytest.raises(SystemExit):
         parser.parse_args(["--prm-null", "mean"])
 
