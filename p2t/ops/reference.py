@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-SCALES = {"group": 0, "batch": 1, "none": 2}
 # A segment whose population std is at most this fraction of |mean| counts as constant: its
 # standardised scores are 0 (uniform weights). Catches the fp rounding of mean((c, c, c)) != c.
 ZERO_STD_RTOL = 1e-6
