@@ -92,6 +92,19 @@ def _train_flags(args, variant: str, seed: int, out: str) -> List[str]:
     return flags
 
 
+def _variant_settings(modes: Sequence[str], std_temperature: float) -> str:
+    """What each variant run here changes against the shared settings, e.g. "; p2t-zero: null zero"."""
+    out = []
+    for m in modes:
+        parts = [("null " + str(v)) if k == "prm_null" else k if v is True else f"{k} {v}"
+                 for k, v in VARIANTS[m].items() if k != "mode"]
+        if m in SHARPENED:
+            parts.append(f"attr_temperature {std_temperature}")
+        if parts:
+            out.append(f"{m}: {', '.join(parts)}")
+    return "".join("; " + o for o in out)
+
+
 def _read(path: str) -> List[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -326,9 +339,8 @@ def run(args) -> int:
     counts = ", ".join(f"{m} {len(done[m])}" for m in modes)
     settings = (f"Settings: seeds {seeds[0]}..{seeds[-1]} (runs per mode: {counts}); {cfg['num_updates']} updates of "
                 f"{cfg['prompts_per_update']} prompts x {cfg['group_size']} samples; lr {cfg['learning_rate']}; loss "
-                f"{cfg['loss_type']}; alpha {cfg['alpha']}; omega {cfg['omega']}; {', '.join(SHARPENED)}: "
-                f"standardize, attr_temperature {args.std_temperature}; null {cfg.get('prm_null') or 'pad'}; "
-                f"sampled accuracy (temperature "
+                f"{cfg['loss_type']}; alpha {cfg['alpha']}; omega {cfg['omega']}; null {cfg.get('prm_null') or 'pad'}"
+                f"{_variant_settings(modes, args.std_temperature)}; sampled accuracy (temperature "
                 f"{cfg['eval_temperature']}) on {cfg['eval_prompts']} held-out prompts x "
                 f"{cfg['eval_samples_per_prompt']} samples every {cfg['eval_every']} updates; AUC = mean accuracy "
                 f"over training (trapezoid); sd over seeds (population); step accuracy / PRM step reward: mean "
