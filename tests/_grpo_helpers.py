@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from p2t.grpo import GRPOConfig, LabConfig
 
+# The trained PRM (prm_kind="trained"): on a policy after 2 SFT steps the verifier PRM flags nearly every
+# token, so every step reward is ~0 and the token rewards could not be seen reaching the loss. The
+# verifier is tested on the shipped lab and rebuilt on this one (test_lab_rebuild_is_identical).
 TINY_LAB = LabConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, sft_steps=2, sft_batch_size=16,
-                     prm_steps=2, prm_batch_size=16, prm_samples=16)
+                     prm_steps=2, prm_batch_size=16, prm_samples=16, prm_kind="trained")
 
 
 def digit_reward(prompts, responses, **columns):

@@ -361,12 +361,15 @@ def test_cli_compare_end_to_end(tmp_path, cache, capsys):
     assert not (out / "outcome-seed1").exists()
 
 
-def test_lab_rebuild_is_identical(tmp_path, cache):
+@pytest.mark.parametrize("prm_kind", ["trained", "verifier"])
+def test_lab_rebuild_is_identical(tmp_path, cache, prm_kind):
     """The lab's warm-up is seeded and single-threaded: a rebuild gives the same weights (what lets p2t
-    ship its default lab checkpoints)."""
+    ship its default lab checkpoints), for the trained PRM and for the verifier built on the policy."""
+    import dataclasses
     from safetensors.torch import load_file
-    first = ensure_lab(TINY_LAB, str(cache))
-    second = ensure_lab(TINY_LAB, str(tmp_path / "again"))
+    lab = dataclasses.replace(TINY_LAB, prm_kind=prm_kind)
+    first = ensure_lab(lab, str(cache))
+    second = ensure_lab(lab, str(tmp_path / "again"))
     for part in ("policy", "prm"):
         a = load_file(os.path.join(first[part], "model.safetensors"))
         b = load_file(os.path.join(second[part], "model.safetensors"))
