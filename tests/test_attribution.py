@@ -399,9 +399,15 @@ def test_longer_than_max_length(saved):
     prompt, resp = "1+2+3=", "1+2=3\n3+3=6\n#6"
     n = len(prompt) + len(resp) + 2  # BOS + text + trailing separator
     s = load(saved, "step_classifier", **TOY, max_length=n - 3)  # the last step (#6 + separator) does not fit
-    with pytest.warns(AttributionWarning, match="kept the first 2 of 3 steps"):
+    with pytest.warns(AttributionWarning, match="kept the first 2 of 3 steps") as w:
         b = s.score([prompt], [resp])
+    assert w[0].filename == __file__  # the warning points at the caller
     assert b.steps_per_response == [2] and b.segment_rewards.shape == (2,)
+    ids = s.tokenizer(resp, add_special_tokens=False)["input_ids"]  # the ids-in path truncates alike
+    with pytest.warns(AttributionWarning, match="kept the first 2 of 3 steps") as w:
+        b_ids = s.score_ids([prompt], [ids])
+    assert w[0].filename == __file__
+    assert torch.equal(b_ids.segment_ids, b.segment_ids)
     assert b.segment_ids[0].tolist() == [0] * 5 + [-1] + [1] * 5 + [-1] * 3
     assert (b.scores[0, 11:] == 0).all()
     with warnings.catch_warnings():

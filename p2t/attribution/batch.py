@@ -144,13 +144,13 @@ def token_rewards(batch, mode: str = "p2t", *, omega: float = 0.6, temperature: 
                                     validate=validate)
 
 
-def row_map(rows: Sequence, local_rows: Optional[Sequence[int]] = None):
+def row_map(rows: Sequence):
     """The map of a micro-batch's rows from PRM positions onto policy tokens as index arrays:
-    ``(local row, PRM position)`` and ``(response, policy token)``; ``local_rows``: each row's index in the
-    micro-batch (default: its position in ``rows``)."""
+    ``(local row, PRM position)`` and ``(response, policy token)``, the local row being the position in
+    ``rows``."""
     import numpy as np
     n = np.fromiter((r.map_prm.size for r in rows), dtype=np.int64, count=len(rows))
-    j = np.arange(len(rows)) if local_rows is None else np.asarray(local_rows, dtype=np.int64)
+    j = np.arange(len(rows))
     b = np.fromiter((r.index for r in rows), dtype=np.int64, count=len(rows))
     return ((np.repeat(j, n), np.concatenate([r.map_prm for r in rows])),
             (np.repeat(b, n), np.concatenate([r.map_policy for r in rows])))

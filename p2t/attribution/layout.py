@@ -211,17 +211,8 @@ class Layout:
             total = head_n + np.bincount(srow, weights=per_step, minlength=B).astype(np.int64) + tail_n
             for i in np.nonzero((total > self.max_length) & (k_b > 0))[0]:
                 i = int(i)
-                if self.truncation == "error":
-                    raise ValueError(f"responses[{i}]: the PRM input has {total[i]} tokens, more than max_length="
-                                     f"{self.max_length}; shorten it or pass truncation='steps'")
-                keep[i] = int(fits[s_off[i]:s_off[i + 1]].sum())
-                if keep[i] == 0:
-                    raise ValueError(f"responses[{i}]: not even its first step fits in the PRM's max_length="
-                                     f"{self.max_length} ({head_n[i] + per_step[s_off[i]] + tail_n[i]} tokens with "
-                                     "the prompt)")
-                warnings.warn(f"responses[{i}]: the PRM input has {total[i]} tokens, more than max_length="
-                              f"{self.max_length}; kept the first {keep[i]} of {k_b[i]} steps (the rest get "
-                              "segment id -1 and score 0)", AttributionWarning, stacklevel=stacklevel)
+                keep[i] = self._steps_that_fit(i, int(total[i]), fits[s_off[i]:s_off[i + 1]],
+                                               int(head_n[i] + per_step[s_off[i]] + tail_n[i]), stacklevel + 1)
         kept = (np.arange(S) - s_off[:-1][srow]) < keep[srow]
         if not kept.all():
             sel = sel[kept[g[sel]]]
@@ -264,6 +255,24 @@ class Layout:
                            map_prm[m0:m1], map_policy[m0:m1], None, local[a:b], spans[a:b], steps[i][:keep[i]],
                            texts[i]))
         return out
+
+    def _steps_that_fit(self, i: int, total: int, fits: np.ndarray, first: int, stacklevel: int) -> int:
+        """How many leading steps of ``responses[i]`` to keep when its PRM input (``total`` tokens) is longer
+        than ``max_length``: ``fits[k]`` says whether the input up to and including step k fits (the
+        cumulative length grows, so the steps that fit are a prefix), ``first`` is the input's length with
+        its first step only. Raises under ``truncation="error"`` or when not even the first step fits;
+        warns otherwise (``stacklevel``: that of the warning, counted from this method)."""
+        if self.truncation == "error":
+            raise ValueError(f"responses[{i}]: the PRM input has {total} tokens, more than max_length="
+                             f"{self.max_length}; shorten it or pass truncation='steps'")
+        keep = int(fits.sum())
+        if keep == 0:
+            raise ValueError(f"responses[{i}]: not even its first step fits in the PRM's max_length="
+                             f"{self.max_length} ({first} tokens with the prompt)")
+        warnings.warn(f"responses[{i}]: the PRM input has {total} tokens, more than max_length={self.max_length}; "
+                      f"kept the first {keep} of {len(fits)} steps (the rest get segment id -1 and score 0)",
+                      AttributionWarning, stacklevel=stacklevel)
+        return keep
 
     def _policy_offsets(self, i, response, ids, hint: bool, skip_empty: bool, stacklevel: int):
         ptok = self.policy_tokenizer
@@ -326,18 +335,8 @@ class Layout:
         if self.max_length is not None:
             total = len(head) + int(per_step.sum()) + len(tail)
             if total > self.max_length:
-                if self.truncation == "error":
-                    raise ValueError(f"responses[{i}]: the PRM input has {total} tokens, more than max_length="
-                                     f"{self.max_length}; shorten it or pass truncation='steps'")
                 fits = len(head) + np.cumsum(per_step) + len(tail) <= self.max_length
-                keep = int(fits.sum())  # the cumulative length grows: the steps that fit are a prefix
-                if keep == 0:
-                    raise ValueError(f"responses[{i}]: not even its first step fits in the PRM's max_length="
-                                     f"{self.max_length} ({len(head) + int(per_step[0]) + len(tail)} tokens with the "
-                                     "prompt)")
-                warnings.warn(f"responses[{i}]: the PRM input has {total} tokens, more than max_length="
-                              f"{self.max_length}; kept the first {keep} of {len(steps)} steps (the rest get "
-                              "segment id -1 and score 0)", AttributionWarning, stacklevel=stacklevel)
+                keep = self._steps_that_fit(i, total, fits, len(head) + int(per_step[0]) + len(tail), stacklevel + 1)
         steps = steps[:keep]
         policy_step = np.where(policy_step < keep, policy_step, -1)
         counts = counts[:keep]
