@@ -44,6 +44,7 @@ import os
 import random
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -194,8 +195,11 @@ _SKIP = set(range(0xD800, 0xE000)) | set(range(0xFDD0, 0xFDF0))
 
 def id_tokenizer(vocab: int):
     """A tokenizer whose id i (i >= 3) is one character of its own; 0 <pad>, 1 <unk>, 2 the step
-    separator ``\n``. Random model ids become text with exactly one PRM token per id."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    separator ``\n``. Random model ids become text with exactly one PRM token per id. A BPE model without
+    merges and without a pre-tokenizer (every character its own token, as a byte-level BPE tokenizer's
+    model runs on a pre-tokenized word): a per-character pre-tokenizer (``Split``) gives the same ids
+    2.5x slower than the BPE tokenizers PRMs ship."""
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     chars, c = [], 0x4E00
@@ -204,9 +208,7 @@ def id_tokenizer(vocab: int):
         if c not in _SKIP and (c & 0xFFFE) != 0xFFFE and not ch.isspace():
             chars.append(ch)
         c += 1
-    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<pad>", "<unk>", "\n"] + chars)},
-                                    unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk = Tokenizer(models.BPE({t: i for i, t in enumerate(["<pad>", "<unk>", "\n"] + chars)}, [], unk_token="<unk>"))
     tk.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
 
@@ -256,13 +258,20 @@ def make_engine_step(model, batch: Batch, device: str, budget: int, tok=None, fu
 
 class NullPRM(torch.nn.Module):
     """A PRM whose forward costs (almost) nothing: an embedding and a 2-class head on it. It records the
-    shape of every ``inputs_embeds`` it is called with (``calls``), so that its own work can be replayed."""
+    shape of every ``inputs_embeds`` it is called with (``calls``), so that its own work can be replayed.
+    ``shape``: it also holds that Qwen2 PRM's modules and parameters on the meta device (never run, no
+    memory), parameters flagged as loaded, so that the host work that walks the PRM's modules on every
+    call (freezing it for the call) is counted at the real PRM's size."""
 
-    def __init__(self, vocab: int, dim: int = 8):
+    def __init__(self, vocab: int, dim: int = 8, shape: Optional[dict] = None, device: str = "cpu"):
         super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.head = torch.nn.Linear(dim, 2)
+        self.embed = torch.nn.Embedding(vocab, dim, device=device)
+        self.head = torch.nn.Linear(dim, 2, device=device)
         self.calls = []
+        if shape is not None:
+            from transformers import Qwen2Config, Qwen2ForTokenClassification
+            with torch.device("meta"):
+                self.tree = Qwen2ForTokenClassification(Qwen2Config(num_labels=2, **shape)).eval()
 
     def get_input_embeddings(self):
         return self.embed
@@ -272,15 +281,16 @@ class NullPRM(torch.nn.Module):
         return (self.head(inputs_embeds),)
 
 
-def host_overhead(batch: Batch, device: str, budget: int, tok, reps: int, clock: str = "wall") -> dict:
+def host_overhead(batch: Batch, device: str, budget: int, tok, reps: int, clock: str = "wall",
+                  shape: Optional[dict] = None) -> dict:
     """Milliseconds of the engine's work outside the PRM for this batch, on :class:`NullPRM`: the whole
     call (``total``: ``score_ids`` + token rewards + advantages; ``fused``: ``advantages_ids``, the
     trainer's path), its input layout alone (host only), and the null PRM's own forward and backward
     (``prm``: its embedding lookup, forward and backward replayed at the recorded shapes), which a real PRM
     replaces; the host work outside the PRM is the call minus ``prm``."""
     torch.manual_seed(0)
-    prm = NullPRM(tok.vocab_size if hasattr(tok, "vocab_size") else len(tok)).to(device)
-    prm.requires_grad_(False)
+    prm = NullPRM(tok.vocab_size if hasattr(tok, "vocab_size") else len(tok), shape=shape, device=device)
+    prm.eval()  # parameters keep requires_grad=True, as build_model's
     step = make_engine_step(prm, batch, device, budget, tok=tok)
     fused = make_engine_step(prm, batch, device, budget, tok=tok, fused=True)
     prompts, ids, _ = step.inputs
@@ -289,10 +299,15 @@ def host_overhead(batch: Batch, device: str, budget: int, tok, reps: int, clock:
     def replay(shapes):  # the PRM's embedding lookup, forward and backward at the recorded shapes
         ids = [torch.randint(prm.embed.num_embeddings, s[:2], device=device) for s in shapes]
 
-        def run():
+        def run():  # frozen, as in the scorer's call
+            own = [*prm.embed.parameters(), *prm.head.parameters()]
+            for p in own:
+                p.requires_grad_(False)
             for i in ids:
                 x = prm.embed(i).requires_grad_(True)
                 torch.autograd.grad(prm(inputs_embeds=x)[0][..., 1].sum(), x)
+            for p in own:
+                p.requires_grad_(True)
         return run
     now = time.process_time if clock == "cpu" and not device.startswith("cuda") else time.perf_counter
     jobs = {"total": step, "fused": fused,
@@ -461,7 +476,7 @@ def main(argv=None) -> int:
         for name, (q, peak) in measure(jobs, device, args.reps, clock=args.clock).items():
             record(name, q, peak)
         if "host" in methods:
-            h = host_overhead(batch, device, budget, tok, args.reps, clock=args.clock)
+            h = host_overhead(batch, device, budget, tok, args.reps, clock=args.clock, shape=shape)
             per16k = 16384 / batch.tokens
             eng = res.get("engine", {}).get("t", (float("nan"),))[0] * 1e3
             out_u, out_f = h["total"] - h["prm_total"], h["fused"] - h["prm_fused"]

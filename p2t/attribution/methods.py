@@ -233,17 +233,26 @@ def call_context(frozen_ctx, grad: bool) -> contextlib.ExitStack:
 def frozen(model, reward_fn=None, gradient_checkpointing: bool = False):
     """The PRM (and a reward module) with every parameter's ``requires_grad`` off and in eval mode for
     the call, flags and modes restored afterwards; with ``gradient_checkpointing`` the decoder layers
-    alone are flagged as training so transformers recomputes them in the backward."""
+    alone are flagged as training so transformers recomputes them in the backward.
+
+    One walk over the modules, and only what is on is switched off (and back on afterwards): a PRM
+    that is already frozen and in eval mode costs the walk alone (NOTES.md: 0.4 ms for the 1.5B-shape
+    Qwen2's 372 modules, where flipping and restoring every flag and mode cost 3.1 ms)."""
     modules = [model] + ([reward_fn] if isinstance(reward_fn, torch.nn.Module) else [])
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    modes = [(m, m.training) for mod in modules for m in mod.modules()]
+    thawed, training = [], []
+    for mod in modules:
+        for m in mod.modules():
+            if m.training:
+                training.append(m)
+            for p in m._parameters.values():
+                if p is not None and p.requires_grad:
+                    p.requires_grad_(False)
+                    thawed.append(p)
+    flagged = []
     ckpt_on = False
     try:
-        for p in params:
-            p.requires_grad_(False)
-        for m in modules:
-            m.eval()
+        for m in training:
+            m.training = False
         if gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ValueError("gradient_checkpointing=True but the PRM does not support it")
@@ -255,11 +264,14 @@ def frozen(model, reward_fn=None, gradient_checkpointing: bool = False):
             for m in model.modules():
                 if hasattr(m, "gradient_checkpointing") and type(m).__name__.endswith("Layer"):
                     m.training = True
+                    flagged.append(m)
         yield
     finally:
         if ckpt_on:
             model.gradient_checkpointing_disable()
-        for m, mode in modes:
-            m.training = mode
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
+        for m in flagged:
+            m.training = False
+        for m in training:
+            m.training = True
+        for p in thawed:
+            p.requires_grad_(True)
