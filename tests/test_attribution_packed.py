@@ -141,14 +141,35 @@ def test_packing_refused_where_it_cannot_work(saved, tmp_path):
         P2TScorer(model, tk, packing=True, pack_length=0, **TOY)
     with pytest.raises(ValueError, match="callable"):
         P2TScorer(model, tk, kind=lambda x, a, **b: x.sum(-1), packing=True, **TOY)
-    # an encoder: its bidirectional mask ignores restarting positions, so packed inputs would see each other
+    # a model whose positions mix the whole row (as an encoder's bidirectional mask would, where the
+    # installed transformers does not split packed rows by their restarting position_ids): refused
+    class Mixer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.head = torch.nn.Embedding(len(tk), 8), torch.nn.Linear(8, 2)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, inputs_embeds=None, attention_mask=None, position_ids=None, use_cache=False):
+            return self.head(inputs_embeds + inputs_embeds.mean(1, keepdim=True))
+
+    with pytest.raises(ValueError, match="see each other"):
+        P2TScorer(Mixer(), tk, "value_head", packing=True, **TOY)
+    P2TScorer(Mixer(), tk, "value_head", packing=False, **TOY)  # unpacked: fine
+    # an encoder: refused exactly when the probe sees its packed inputs interact (transformers >= 5.25
+    # builds a block-diagonal mask from restarting position_ids, older releases do not)
     from transformers import BertConfig, BertForTokenClassification
     torch.manual_seed(0)
     enc = BertForTokenClassification(BertConfig(vocab_size=len(tk), hidden_size=32, num_hidden_layers=1,
                                                 num_attention_heads=2, intermediate_size=48, num_labels=2,
                                                 max_position_embeddings=256))
-    with pytest.raises(ValueError, match="see each other"):
+    if packing._keeps_apart(enc):
         P2TScorer(enc, tk, packing=True, **TOY)
+    else:
+        with pytest.raises(ValueError, match="see each other"):
+            P2TScorer(enc, tk, packing=True, **TOY)
     P2TScorer(enc, tk, packing=False, **TOY)  # unpacked: fine
 
     class Plain(torch.nn.Module):  # a module of the user's own: no position_ids, or no use_cache

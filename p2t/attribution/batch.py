@@ -10,7 +10,7 @@ import torch
 
 from ..ops._checks import NORMALIZE, SCALES  # noqa: F401  (re-exported: the option values, defined once)
 
-__all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly", "row_map", "token_rewards", "MODES", "NORMALIZE",
+__all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly", "token_rewards", "MODES", "NORMALIZE",
            "SCALES"]
 
 MODES = ("outcome", "process", "p2t")
@@ -144,18 +144,6 @@ def token_rewards(batch, mode: str = "p2t", *, omega: float = 0.6, temperature: 
                                     validate=validate)
 
 
-def row_map(rows: Sequence):
-    """The map of a micro-batch's rows from PRM positions onto policy tokens as index arrays:
-    ``(local row, PRM position)`` and ``(response, policy token)``, the local row being the position in
-    ``rows``."""
-    import numpy as np
-    n = np.fromiter((r.map_prm.size for r in rows), dtype=np.int64, count=len(rows))
-    j = np.arange(len(rows))
-    b = np.fromiter((r.index for r in rows), dtype=np.int64, count=len(rows))
-    return ((np.repeat(j, n), np.concatenate([r.map_prm for r in rows])),
-            (np.repeat(b, n), np.concatenate([r.map_policy for r in rows])))
-
-
 class Assembly:
     """Collects the micro-batches of one scoring call into a :class:`ScoredBatch` on ``device``: the
     segment ids and mask are known on the host before any PRM call (one copy each); attributions are
@@ -181,32 +169,23 @@ class Assembly:
         self.logits = torch.zeros(int(self.base[-1]), dtype=dtype, device=self.dev)
         self.per_row = {}
 
-    def add(self, rows: Sequence, attr: Optional[torch.Tensor], m: torch.Tensor) -> torch.Tensor:
-        """One micro-batch: ``attr`` ``[len(rows), L]`` per PRM position (``None``: step rewards only, the
-        scores stay 0), ``m`` ``[K]`` log-odds in readout order. Returns the map it scattered by: int64
-        ``[4, M]`` on the output device, (row in the micro-batch, PRM position, response, policy token)."""
-        import numpy as np
+    def add(self, mb, attr: Optional[torch.Tensor], m: torch.Tensor) -> None:
+        """One micro-batch (a :class:`~p2t.attribution.plan.MicroBatch`): ``attr`` ``[b, L]`` per PRM
+        position (``None``: step rewards only, the scores stay 0), ``m`` ``[K]`` log-odds in readout order;
+        both scattered by the micro-batch's planned index tensors (no host work here)."""
         dev, dtype = self.dev, self.dtype
         m = m.to(dev, dtype)
         attr = None if attr is None else attr.to(dev, dtype)
-        k = np.fromiter((r.num_steps for r in rows), dtype=np.int64, count=len(rows))
-        first = self.base[np.fromiter((r.index for r in rows), dtype=np.int64, count=len(rows))]
-        self.logits[torch.from_numpy(np.repeat(first, k) + np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k))
-                    .to(dev)] = m
-        for j, (r, k0) in enumerate(zip(rows, (np.cumsum(k) - k).tolist())):
+        self.logits[mb.logits_at] = m
+        for j, (r, k0) in enumerate(zip(mb.rows, mb.first.tolist())):
             self.per_row[r.index] = (attr, j, m, k0)
-        # (local row, PRM position) -> (row, policy token), one index copy per micro-batch
-        src, dst = row_map(rows)
-        idx = torch.from_numpy(np.stack([src[0], src[1], dst[0], dst[1]])).to(dev)
         if attr is None:
-            return idx
+            return
+        idx = mb.scatter
         vals = attr[idx[0], idx[1]]
-        shared = any(r.map_weight is not None for r in rows)  # PRM tokens split over policy tokens: sums
-        if shared:
-            w = np.concatenate([r.map_weight if r.map_weight is not None else np.ones(r.map_prm.size) for r in rows])
-            vals = vals * torch.from_numpy(w).to(dev, dtype)
-        self.scores.index_put_((idx[2], idx[3]), vals, accumulate=shared)  # identity: one value per token
-        return idx
+        if mb.weight is not None:  # PRM tokens split over policy tokens: shares, summed
+            vals = vals * mb.weight.to(dtype)
+        self.scores.index_put_((idx[2], idx[3]), vals, accumulate=mb.weight is not None)
 
     def _view(self, b: int) -> Optional[PRMView]:
         r = self.rows[b]

@@ -73,29 +73,26 @@ def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, m
     adv = torch.where(keep, a_hat[:, None], torch.zeros((), device=dev))
     null = scorer._null_embed
     live = [r for r in rows if r is not None]
-    for group in scorer._groups(live, lambda r: r.length):
-        lrows = [live[g] for g in group]
-        t, inputs, x = scorer._micro_batch(lrows)
+    for mb in scorer._plan(live, scorer._groups(live, lambda r: r.length), out):
+        t, inputs, x = scorer._micro_batch(mb)
         attn, tstep = t["attention_mask"], t["step_index"]
         with scorer._autocast():
             m, g = M.gradient(lambda xx: scorer.head.margins(scorer.model, xx, attn, inputs), x, scorer.objective)
         nul = null.to(device=x.device, dtype=x.dtype)
-        at = out.add(lrows, M.reduce(g, x, nul, tstep >= 0) if attributions else None, m)  # (j, PRM, b, policy)
-        b, D = len(lrows), x.shape[2]
-        idx = np.fromiter((r.index for r in lrows), dtype=np.int64, count=b)
-        k = np.fromiter((r.num_steps for r in lrows), dtype=np.int64, count=b)
-        off = torch.from_numpy(np.cumsum(k) - k).to(x.device)  # first step id of each row in this micro-batch
-        rows_t = torch.from_numpy(idx).to(dev)
-        if any(r.map_policy.size != np.count_nonzero(r.policy_step >= 0) for r in lrows):
+        out.add(mb, M.reduce(g, x, nul, tstep >= 0) if attributions else None, m)
+        at = mb.scatter  # (row in the micro-batch, PRM position, response, policy token)
+        b, D = len(mb.rows), x.shape[2]
+        if any(r.map_policy.size != np.count_nonzero(r.policy_step >= 0) for r in mb.rows):
             # the policy layout: every step token, the gradient of those the PRM sees, 0 for the others
+            rows_t = torch.from_numpy(mb.index).to(dev)
             ax = at.to(x.device)
             G, X = (x.new_zeros((b, N, D)) for _ in range(2))
             G[ax[0], ax[3]], X[ax[0], ax[3]] = g[ax[0], ax[1]], x[ax[0], ax[1]]
             seg = out.segment_ids[rows_t].to(x.device)  # global step ids -> this micro-batch's
-            shift = off - torch.from_numpy(out.base[idx]).to(x.device)
+            shift = torch.from_numpy(mb.first - out.base[mb.index]).to(x.device)
             seg = torch.where(seg >= 0, seg + shift[:, None], -1)
         else:  # the PRM layout: step ids on the PRM's own step tokens
-            G, X, seg = g, x, torch.where(tstep >= 0, tstep + off[:, None], -1)
+            G, X, seg = g, x, t["steps"]
         # every row its own group: the op's A^ is 0 and it returns alpha * r_i (A^_b is added below)
         a = ops.p2t_advantages(G, X, nul, seg, torch.sigmoid(m.to(scorer._dtype)), x.new_zeros(b, dtype=torch.float32),
                                group_size=1, omega=omega, alpha=alpha, temperature=temperature,

@@ -32,7 +32,7 @@ import torch
 from .align import (Span, _row_of, assign_steps_array, encode_with_offsets, offsets_many, offsets_of, overlap_map,
                     special_ids, split_steps)
 
-__all__ = ["Row", "Layout", "AttributionWarning", "pack"]
+__all__ = ["Row", "Layout", "AttributionWarning", "groups"]
 
 
 class AttributionWarning(UserWarning):
@@ -170,10 +170,8 @@ class Layout:
         and spans, step assignment, truncation and the PRM inputs computed on those arrays (no loop over
         tokens, a few NumPy calls per batch); each :class:`Row` is a set of views into them."""
         B = len(prompts)
-        lists = [x.tolist() if isinstance(x, torch.Tensor) else x for x in policy_ids]
-        n_b = np.fromiter((len(x) for x in lists), dtype=np.int64, count=B)
+        flat, n_b = _flatten_ids(policy_ids)
         off = np.concatenate([[0], np.cumsum(n_b)])
-        flat = np.array(list(itertools.chain.from_iterable(lists)), dtype=np.int64).reshape(-1)
         bad = (flat < 0) | (flat >= self.policy_vocab)
         if bad.any():
             k = int(bad.argmax())
@@ -385,6 +383,18 @@ class Layout:
                    _as_array(map_policy), map_weight, policy_step, spans, list(steps), text)
 
 
+def _flatten_ids(policy_ids: Sequence) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows of token ids (lists or 1-D tensors) laid end to end: int64 ``[n]`` and each row's length."""
+    B = len(policy_ids)
+    if B and all(isinstance(x, torch.Tensor) for x in policy_ids):
+        rows = [x.reshape(-1) for x in policy_ids]
+        n_b = np.fromiter((x.numel() for x in rows), dtype=np.int64, count=B)
+        return torch.cat(rows).to("cpu", torch.int64).numpy(), n_b
+    rows = [x.reshape(-1).tolist() if isinstance(x, torch.Tensor) else x for x in policy_ids]
+    n_b = np.fromiter((len(x) for x in rows), dtype=np.int64, count=B)
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(n_b.sum())), n_b
+
+
 def _vocab_size(tokenizer) -> int:
     """Number of token ids of a tokenizer (added tokens included)."""
     try:
@@ -392,32 +402,6 @@ def _vocab_size(tokenizer) -> int:
     except TypeError:
         n = getattr(tokenizer, "vocab_size", None)
         return int(n) if isinstance(n, int) else 1 << 62
-
-
-def pack(rows: List[Row], pad_id: int, device) -> dict:
-    """The padded tensors of a micro-batch on ``device``: ``input_ids``, ``attention_mask``,
-    ``step_index``, ``prompt_mask`` ``[b, L]``, ``readout_positions`` ``[K, 2]`` (row, position),
-    ``row_index`` ``[b]``; and ``local`` ``[K]`` (each readout's step within its row) with
-    ``num_local`` (its maximum + 1) for the per-step method. Built in NumPy, one copy each."""
-    b = len(rows)
-    lens = np.fromiter((r.length for r in rows), dtype=np.int64, count=b)
-    L = int(lens.max())
-    at = (np.repeat(np.arange(b), lens), np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens))
-    ids = np.full((b, L), pad_id, dtype=np.int64)
-    tstep = np.full((b, L), -1, dtype=np.int64)
-    ids[at] = np.concatenate([r.input_ids for r in rows])
-    tstep[at] = np.concatenate([r.token_step for r in rows])
-    cols = np.arange(L)[None, :]
-    attn = (cols < lens[:, None]).astype(np.int64)
-    pmask = cols < np.fromiter((r.prompt_length for r in rows), dtype=np.int64, count=b)[:, None]
-    k = np.fromiter((r.num_steps for r in rows), dtype=np.int64, count=b)
-    ro = np.stack([np.repeat(np.arange(b), k), np.concatenate([r.readout for r in rows])], axis=1)
-    local = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
-    row_index = np.fromiter((r.index for r in rows), dtype=np.int64, count=b)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
-    return dict(input_ids=t(ids), attention_mask=t(attn), step_index=t(tstep), prompt_mask=t(pmask),
-                readout_positions=t(ro), row_index=t(row_index), local=t(local),
-                num_local=int(k.max()) if k.size else 0)
 
 
 def groups(rows: Sequence[Row], cost, budget: int) -> List[List[int]]:

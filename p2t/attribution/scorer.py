@@ -32,8 +32,9 @@ from . import methods as M
 from . import packing as packing_
 from .batch import Assembly, PRMView, ScoredBatch
 from .heads import KINDS, PRESETS
-from .layout import AttributionWarning, Row, groups, pack
+from .layout import AttributionWarning, Row, groups
 from .methods import METHODS
+from .plan import MicroBatch, plan
 from .options import (NULLS, UNSET, check_advantages, check_call, check_ids, check_texts, default_max_length, embedding,
                       load_pretrained, resolve)
 
@@ -164,17 +165,20 @@ class P2TScorer:
         return self.head.margins(self.model, x, attn, dict(input_ids=ids, step_index=tstep, readout_positions=ro,
                                                            prompt_mask=prompt_mask, row_index=row_index))
 
-    def _attribute(self, rows: List[Row], method: str, ig_steps: int):
+    def _attribute(self, mb: MicroBatch, method: str, ig_steps: int):
         """Attributions [b, L] and margins [K] of a micro-batch (``method=None``: ``None`` and margins)."""
-        if self.packing and method not in ("exact", None):
-            return packing_.attribute(self, rows, method, ig_steps)
-        return M.attribute(self, *self._micro_batch(rows), method, ig_steps)
+        if mb.tensors is None:  # packed
+            return packing_.attribute(self, mb.rows, method, ig_steps)
+        return M.attribute(self, *self._micro_batch(mb), method, ig_steps)
 
-    def _micro_batch(self, rows: List[Row]):
+    def _micro_batch(self, mb: MicroBatch):
         """(padded tensors, model inputs, ``inputs_embeds``) of a micro-batch."""
-        t = pack(rows, self._pad_id, self.device)
+        t = mb.tensors
         inputs = {k: t[k] for k in ("input_ids", "step_index", "readout_positions", "prompt_mask", "row_index")}
-        return t, inputs, self._inputs_embeds(rows, t, inputs).detach()
+        return t, inputs, self._inputs_embeds(mb.rows, t, inputs).detach()
+
+    def _plan(self, live: List[Row], groups: List[List[int]], out: Assembly, packed: bool = False) -> List[MicroBatch]:
+        return plan(live, groups, self._pad_id, self.device, out.dev, out.base, padded=not packed)
 
     def _inputs_embeds(self, rows: List[Row], t: dict, inputs: dict) -> torch.Tensor:
         """``inputs_embeds`` of a micro-batch: the embedding of its ids. The hook where a multimodal PRM
@@ -290,11 +294,11 @@ class P2TScorer:
                 else (lambda r: r.length))
         with self._context(grad=method is not None):
             out = Assembly(rows, lens, N, dev, self._dtype, self.tokenizer)
+            packed = self.packing and method not in ("exact", None)
             groups = (packing_.plan(self.model, live, self.pack_length, self.micro_batch_tokens,
                                     per_step=method == "taylor_per_step")
-                      if self.packing and method not in ("exact", None) and live else self._groups(live, cost))
-            for group in groups:
-                grows = [live[g] for g in group]
-                out.add(grows, *self._attribute(grows, method, ig_steps))
+                      if packed and live else self._groups(live, cost))
+            for mb in self._plan(live, groups, out, packed=packed):
+                out.add(mb, *self._attribute(mb, method, ig_steps))
         return out.finish(method or "none", self.objective)
 

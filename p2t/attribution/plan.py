@@ -1,0 +1,144 @@
+"""The micro-batches of one scoring call, planned at once.
+
+:func:`plan` takes the call's rows and their grouping (rows sorted by length under the token budget,
+or the packed groups) and builds every micro-batch's host arrays in one NumPy pass over the rows laid
+end to end: the padded model inputs, the readout positions, the global ids of the steps it reads, the
+map from its PRM positions onto the policy's tokens. Each kind of array goes to its device in one copy
+for the whole call (one to the PRM's device, one to the output device), and each :class:`MicroBatch`
+holds views into those copies. The loop over micro-batches then does no host work of its own beyond
+slicing, and no host-to-device copy: on a GPU the host can queue micro-batch i + 1 while the device
+runs micro-batch i.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .layout import Row
+
+__all__ = ["MicroBatch", "plan"]
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a scoring call.
+
+    rows: its rows (PRM inputs), in the order of the padded tensors' rows.
+    tensors: the padded model inputs on the PRM's device (``None`` for packed calls, whose rows are
+        laid out by :mod:`.packing`): ``input_ids``, ``attention_mask``, ``step_index``, ``prompt_mask``
+        ``[b, L]``, ``readout_positions`` ``[K, 2]`` (row, position), ``row_index`` ``[b]``, ``local``
+        ``[K]`` (each readout's step within its row), ``num_local`` (its maximum + 1) and ``steps``
+        ``[b, L]`` (step ids within the micro-batch on the step tokens, -1 elsewhere).
+    logits_at: ``[K]`` global step ids of its readouts, in readout order (output device).
+    scatter: ``[4, M]`` (row in the micro-batch, PRM position, response, policy token): where each
+        attribution goes on the policy's tokens (output device).
+    weight: ``[M]`` float64 share of each PRM token's attribution (``None``: 1, the identity map).
+    index: ``[b]`` host array, the response of each row; ``first``: ``[b]`` host array, the first step
+        of each row within the micro-batch.
+    """
+    rows: List[Row]
+    tensors: Optional[dict]
+    logits_at: torch.Tensor
+    scatter: torch.Tensor
+    weight: Optional[torch.Tensor]
+    index: np.ndarray
+    first: np.ndarray
+
+
+def _cat(arrays: Sequence[np.ndarray], dtype=np.int64) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if len(arrays) else np.zeros(0, dtype=dtype)
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0..n-1 for every count n, laid end to end."""
+    total = int(counts.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, device, out_device,
+         base: np.ndarray, padded: bool = True) -> List[MicroBatch]:
+    """The micro-batches of ``rows`` grouped by ``groups`` (indices into ``rows``; each non-empty).
+    ``base``: the global id of the first step of every response (indexed by ``Row.index``).
+    ``padded=False``: no padded model inputs (packed calls)."""
+    G = len(groups)
+    if G == 0:
+        return []
+    R = [rows[i] for g in groups for i in g]
+    n = len(R)
+    gsize = np.fromiter((len(g) for g in groups), dtype=np.int64, count=G)
+    gstart = np.cumsum(gsize) - gsize
+    mb = np.repeat(np.arange(G), gsize)
+    j = np.arange(n, dtype=np.int64) - gstart[mb]            # row within its micro-batch
+    index = np.fromiter((r.index for r in R), dtype=np.int64, count=n)
+    k = np.fromiter((r.readout.shape[0] for r in R), dtype=np.int64, count=n)
+    kstart = np.cumsum(k) - k
+    first = kstart - kstart[gstart][mb]                      # first step of each row within its micro-batch
+    K_mb = np.add.reduceat(k, gstart)
+    local = _within(k)
+    ro_pos = _cat([r.readout for r in R])
+    m = np.fromiter((r.map_prm.shape[0] for r in R), dtype=np.int64, count=n)
+    M_mb = np.add.reduceat(m, gstart) if n else np.zeros(G, dtype=np.int64)
+    scatter = np.stack([np.repeat(j, m), _cat([r.map_prm for r in R]), np.repeat(index, m),
+                        _cat([r.map_policy for r in R])])
+    logits_at = np.repeat(base[index], k) + local
+    weighted = any(r.map_weight is not None for r in R)
+    weight = (np.concatenate([r.map_weight if r.map_weight is not None else np.ones(r.map_prm.shape[0]) for r in R])
+              if weighted else None)
+
+    # the output device: [logits_at | scatter (4 x M)] in one copy
+    Kt, Mt = int(k.sum()), int(m.sum())
+    out = torch.from_numpy(np.concatenate([logits_at, scatter.reshape(-1)])).to(out_device)
+    out_logits, out_scatter = out[:Kt], out[Kt:].view(4, Mt)
+    out_weight = torch.from_numpy(weight).to(out_device) if weighted else None
+
+    dev = None
+    if padded:
+        lens = np.fromiter((r.input_ids.shape[0] for r in R), dtype=np.int64, count=n)
+        L_mb = np.maximum.reduceat(lens, gstart)
+        cells = gsize * L_mb
+        cell0 = np.cumsum(cells) - cells
+        T = int(cells.sum())
+        within = _within(lens)
+        at = np.repeat(cell0[mb] + j * L_mb[mb], lens) + within
+        ts = _cat([r.token_step for r in R])
+        ids = np.full(T, pad_id, dtype=np.int64)
+        ids[at] = _cat([r.input_ids for r in R])
+        tstep = np.full(T, -1, dtype=np.int64)
+        tstep[at] = ts
+        steps = np.full(T, -1, dtype=np.int64)
+        steps[at] = np.where(ts >= 0, ts + np.repeat(first, lens), -1)
+        attn = np.zeros(T, dtype=np.int64)
+        attn[at] = 1
+        plen = np.fromiter((r.prompt_length for r in R), dtype=np.int64, count=n)
+        pmask = np.zeros(T, dtype=bool)
+        pmask[at[within < np.repeat(plen, lens)]] = True
+        # the PRM's device: [ids | step_index | steps | attention_mask | readouts (K x 2) | local | row_index]
+        parts = [ids, tstep, steps, attn, np.stack([np.repeat(j, k), ro_pos], axis=1).reshape(-1), local, index]
+        sizes = [p.size for p in parts]
+        buf = torch.from_numpy(np.concatenate(parts)).to(device)
+        ids_t, tstep_t, steps_t, attn_t, ro_t, local_t, index_t = torch.split(buf, sizes)
+        pmask_t = torch.from_numpy(pmask).to(device)
+        dev = (ids_t, tstep_t, steps_t, attn_t, ro_t.view(-1, 2), local_t, index_t, pmask_t, cell0, L_mb)
+
+    out_mbs = []
+    ko, mo = 0, 0
+    for i, g0 in enumerate(gstart.tolist()):
+        b, K, M = int(gsize[i]), int(K_mb[i]), int(M_mb[i])
+        t = None
+        if dev is not None:
+            ids_t, tstep_t, steps_t, attn_t, ro_t, local_t, index_t, pmask_t, cell0, L_mb = dev
+            c, L = int(cell0[i]), int(L_mb[i])
+            cut = slice(c, c + b * L)
+            t = dict(input_ids=ids_t[cut].view(b, L), attention_mask=attn_t[cut].view(b, L),
+                     step_index=tstep_t[cut].view(b, L), prompt_mask=pmask_t[cut].view(b, L),
+                     steps=steps_t[cut].view(b, L), readout_positions=ro_t[ko:ko + K], local=local_t[ko:ko + K],
+                     num_local=int(k[g0:g0 + b].max()), row_index=index_t[g0:g0 + b])
+        out_mbs.append(MicroBatch(R[g0:g0 + b], t, out_logits[ko:ko + K], out_scatter[:, mo:mo + M],
+                                  None if out_weight is None else out_weight[mo:mo + M], index[g0:g0 + b],
+                                  first[g0:g0 + b]))
+        ko, mo = ko + K, mo + M
+    return out_mbs
+
