@@ -99,9 +99,10 @@ def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, m
                                standardize=standardize, normalize=normalize, scale="none", eps=eps, validate=False)
         if G is not g:
             adv[rows_t] = a.to(dev, torch.float32) + a_hat[rows_t][:, None]
-        else:  # gathered onto the policy's tokens: (row in the micro-batch, PRM position) -> (response, token)
+        else:  # gathered onto the policy's tokens: (row in the micro-batch, PRM position) -> (response, token),
+            # added to the A^_b that ``adv`` holds there (each policy token is written by one PRM position)
             ax = at[:2].to(x.device)
-            adv[at[2], at[3]] = a[ax[0], ax[1]].to(dev, torch.float32) + a_hat[at[2]]
+            adv.index_put_((at[2], at[3]), a[ax[0], ax[1]].to(dev, torch.float32), accumulate=True)
     sb = out.finish("taylor", scorer.objective)
     sb.advantages = torch.where(keep, adv, torch.zeros((), device=dev))
     return sb

@@ -103,6 +103,8 @@ class StepClassifierHead(Head):
         c = sel.shape[-1]
         if not 0 <= self.positive_label < c or c < 2:
             raise ValueError(f"positive_label={self.positive_label} but the PRM has {c} classes")
+        if c == 2:  # the other class alone: its logit is the log-sum-exp
+            return sel[:, self.positive_label] - sel[:, 1 - self.positive_label]
         others = [j for j in range(c) if j != self.positive_label]
         return sel[:, self.positive_label] - torch.logsumexp(sel[:, others], dim=-1)
 

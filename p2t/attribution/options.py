@@ -259,4 +259,7 @@ def load_pretrained(cls, path_or_id: str, kind: str, *, tokenizer, policy_tokeni
     model = model_class.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **kw)
     if device is not None:
         model.to(device)
+    # the model loaded here is the scorer's own: frozen and in eval mode once, so that the freeze around
+    # each scoring call finds nothing to switch (it walks the modules and flips nothing)
+    model.eval().requires_grad_(False)
     return cls(model, tok, kind, policy_tokenizer=policy_tokenizer, **options)

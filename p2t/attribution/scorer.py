@@ -131,7 +131,8 @@ class P2TScorer:
         ``kind`` picks the model class (token classification for ``step_classifier`` and
         ``value_head``, causal LM for ``lm_judge``; ``model_class`` overrides it). ``tokenizer`` and
         ``policy_tokenizer`` may be tokenizers or paths. ``trust_remote_code`` stays off unless asked.
-        Other keyword options go to :class:`P2TScorer`.
+        Other keyword options go to :class:`P2TScorer`. The loaded model is the scorer's own: it is
+        returned in eval mode with every parameter frozen (``requires_grad=False``).
         """
         return load_pretrained(cls, path_or_id, kind, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer,
                                dtype=dtype, device=device, trust_remote_code=trust_remote_code,
