@@ -553,7 +553,9 @@ def ensure_lab(lab: Optional[LabConfig] = None, cache_dir: Optional[str] = None,
     if not os.path.exists(os.path.join(prm_dir, "config.json")):
         from transformers import Qwen2ForCausalLM
         policy = Qwen2ForCausalLM.from_pretrained(pol_dir)
-        _log(f"lab: training the PRM -> {prm_dir}", log)
+        how = ("building the verifier PRM on the SFT policy" if lab.prm_kind == "verifier"
+               else "training the PRM")
+        _log(f"lab: {how} -> {prm_dir}", log)
         t0 = time.time()
         prm, _ = train_prm(policy, tok, lab, log)
         metrics = prm_report(prm, policy, tok, lab)
