@@ -277,6 +277,35 @@ def test_no_parameter_grad_and_flags_restored(saved, method):
         close(b.prm[0].attributions, want)
 
 
+def test_freeze_restores_mixed_flags_and_modes(saved):
+    """Inside a call every parameter is frozen and every module in eval mode; afterwards each flag and
+    mode is back as it was, modules in different modes and parameters with different flags included."""
+    s = load(saved, "step_classifier", **TOY)
+    mods = list(s.model.modules())
+    params = list(s.model.parameters())
+    s.model.train()
+    for i, m in enumerate(mods):
+        m.training = i % 3 == 0
+    for i, p in enumerate(params):
+        p.requires_grad_(i % 2 == 1)
+    modes, flags = [m.training for m in mods], [p.requires_grad for p in params]
+    seen = {}
+    emb = s.model.get_input_embeddings()
+
+    def look(module, args, out):
+        seen["frozen"] = not any(p.requires_grad for p in params)
+        seen["eval"] = not any(m.training for m in mods)
+    h = emb.register_forward_hook(look)
+    try:
+        s.score(PROMPTS, RESPONSES)
+    finally:
+        h.remove()
+    assert seen == {"frozen": True, "eval": True}
+    assert [m.training for m in mods] == modes and [p.requires_grad for p in params] == flags
+    loaded = P2TScorer.from_pretrained(saved["step_classifier"][0], tokenizer=saved["step_classifier"][1], **TOY)
+    assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
+
+
 # ---------------------------------------------------------------- callable kind, read_at="last"
 def test_callable_reward(saved):
     d, tokdir = saved["step_classifier"]

@@ -239,20 +239,20 @@ def frozen(model, reward_fn=None, gradient_checkpointing: bool = False):
     that is already frozen and in eval mode costs the walk alone (NOTES.md: 0.4 ms for the 1.5B-shape
     Qwen2's 372 modules, where flipping and restoring every flag and mode cost 3.1 ms)."""
     modules = [model] + ([reward_fn] if isinstance(reward_fn, torch.nn.Module) else [])
-    thawed, training = [], []
-    for mod in modules:
-        for m in mod.modules():
-            if m.training:
-                training.append(m)
-            for p in m._parameters.values():
-                if p is not None and p.requires_grad:
-                    p.requires_grad_(False)
-                    thawed.append(p)
-    flagged = []
+    thawed, training, flagged = [], [], []
     ckpt_on = False
     try:
-        for m in training:
-            m.training = False
+        for mod in modules:
+            for m in mod.modules():
+                if m.training:
+                    training.append(m)
+                for p in m._parameters.values():
+                    if p is not None and p.requires_grad:
+                        p.requires_grad_(False)
+                        thawed.append(p)
+        if training:  # through Module.eval, so that a module's own train() override still runs
+            for mod in modules:
+                mod.eval()
         if gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ValueError("gradient_checkpointing=True but the PRM does not support it")
