@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     r = random.Random(2)
     lens = [r.randint(lo, hi) for _ in range(n)]
     batch = e2e.Batch(f"mixed{n}", lens, shape["vocab_size"], seed=2, prompt=16 if not cuda else e2e.PROMPT,
-                      steps=8 if not cuda else e2e.STEPS)
+                      steps=8 if not cuda else e2e.STEPS, group=1)  # a prompt per response (as recorded)
     from transformers import Qwen2Config, Qwen2ForTokenClassification
     torch.manual_seed(0)
     with torch.device(device):

@@ -1,7 +1,8 @@
 """End-to-end P2T reward step on a random-init Qwen2 PRM with a step-classifier head.
 
 Batches: ``8x2048`` (8 responses of 2048 tokens) and ``mixed64`` (64 responses, lengths uniform in
-256-4096); 16 steps per response, each read at its last token (the separator), a 128-token prompt.
+256-4096); 16 steps per response, each read at its last token (the separator), a 128-token prompt
+shared by each group of 8 responses, as in GRPO (``--distinct-prompts``: one per response).
 Methods, in one run on one model:
 
 * ``forward``: the PRM forward alone (no grad), padded batch, in the naive method's micro-batches.
@@ -79,9 +80,13 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
 
 
 class Batch:
-    """Token ids, per-row lengths, readout positions (last token of each step), segment ids."""
+    """Token ids, per-row lengths, readout positions (last token of each step), segment ids.
 
-    def __init__(self, name: str, lens: list, vocab: int, seed: int, prompt: int = PROMPT, steps: int = STEPS):
+    ``group``: consecutive rows that share their prompt, as a GRPO group does (its first row's first
+    ``p`` ids, ``p = min(prompt, shortest row of the group // 4)``); 1: every row a prompt of its own."""
+
+    def __init__(self, name: str, lens: list, vocab: int, seed: int, prompt: int = PROMPT, steps: int = STEPS,
+                 group: int = GROUP):
         g = torch.Generator().manual_seed(seed)
         self.name, self.lens = name, list(lens)
         self.B, self.N = len(lens), max(lens)
@@ -89,10 +94,14 @@ class Batch:
         self.seg = torch.full((self.B, self.N), -1, dtype=torch.long)
         self.readout = []  # (row, position) per step, step ids in this order
         self.prompt_len = []
+        group = max(1, int(group))
+        for g0 in range(0, self.B, group):
+            p = min(prompt, min(lens[g0:g0 + group]) // 4)
+            self.prompt_len += [p] * len(lens[g0:g0 + group])
+            self.ids[g0 + 1:g0 + group, :p] = self.ids[g0, :p].clone()
         s = 0
         for b, L in enumerate(lens):
-            p = min(prompt, L // 4)
-            self.prompt_len.append(p)
+            p = self.prompt_len[b]
             k = min(steps, L - p)
             cuts = sorted(random.Random(seed * 7919 + b).sample(range(p + 1, L), k - 1)) + [L]
             start = p
@@ -120,15 +129,17 @@ class Batch:
         return ids.to(device), attn.to(device), ro_t.to(device), steps.to(device)
 
 
-def batches(tiny: bool, vocab: int, which: list) -> list:
+def batches(tiny: bool, vocab: int, which: list, group: int = GROUP) -> list:
+    """The benchmark's batches; ``group``: rows per shared prompt (1: a prompt per row)."""
     out = []
     if "8x2048" in which:
         out.append(Batch("8x2048", [64] * 4 if tiny else [2048] * 8, vocab, seed=1,
-                         prompt=16 if tiny else PROMPT, steps=4 if tiny else STEPS))
+                         prompt=16 if tiny else PROMPT, steps=4 if tiny else STEPS, group=group))
     if "mixed64" in which:
         r = random.Random(2)
         lens = [r.randint(16, 128) for _ in range(8)] if tiny else [r.randint(256, 4096) for _ in range(64)]
-        out.append(Batch("mixed64", lens, vocab, seed=2, prompt=16 if tiny else PROMPT, steps=4 if tiny else STEPS))
+        out.append(Batch("mixed64", lens, vocab, seed=2, prompt=16 if tiny else PROMPT, steps=4 if tiny else STEPS,
+                         group=group))
     return out
 
 
@@ -416,6 +427,8 @@ def main(argv=None) -> int:
                     help="engine token budget(s) per micro-batch, comma-separated; the first is 'engine', the others "
                          "'engine@<budget>' (default on CUDA 4096,16384: 2 and 8 rows of 2048; --tiny: 256)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--distinct-prompts", action="store_true",
+                    help=f"a prompt per response (default: groups of {GROUP} responses share one, as in GRPO)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timer (see p2t bench --clock)")
     ap.add_argument("--out", default=None)
@@ -446,7 +459,8 @@ def main(argv=None) -> int:
     host = {}
     out = args.out or os.path.join(HERE, "results", f"e2e{'_tiny' if args.tiny else ''}_{bench.device_tag(device)}.csv")
     rows_out, table = [], []
-    for batch in batches(args.tiny, shape["vocab_size"], args.batches.split(",")):
+    for batch in batches(args.tiny, shape["vocab_size"], args.batches.split(","),
+                         group=1 if args.distinct_prompts else GROUP):
         naive_rows = args.naive_rows or (8 if batch.name == "8x2048" else 4)
         padded = batch.B * batch.N
         print(f"\n{batch.name}: {batch.B} responses, {batch.tokens} tokens ({padded} padded), {batch.S} steps; "
