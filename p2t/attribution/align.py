@@ -447,6 +447,12 @@ def _row_of(off: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(off.size - 1), np.diff(off))
 
 
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0..n-1 for every count n of ``counts``, laid end to end (each element's place in its row)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def contiguous_rows(a: np.ndarray, b: np.ndarray, off: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """:func:`_contiguous_array` on many rows at once: tokens laid end to end (row ``r`` holds tokens
     ``off[r]:off[r + 1]`` whose spans lie in ``[0, lengths[r])``); ``[n, 2]`` int64, row-local."""

@@ -9,6 +9,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 
 from ..ops._checks import NORMALIZE, SCALES  # noqa: F401  (re-exported: the option values, defined once)
+from .align import _within
 
 __all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly", "token_rewards", "MODES", "NORMALIZE",
            "SCALES"]
@@ -162,7 +163,7 @@ class Assembly:
             n = np.fromiter((r.num_policy for r in live), dtype=np.int64, count=len(live))
             b = np.repeat(np.fromiter((r.index for r in live), dtype=np.int64, count=len(live)), n)
             ps = np.concatenate([r.policy_step for r in live])
-            seg[b, np.arange(ps.size) - np.repeat(np.cumsum(n) - n, n)] = np.where(ps >= 0, ps + self.base[b], -1)
+            seg[b, _within(n)] = np.where(ps >= 0, ps + self.base[b], -1)
         self.segment_ids = torch.from_numpy(seg).to(self.dev)
         self.mask = torch.from_numpy(np.arange(N)[None, :] < np.asarray(lens)[:, None]).to(self.dev)
         self.scores = torch.zeros((B, N), dtype=dtype, device=self.dev)

@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .align import (Span, _row_of, assign_steps_array, encode_with_offsets, offsets_many, offsets_of, overlap_map,
-                    special_ids, split_steps)
+from .align import (Span, _row_of, _within, assign_steps_array, encode_with_offsets, offsets_many, offsets_of,
+                    overlap_map, special_ids, split_steps)
 
 __all__ = ["Row", "Layout", "AttributionWarning", "groups"]
 
@@ -228,7 +228,7 @@ class Layout:
         for which, n_x, at in ((0, head_n, P[:-1]), (1, tail_n, P[1:] - tail_n)):
             n_x = np.where(live, n_x, 0)
             if n_x.any():
-                pos = np.repeat(at, n_x) + np.arange(int(n_x.sum())) - np.repeat(np.cumsum(n_x) - n_x, n_x)
+                pos = np.repeat(at, n_x) + _within(n_x)
                 ids[pos] = np.fromiter(itertools.chain.from_iterable(
                     parts[prompts[r]][which] for r in np.nonzero(n_x)[0]), dtype=np.int64, count=int(n_x.sum()))
         sep_at = start + counts

@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .align import _within
 from .layout import Row
 
 __all__ = ["MicroBatch", "plan"]
@@ -48,14 +49,8 @@ class MicroBatch:
     first: np.ndarray
 
 
-def _cat(arrays: Sequence[np.ndarray], dtype=np.int64) -> np.ndarray:
-    return np.concatenate(arrays).astype(dtype, copy=False) if len(arrays) else np.zeros(0, dtype=dtype)
-
-
-def _within(counts: np.ndarray) -> np.ndarray:
-    """0..n-1 for every count n, laid end to end."""
-    total = int(counts.sum())
-    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+def _cat(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays).astype(np.int64, copy=False)
 
 
 def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, device, out_device,
@@ -80,7 +75,7 @@ def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, devi
     local = _within(k)
     ro_pos = _cat([r.readout for r in R])
     m = np.fromiter((r.map_prm.shape[0] for r in R), dtype=np.int64, count=n)
-    M_mb = np.add.reduceat(m, gstart) if n else np.zeros(G, dtype=np.int64)
+    M_mb = np.add.reduceat(m, gstart)
     scatter = np.stack([np.repeat(j, m), _cat([r.map_prm for r in R]), np.repeat(index, m),
                         _cat([r.map_policy for r in R])])
     logits_at = np.repeat(base[index], k) + local
@@ -94,7 +89,6 @@ def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, devi
     out_logits, out_scatter = out[:Kt], out[Kt:].view(4, Mt)
     out_weight = torch.from_numpy(weight).to(out_device) if weighted else None
 
-    dev = None
     if padded:
         lens = np.fromiter((r.input_ids.shape[0] for r in R), dtype=np.int64, count=n)
         L_mb = np.maximum.reduceat(lens, gstart)
@@ -120,16 +114,15 @@ def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, devi
         sizes = [p.size for p in parts]
         buf = torch.from_numpy(np.concatenate(parts)).to(device)
         ids_t, tstep_t, steps_t, attn_t, ro_t, local_t, index_t = torch.split(buf, sizes)
+        ro_t = ro_t.view(-1, 2)
         pmask_t = torch.from_numpy(pmask).to(device)
-        dev = (ids_t, tstep_t, steps_t, attn_t, ro_t.view(-1, 2), local_t, index_t, pmask_t, cell0, L_mb)
 
     out_mbs = []
     ko, mo = 0, 0
     for i, g0 in enumerate(gstart.tolist()):
         b, K, M = int(gsize[i]), int(K_mb[i]), int(M_mb[i])
         t = None
-        if dev is not None:
-            ids_t, tstep_t, steps_t, attn_t, ro_t, local_t, index_t, pmask_t, cell0, L_mb = dev
+        if padded:
             c, L = int(cell0[i]), int(L_mb[i])
             cut = slice(c, c + b * L)
             t = dict(input_ids=ids_t[cut].view(b, L), attention_mask=attn_t[cut].view(b, L),
