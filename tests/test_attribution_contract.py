@@ -354,15 +354,22 @@ def _same_row(a, b):
             and all(np.array_equal(getattr(a, f), getattr(b, f)) for f in fields))
 
 
+@pytest.mark.parametrize("path", ["native", "numpy"])
 @pytest.mark.parametrize("which", ["char", "gpt2", "lab"])
-def test_batch_layout_equals_the_row_by_row_layout(tmp_path, which):
+def test_batch_layout_equals_the_row_by_row_layout(tmp_path, which, path, monkeypatch):
     """Layout.rows of policy ids (the whole batch at once, what score_ids, rewards_ids and advantages_ids
     use) builds exactly the rows, warnings and errors of Layout.row one response at a time: specials
     inside and around steps, empty rows, whitespace rows, random ids, multi-byte characters, truncation,
-    other separators and read_at="last"."""
+    other separators and read_at="last". Both batch paths: the native kernel (where the extension holds it)
+    and the NumPy one."""
     import warnings
 
     from p2t.grpo.lab.tokenizer import CharTokenizer
+    from p2t.ops import host
+    if path == "native" and not host.has_layout():
+        pytest.skip("p2t._C is not built with the layout kernel")
+    if path == "numpy":
+        monkeypatch.setattr(host, "has_layout", lambda: False)
     tok = {"char": char_tokenizer, "gpt2": lambda: gpt2_tokenizer(str(tmp_path / "g")), "lab": CharTokenizer}[which]()
     texts = ["17+25=42\n42+33=75\n#75", "a b\n\n c d 12\n\nend", " \n \n", "", "x", "+1=2\nnext line",
              "\n\nlead\ntrail\n\n"]

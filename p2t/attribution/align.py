@@ -536,6 +536,32 @@ def offsets_many(tokenizer, flat: np.ndarray, off: np.ndarray) -> Tuple[List[str
     return texts, spans
 
 
+def piece_table(tokenizer):
+    """The tokenizer's vocabulary table as CPU tensors for the native layout (:func:`p2t.ops.host.layout_ids`):
+    ``(kind, pieces, starts, lengths)`` with ``kind`` ``"bytes"`` (byte-level BPE: uint8 UTF-8 bytes) or
+    ``"text"`` (the token strings: int32 code points); built once per tokenizer from :func:`_vocab_flat`.
+    ``None`` where the table cannot be built (then the text comes from the tokenizer's own decoding)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ == "ByteLevel":
+        kind = "bytes"
+    elif getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
+        kind = "text"
+    else:
+        return None
+    flat = _safe_flat(tokenizer, kind)
+    if flat is None:
+        return None
+    slot = _VOCAB_CACHE[tokenizer]
+    hit = slot.get(kind + "/torch")
+    if hit is None or hit[0] is not flat:
+        import torch
+        buf, starts, lens = flat
+        pieces = torch.from_numpy(np.array(buf if kind == "bytes" else buf.view(np.int32)))  # a writable copy
+        hit = (flat, (kind, pieces, torch.from_numpy(starts.astype(np.int64)), torch.from_numpy(lens.astype(np.int64))))
+        slot[kind + "/torch"] = hit
+    return hit[1]
+
+
 def _table_size(tokenizer) -> int:
     try:
         return len(tokenizer)

@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .align import (Span, _row_of, _within, assign_steps_array, encode_with_offsets, offsets_many, offsets_of,
-                    overlap_map, special_ids, split_steps)
+from .align import (Span, _decode, _row_of, _within, assign_steps_array, encode_with_offsets, offsets_many,
+                    offsets_of, overlap_map, piece_table, special_ids, split_steps)
 
 __all__ = ["Row", "Layout", "AttributionWarning", "groups"]
 
@@ -93,6 +93,10 @@ class Layout:
         if self.policy_vocab <= 1 << 24:
             self._special_table = np.zeros(self.policy_vocab, dtype=bool)
             self._special_table[[t for t in self.policy_special if 0 <= t < self.policy_vocab]] = True
+        # the native layout's constant inputs (p2t.ops.host.layout_ids)
+        self._special_torch = None if self._special_table is None else torch.from_numpy(self._special_table)
+        self._separator_torch = torch.tensor(self.sep_ids + self.suffix_ids, dtype=torch.int64)
+        self._split_cps = None
 
     # ------------------------------------------------------------------ tokenizer helpers
     def encode(self, text: str) -> List[int]:
@@ -178,6 +182,9 @@ class Layout:
             i = int(np.searchsorted(off, k, side="right") - 1)
             raise ValueError(f"response_token_ids[{i}] holds the id {int(flat[k])}, outside the policy "
                              f"tokenizer's vocabulary [0, {self.policy_vocab})")
+        native = self._rows_native(prompts, parts, flat, off, stacklevel + 1)
+        if native is not None:
+            return native
         texts, spans = offsets_many(self.policy_tokenizer, flat, off)
         row = _row_of(off)
         split = None if self.read_at == "last" else self.step_split
@@ -209,7 +216,7 @@ class Layout:
             total = head_n + np.bincount(srow, weights=per_step, minlength=B).astype(np.int64) + tail_n
             for i in np.nonzero((total > self.max_length) & (k_b > 0))[0]:
                 i = int(i)
-                keep[i] = self._steps_that_fit(i, int(total[i]), fits[s_off[i]:s_off[i + 1]],
+                keep[i] = self._steps_that_fit(i, int(total[i]), int(fits[s_off[i]:s_off[i + 1]].sum()), int(k_b[i]),
                                                int(head_n[i] + per_step[s_off[i]] + tail_n[i]), stacklevel + 1)
         kept = (np.arange(S) - s_off[:-1][srow]) < keep[srow]
         if not kept.all():
@@ -254,21 +261,77 @@ class Layout:
                            texts[i]))
         return out
 
-    def _steps_that_fit(self, i: int, total: int, fits: np.ndarray, first: int, stacklevel: int) -> int:
-        """How many leading steps of ``responses[i]`` to keep when its PRM input (``total`` tokens) is longer
-        than ``max_length``: ``fits[k]`` says whether the input up to and including step k fits (the
-        cumulative length grows, so the steps that fit are a prefix), ``first`` is the input's length with
-        its first step only. Raises under ``truncation="error"`` or when not even the first step fits;
-        warns otherwise (``stacklevel``: that of the warning, counted from this method)."""
+    def _rows_native(self, prompts: Sequence[str], parts, flat: np.ndarray, off: np.ndarray,
+                     stacklevel: int) -> Optional[List[Optional[Row]]]:
+        """:meth:`_rows_ids` in one native pass (:func:`p2t.ops.host.layout_ids`); ``None`` where it does not
+        apply (no compiled kernel, a callable ``step_split``, a policy tokenizer without a byte-level or
+        joinable-strings table) or where a row's text is not what the tokenizer decodes (bytes that are not
+        UTF-8, added tokens that decode otherwise): then the NumPy path runs, which computes the same rows."""
+        from ..ops import host
+        split = None if self.read_at == "last" else self.step_split
+        if callable(split) or self._special_table is None or not host.has_layout():
+            return None
+        tok = self.policy_tokenizer
+        table = piece_table(tok)
+        if table is None:
+            return None
+        kind, pieces, starts, lens = table
+        decoder = type(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)).__name__
+        if kind == "text" and decoder != "Fuse":
+            return None  # the token strings are not the text (word pieces, metaspace): decoded per row instead
+        if self._special_torch.shape[0] != starts.shape[0] or (flat.size and int(flat.max()) >= starts.shape[0]):
+            return None  # the tokenizer grew since the scorer was built: its table and ours differ
+        if self._split_cps is None or self._split_cps[0] != split:
+            cps = np.frombuffer((split or "").encode("utf-32-le"), dtype=np.int32).copy()
+            self._split_cps = (split, torch.from_numpy(cps))
+        keys = list(parts)
+        where = {p: q for q, p in enumerate(keys)}
+        row_frame = np.fromiter((where[p] for p in prompts), dtype=np.int64, count=len(prompts))
+        sizes = np.fromiter((len(x) for p in keys for x in parts[p]), dtype=np.int64, count=2 * len(keys))
+        frame = np.fromiter(itertools.chain.from_iterable(x for p in keys for x in parts[p]), dtype=np.int64,
+                            count=int(sizes.sum()))
+        frame_off = np.concatenate([[0], np.cumsum(sizes)])
+        got = host.layout_ids(torch.from_numpy(flat), torch.from_numpy(off), pieces, starts, lens,
+                              self._special_torch, self._split_cps[1], torch.from_numpy(frame),
+                              torch.from_numpy(frame_off), torch.from_numpy(row_frame),
+                              self._separator_torch, len(self.sep_ids), self.max_length, self.read_at == "last")
+        (buf, u_off, spans, steps, s_off, policy_step, keep, total, first, ids, tstep, P, readout, ro_off,
+         map_prm, map_policy, m_off) = (t.numpy() for t in got)
+        texts = _texts(tok, kind, buf, u_off, flat, off)
+        if texts is None:
+            return None
+        k_b = np.diff(s_off)
+        if self.max_length is not None:
+            for i in np.nonzero((total > self.max_length) & (k_b > 0))[0]:
+                i = int(i)
+                self._steps_that_fit(i, int(total[i]), int(keep[i]), int(k_b[i]), int(first[i]), stacklevel + 1)
+        head_n = (frame_off[1::2] - frame_off[0::2][:len(keys)])[row_frame]
+        span_list = [tuple(x) for x in steps.tolist()]
+        out: List[Optional[Row]] = []
+        for i in range(len(prompts)):
+            if not k_b[i]:
+                out.append(None)
+                continue
+            a, b, s0, m0, m1 = off[i], off[i + 1], s_off[i], m_off[i], m_off[i + 1]
+            out.append(Row(i, ids[P[i]:P[i + 1]], tstep[P[i]:P[i + 1]], readout[ro_off[i]:ro_off[i + 1]],
+                           int(head_n[i]), map_prm[m0:m1], map_policy[m0:m1], None, policy_step[a:b], spans[a:b],
+                           span_list[s0:s0 + keep[i]], texts[i]))
+        return out
+
+    def _steps_that_fit(self, i: int, total: int, keep: int, num_steps: int, first: int, stacklevel: int) -> int:
+        """``keep``, the number of leading steps of ``responses[i]`` whose PRM input fits in ``max_length``
+        (the input, ``total`` tokens with all ``num_steps`` steps, is longer; the cumulative length grows, so
+        the steps that fit are a prefix), checked: ``first`` is the input's length with its first step only.
+        Raises under ``truncation="error"`` or when not even the first step fits; warns otherwise
+        (``stacklevel``: that of the warning, counted from this method)."""
         if self.truncation == "error":
             raise ValueError(f"responses[{i}]: the PRM input has {total} tokens, more than max_length="
                              f"{self.max_length}; shorten it or pass truncation='steps'")
-        keep = int(fits.sum())
         if keep == 0:
             raise ValueError(f"responses[{i}]: not even its first step fits in the PRM's max_length="
                              f"{self.max_length} ({first} tokens with the prompt)")
         warnings.warn(f"responses[{i}]: the PRM input has {total} tokens, more than max_length={self.max_length}; "
-                      f"kept the first {keep} of {len(fits)} steps (the rest get segment id -1 and score 0)",
+                      f"kept the first {keep} of {num_steps} steps (the rest get segment id -1 and score 0)",
                       AttributionWarning, stacklevel=stacklevel)
         return keep
 
@@ -334,7 +397,8 @@ class Layout:
             total = len(head) + int(per_step.sum()) + len(tail)
             if total > self.max_length:
                 fits = len(head) + np.cumsum(per_step) + len(tail) <= self.max_length
-                keep = self._steps_that_fit(i, total, fits, len(head) + int(per_step[0]) + len(tail), stacklevel + 1)
+                keep = self._steps_that_fit(i, total, int(fits.sum()), len(steps), len(head) + int(per_step[0]) + len(tail),
+                                            stacklevel + 1)
         steps = steps[:keep]
         policy_step = np.where(policy_step < keep, policy_step, -1)
         counts = counts[:keep]
@@ -393,6 +457,28 @@ def _flatten_ids(policy_ids: Sequence) -> Tuple[np.ndarray, np.ndarray]:
     rows = [x.reshape(-1).tolist() if isinstance(x, torch.Tensor) else x for x in policy_ids]
     n_b = np.fromiter((len(x) for x in rows), dtype=np.int64, count=B)
     return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(n_b.sum())), n_b
+
+
+def _texts(tokenizer, kind: str, buf: np.ndarray, u_off: np.ndarray, flat: np.ndarray,
+           off: np.ndarray) -> Optional[List[str]]:
+    """The rows' texts from the native layout's pieces (``kind`` ``"bytes"``: UTF-8, ``"text"``: code points),
+    ``None`` when a row's bytes are not UTF-8 or hold added tokens that the tokenizer decodes otherwise."""
+    texts = []
+    if kind == "bytes":
+        raw = buf.tobytes()
+        base = getattr(tokenizer, "vocab_size", None)
+        added = not isinstance(base, int) or (flat.size and int(flat.max()) >= base)
+        for r in range(off.size - 1):
+            try:
+                text = raw[u_off[r]:u_off[r + 1]].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            if added and text != _decode(tokenizer, flat[off[r]:off[r + 1]].tolist()):
+                return None
+            texts.append(text)
+        return texts
+    raw = buf.tobytes()
+    return [raw[4 * u_off[r]:4 * u_off[r + 1]].decode("utf-32-le") for r in range(off.size - 1)]
 
 
 def _vocab_size(tokenizer) -> int:

@@ -1,0 +1,61 @@
+"""Host kernels of the attribution engine (CPU, from the compiled extension ``p2t._C``).
+
+:func:`layout_ids` lays out the PRM inputs of rows of policy token ids in one native pass
+(``csrc/layout_cpu.cpp``): the token pieces gathered into text, character spans, steps split and
+trimmed, each token's step, truncation to ``max_length``, the PRM input ids with separators and readouts,
+and the map from PRM positions onto the policy's tokens. It returns ``None`` where the extension does not
+hold the kernel (not built, or built before it existed); the caller then takes its NumPy path, which
+computes the same arrays.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+__all__ = ["has_layout", "layout_ids"]
+
+_HAS: Optional[bool] = None
+
+
+def has_layout() -> bool:
+    """Whether the compiled layout kernel is loaded."""
+    global _HAS
+    if _HAS is None:
+        from . import _cpp  # noqa: F401  (imports p2t._C when it is built)
+        _HAS = bool(torch._C._dispatch_has_kernel_for_dispatch_key("p2t_host::layout_ids", "CPU"))
+    return _HAS
+
+
+def layout_ids(ids: torch.Tensor, offsets: torch.Tensor, pieces: torch.Tensor, piece_start: torch.Tensor,
+               piece_len: torch.Tensor, special: torch.Tensor, split: torch.Tensor, frame: torch.Tensor,
+               frame_offsets: torch.Tensor, row_frame: torch.Tensor, separator: torch.Tensor, separator_readout: int,
+               max_length: Optional[int], read_last: bool) -> Optional[List[torch.Tensor]]:
+    """The layout of ``B`` rows of token ids (``ids`` int64 ``[n]``, row ``r`` at ``offsets[r]:offsets[r + 1]``).
+
+    Args (CPU tensors, contiguous, int64 unless said):
+        pieces: each id's text laid end to end, uint8 (UTF-8 bytes) or int32 (code points);
+            ``piece_start`` / ``piece_len`` ``[V]``: where each id's piece lies in it.
+        special: bool ``[V]``, the ids without text of their own (special tokens).
+        split: int32 code points of the text between steps (empty: the whole text is one step).
+        frame: the PRM ids around a response, per frame ``q`` its head at
+            ``frame[frame_offsets[2q]:frame_offsets[2q + 1]]`` and its tail after it; ``row_frame`` ``[B]``:
+            each row's frame.
+        separator: the ids after every step; ``separator_readout``: how many of them lead up to the readout
+            (the step is read at ``separator[separator_readout - 1]``).
+        max_length: the PRM's maximum input length (``None``: none): trailing steps that do not fit are dropped.
+        read_last: every kept step is read at the row's last position (a value head over the whole response).
+    Returns ``None`` without the kernel, else 17 CPU tensors: ``buf`` (the rows' pieces, as ``pieces``),
+    ``unit_offsets`` ``[B + 1]`` (each row's part of ``buf``), ``spans`` ``[n, 2]`` (row-local character
+    spans, contiguous), ``steps`` ``[S, 2]`` and ``step_offsets`` ``[B + 1]`` (row-local character spans of every
+    step before truncation), ``policy_step`` ``[n]`` (row-local step of each token, -1 in none or in a
+    dropped step), ``keep``, ``total``, ``first`` ``[B]`` (steps kept, PRM input length with every step, with
+    the first step only), ``input_ids`` and ``token_step`` ``[T]`` with ``prm_offsets`` ``[B + 1]`` (rows
+    without a kept step are empty), ``readout`` with ``readout_offsets`` ``[B + 1]`` (row-local positions),
+    ``map_prm``, ``map_policy`` with ``map_offsets`` ``[B + 1]`` (row-local PRM position -> row-local token).
+    """
+    if not has_layout():
+        return None
+    return torch.ops.p2t_host.layout_ids(ids, offsets, pieces, piece_start, piece_len, special, split, frame,
+                                         frame_offsets, row_frame, separator, int(separator_readout),
+                                         -1 if max_length is None else int(max_length), bool(read_last))
