@@ -9,7 +9,6 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 
 from ..ops._checks import NORMALIZE, SCALES  # noqa: F401  (re-exported: the option values, defined once)
-from .align import _within
 
 __all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly", "token_rewards", "MODES", "NORMALIZE",
            "SCALES"]
@@ -159,11 +158,9 @@ class Assembly:
         self.base = np.concatenate([[0], np.cumsum(self.steps)]).astype(np.int64)
         B, N = len(rows), int(length)
         seg = np.full((B, N), -1, dtype=np.int64)
-        if live:  # every response's policy tokens at once: (response, column) <- its local step + first step id
-            n = np.fromiter((r.num_policy for r in live), dtype=np.int64, count=len(live))
-            b = np.repeat(np.fromiter((r.index for r in live), dtype=np.int64, count=len(live)), n)
-            ps = np.concatenate([r.policy_step for r in live])
-            seg[b, _within(n)] = np.where(ps >= 0, ps + self.base[b], -1)
+        for r in live:  # a response's policy tokens: its local step + its first step id (a row slice each)
+            ps = r.policy_step
+            seg[r.index, :ps.shape[0]] = np.where(ps >= 0, ps + self.base[r.index], -1)
         self.segment_ids = torch.from_numpy(seg).to(self.dev)
         self.mask = torch.from_numpy(np.arange(N)[None, :] < np.asarray(lens)[:, None]).to(self.dev)
         self.scores = torch.zeros((B, N), dtype=dtype, device=self.dev)

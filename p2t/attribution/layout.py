@@ -143,15 +143,24 @@ class Layout:
         return {p: (head + enc[2 * i], enc[2 * i + 1] + tail) for i, p in enumerate(distinct)}
 
     def _encode_many(self, texts: List[str]) -> List[List[int]]:
+        """Ids of ``texts`` (no special tokens); the empty ones (a template's text after the response, mostly)
+        are not sent to the tokenizer: a batch encode pays for each text it is given."""
+        out: List[List[int]] = [[] for _ in texts]
+        todo = [i for i, t in enumerate(texts) if t]
+        if not todo:
+            return out
+        some = [texts[i] for i in todo]
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if (getattr(self.tokenizer, "is_fast", False) and texts and hasattr(backend, "encode_batch_fast")
+        if (getattr(self.tokenizer, "is_fast", False) and hasattr(backend, "encode_batch_fast")
                 and backend.padding is None and backend.truncation is None):
-            return [enc.ids if t else [] for enc, t in zip(backend.encode_batch_fast(texts, add_special_tokens=False),
-                                                           texts)]  # no offsets: about half the time
-        if getattr(self.tokenizer, "is_fast", False) and texts:
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            return [list(x) if t else [] for x, t in zip(ids, texts)]
-        return [self.encode(t) if t else [] for t in texts]
+            ids = [enc.ids for enc in backend.encode_batch_fast(some, add_special_tokens=False)]  # no offsets
+        elif getattr(self.tokenizer, "is_fast", False):
+            ids = [list(x) for x in self.tokenizer(some, add_special_tokens=False)["input_ids"]]
+        else:
+            ids = [self.encode(t) for t in some]
+        for i, x in zip(todo, ids):
+            out[i] = x
+        return out
 
     # ------------------------------------------------------------------ rows
     def rows(self, prompts: Sequence[str], responses: Sequence[Optional[str]],

@@ -76,16 +76,21 @@ def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, devi
     ro_pos = _cat([r.readout for r in R])
     m = np.fromiter((r.map_prm.shape[0] for r in R), dtype=np.int64, count=n)
     M_mb = np.add.reduceat(m, gstart)
-    scatter = np.stack([np.repeat(j, m), _cat([r.map_prm for r in R]), np.repeat(index, m),
-                        _cat([r.map_policy for r in R])])
-    logits_at = np.repeat(base[index], k) + local
     weighted = any(r.map_weight is not None for r in R)
     weight = (np.concatenate([r.map_weight if r.map_weight is not None else np.ones(r.map_prm.shape[0]) for r in R])
               if weighted else None)
 
-    # the output device: [logits_at | scatter (4 x M)] in one copy
+    # the output device, one buffer: [logits_at | scatter (4 x M)], each part written in place
     Kt, Mt = int(k.sum()), int(m.sum())
-    out = torch.from_numpy(np.concatenate([logits_at, scatter.reshape(-1)])).to(out_device)
+    host_out = np.empty(Kt + 4 * Mt, dtype=np.int64)
+    np.add(np.repeat(base[index], k), local, out=host_out[:Kt])
+    scatter = host_out[Kt:].reshape(4, Mt)
+    scatter[0] = np.repeat(j, m)
+    scatter[2] = np.repeat(index, m)
+    if Mt:
+        np.concatenate([r.map_prm for r in R], out=scatter[1], casting="unsafe")
+        np.concatenate([r.map_policy for r in R], out=scatter[3], casting="unsafe")
+    out = torch.from_numpy(host_out).to(out_device)
     out_logits, out_scatter = out[:Kt], out[Kt:].view(4, Mt)
     out_weight = torch.from_numpy(weight).to(out_device) if weighted else None
 
@@ -95,25 +100,29 @@ def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, devi
         cells = gsize * L_mb
         cell0 = np.cumsum(cells) - cells
         T = int(cells.sum())
-        within = _within(lens)
-        at = np.repeat(cell0[mb] + j * L_mb[mb], lens) + within
-        ts = _cat([r.token_step for r in R])
-        ids = np.full(T, pad_id, dtype=np.int64)
-        ids[at] = _cat([r.input_ids for r in R])
-        tstep = np.full(T, -1, dtype=np.int64)
-        tstep[at] = ts
-        steps = np.full(T, -1, dtype=np.int64)
-        steps[at] = np.where(ts >= 0, ts + np.repeat(first, lens), -1)
-        attn = np.zeros(T, dtype=np.int64)
-        attn[at] = 1
-        plen = np.fromiter((r.prompt_length for r in R), dtype=np.int64, count=n)
+        Kt = int(k.sum())
+        # the PRM's device, one buffer: [ids | step_index | steps | attention_mask | readouts (K x 2) | local | row_index]
+        host = np.empty(4 * T + 3 * Kt + n, dtype=np.int64)
+        ids, tstep, steps, attn = (host[q * T:(q + 1) * T] for q in range(4))
+        ids.fill(pad_id)
+        host[T:3 * T].fill(-1)
+        attn.fill(0)
+        ro = host[4 * T:4 * T + 2 * Kt].reshape(-1, 2)
+        ro[:, 0], ro[:, 1] = np.repeat(j, k), ro_pos
+        host[4 * T + 2 * Kt:4 * T + 3 * Kt] = local
+        host[4 * T + 3 * Kt:] = index
         pmask = np.zeros(T, dtype=bool)
-        pmask[at[within < np.repeat(plen, lens)]] = True
-        # the PRM's device: [ids | step_index | steps | attention_mask | readouts (K x 2) | local | row_index]
-        parts = [ids, tstep, steps, attn, np.stack([np.repeat(j, k), ro_pos], axis=1).reshape(-1), local, index]
-        sizes = [p.size for p in parts]
-        buf = torch.from_numpy(np.concatenate(parts)).to(device)
-        ids_t, tstep_t, steps_t, attn_t, ro_t, local_t, index_t = torch.split(buf, sizes)
+        # each row's cells in one slice (a row is contiguous in its micro-batch's [b, L] block)
+        at = (cell0[mb] + j * L_mb[mb]).tolist()
+        for r, c, ln, f in zip(R, at, lens.tolist(), first.tolist()):
+            ts = r.token_step
+            ids[c:c + ln] = r.input_ids
+            tstep[c:c + ln] = ts
+            steps[c:c + ln] = np.where(ts >= 0, ts + f, -1)
+            attn[c:c + ln] = 1
+            pmask[c:c + r.prompt_length] = True
+        buf = torch.from_numpy(host).to(device)
+        ids_t, tstep_t, steps_t, attn_t, ro_t, local_t, index_t = torch.split(buf, [T, T, T, T, 2 * Kt, Kt, n])
         ro_t = ro_t.view(-1, 2)
         pmask_t = torch.from_numpy(pmask).to(device)
 
