@@ -1,7 +1,8 @@
 // Host kernel of the attribution engine's input layout (CPU only; registered as p2t_host::layout_ids).
 //
 // From rows of token ids laid end to end, in one sequential pass per row:
-//   text:      each token's piece (its bytes, or its code points) gathered from a table over the vocabulary;
+//   text:      each token's piece (its bytes, or its code points) gathered through a table over the vocabulary
+//              (one int64 per id: the piece's start, its length, whether the token is special);
 //              UTF-8 rows are read as code points (a character starts at every byte that is not 10xxxxxx);
 //   spans:     each token's character span, made contiguous (a gap joins the token after it, the last token
 //              with text reaches the row's end, a token without text gets an empty span where it stands);
@@ -54,11 +55,16 @@ inline void utf8_code_points(const uint8_t* s, int64_t n, std::vector<int32_t>& 
 }
 
 
+// table[t] of token t: its piece's start << 17 | its length << 1 | 1 when it is special (no text of its own).
+// One 8-byte entry per token: the ids of a large vocabulary are read at random, one cache miss each.
+inline int64_t piece_start(int64_t e) { return e >> 17; }
+inline int64_t piece_len(int64_t e) { return (e >> 1) & 0xFFFF; }
+inline bool is_special(int64_t e) { return e & 1; }
+
 struct Args {
-  const int64_t *ids, *off, *pstart, *plen, *frame, *frame_off, *row_frame, *sep;
-  const bool* special;
+  const int64_t *ids, *off, *table, *frame, *frame_off, *row_frame, *sep;
   const int32_t* split;
-  int64_t B, V, F, nsplit, nsep_all, nsep, max_length;
+  int64_t B, V, F, nsplit, nsep_all, nsep, max_length, npieces;
   bool read_last;
 };
 
@@ -75,7 +81,7 @@ int64_t row_steps(const Args& A, int64_t r, const unit_t* units, int64_t nunits,
   // raw character spans: a character starts at every unit (UTF-8: every byte that is not 10xxxxxx)
   int64_t chars = 0, u = 0, last = -1;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t m = A.plen[A.ids[t0 + i]];
+    const int64_t m = piece_len(A.table[A.ids[t0 + i]]);
     const int64_t a = chars;
     if (utf8) {
       for (int64_t j = 0; j < m; ++j) chars += (static_cast<uint8_t>(units[u + j]) & 0xC0) != 0x80;
@@ -142,7 +148,7 @@ int64_t row_steps(const Args& A, int64_t r, const unit_t* units, int64_t nunits,
           g[i] = j;
         }
       }
-    } else if (A.special[A.ids[t0 + i]]) {  // no text: the step it lies strictly inside
+    } else if (is_special(A.table[A.ids[t0 + i]])) {  // no text: the step it lies strictly inside
       if (k < K && st[2 * k] < a && a < st[2 * k + 1]) g[i] = k;
     } else {
       cont[i] = 1;  // text but no character of its own: the rest of a character split over tokens
@@ -164,7 +170,7 @@ int64_t row_steps(const Args& A, int64_t r, const unit_t* units, int64_t nunits,
   counts.resize(c0 + K, 0);
   int64_t* cnt = counts.data() + c0;
   for (int64_t i = 0; i < n; ++i) {
-    if (g[i] >= 0 && (span[2 * i + 1] > span[2 * i] || !A.special[A.ids[t0 + i]])) ++cnt[g[i]];
+    if (g[i] >= 0 && (span[2 * i + 1] > span[2 * i] || !is_special(A.table[A.ids[t0 + i]]))) ++cnt[g[i]];
   }
   const int64_t fh = 2 * A.row_frame[r];
   const int64_t frame_n = A.frame_off[fh + 2] - A.frame_off[fh];
@@ -197,15 +203,19 @@ std::vector<at::Tensor> layout(const Args& A, const unit_t* pieces, at::ScalarTy
     for (int64_t i = A.off[r]; i < A.off[r + 1]; ++i) {
       const int64_t t = A.ids[i];
       TORCH_CHECK(t >= 0 && t < A.V, "layout_ids: ids[", i, "] = ", t, " is outside the table [0, ", A.V, ")");
-      units += A.plen[t];
+      const int64_t e = A.table[t];
+      TORCH_CHECK(e >= 0 && piece_start(e) + piece_len(e) <= A.npieces, "layout_ids: table[", t,
+                  "] points outside pieces");
+      units += piece_len(e);
     }
     uo[r + 1] = uo[r] + units;
   }
   auto buf = at::empty({uo[B]}, unit_type);
   unit_t* dst = static_cast<unit_t*>(buf.data_ptr());
   for (int64_t i = 0; i < n; ++i) {
-    const unit_t* p = pieces + A.pstart[A.ids[i]];
-    const int64_t m = A.plen[A.ids[i]];
+    const int64_t e = A.table[A.ids[i]];
+    const unit_t* p = pieces + piece_start(e);
+    const int64_t m = piece_len(e);
     for (int64_t j = 0; j < m; ++j) dst[j] = p[j];
     dst += m;
   }
@@ -273,7 +283,7 @@ std::vector<at::Tensor> layout(const Args& A, const unit_t* pieces, at::ScalarTy
       pos = sep_at + A.nsep_all;
     }
     for (int64_t i = 0; i < nr; ++i) {
-      if (g[i] < 0 || !(sp[2 * i + 1] > sp[2 * i] || !A.special[A.ids[t0 + i]])) continue;
+      if (g[i] < 0 || !(sp[2 * i + 1] > sp[2 * i] || !is_special(A.table[A.ids[t0 + i]]))) continue;
       const int64_t p = slot[g[i]]++, mi = mslot[g[i]]++;
       ids_o[P + p] = A.ids[t0 + i];
       ts_o[P + p] = g[i];
@@ -294,12 +304,11 @@ std::vector<at::Tensor> layout(const Args& A, const unit_t* pieces, at::ScalarTy
 }
 
 std::vector<at::Tensor> layout_ids_cpu(const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& pieces,
-                                       const at::Tensor& piece_start, const at::Tensor& piece_len,
-                                       const at::Tensor& special, const at::Tensor& split, const at::Tensor& frame,
+                                       const at::Tensor& table, const at::Tensor& split, const at::Tensor& frame,
                                        const at::Tensor& frame_offsets, const at::Tensor& row_frame,
                                        const at::Tensor& separator, int64_t separator_readout, int64_t max_length,
                                        bool read_last) {
-  for (auto* t : {&ids, &offsets, &piece_start, &piece_len, &frame, &frame_offsets, &row_frame, &separator}) {
+  for (auto* t : {&ids, &offsets, &table, &frame, &frame_offsets, &row_frame, &separator}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(),
                 "layout_ids: the index arguments must be contiguous 1-D int64 tensors");
   }
@@ -308,28 +317,21 @@ std::vector<at::Tensor> layout_ids_cpu(const at::Tensor& ids, const at::Tensor& 
               "layout_ids: pieces must be a contiguous 1-D uint8 (UTF-8) or int32 (code points) tensor");
   TORCH_CHECK(split.dim() == 1 && split.is_contiguous() && split.scalar_type() == at::kInt,
               "layout_ids: split must be a contiguous 1-D int32 tensor of code points");
-  TORCH_CHECK(special.dim() == 1 && special.is_contiguous() && special.scalar_type() == at::kBool,
-              "layout_ids: special must be a contiguous 1-D bool tensor");
-  const int64_t B = offsets.numel() - 1, V = piece_start.numel();
+  const int64_t B = offsets.numel() - 1, V = table.numel();
   TORCH_CHECK(B >= 0 && offsets.data_ptr<int64_t>()[0] == 0 && offsets.data_ptr<int64_t>()[B] == ids.numel(),
               "layout_ids: offsets must run from 0 to ids.numel()");
   const int64_t* o = offsets.data_ptr<int64_t>();
   for (int64_t r = 0; r < B; ++r) TORCH_CHECK(o[r] <= o[r + 1], "layout_ids: offsets must not decrease");
-  TORCH_CHECK(piece_len.numel() == V && special.numel() == V, "layout_ids: piece_len and special must have ", V,
-              " entries (one per id)");
   TORCH_CHECK(row_frame.numel() == B, "layout_ids: row_frame must have one entry per row");
   TORCH_CHECK(frame_offsets.numel() % 2 == 1, "layout_ids: frame_offsets must have 2 F + 1 entries");
   TORCH_CHECK(separator_readout >= 0 && separator_readout <= separator.numel(),
               "layout_ids: separator_readout must be in [0, separator.numel()]");
-  Args A{ids.data_ptr<int64_t>(),        o,
-         piece_start.data_ptr<int64_t>(), piece_len.data_ptr<int64_t>(),
-         frame.data_ptr<int64_t>(),       frame_offsets.data_ptr<int64_t>(),
-         row_frame.data_ptr<int64_t>(),   separator.data_ptr<int64_t>(),
-         special.data_ptr<bool>(),        split.data_ptr<int32_t>(),
-         B,                               V,
-         (frame_offsets.numel() - 1) / 2, split.numel(),
-         separator.numel(),               separator_readout,
-         max_length,                      read_last};
+  Args A{ids.data_ptr<int64_t>(),   o,
+         table.data_ptr<int64_t>(), frame.data_ptr<int64_t>(),
+         frame_offsets.data_ptr<int64_t>(), row_frame.data_ptr<int64_t>(),
+         separator.data_ptr<int64_t>(), split.data_ptr<int32_t>(),
+         B, V, (frame_offsets.numel() - 1) / 2, split.numel(), separator.numel(), separator_readout, max_length,
+         pieces.numel(), read_last};
   if (pieces.scalar_type() == at::kByte) return layout<uint8_t>(A, pieces.data_ptr<uint8_t>(), at::kByte);
   return layout<int32_t>(A, pieces.data_ptr<int32_t>(), at::kInt);
 }
@@ -337,9 +339,9 @@ std::vector<at::Tensor> layout_ids_cpu(const at::Tensor& ids, const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY(p2t_host, m) {
-  m.def("layout_ids(Tensor ids, Tensor offsets, Tensor pieces, Tensor piece_start, Tensor piece_len, "
-        "Tensor special, Tensor split, Tensor frame, Tensor frame_offsets, Tensor row_frame, Tensor separator, "
-        "int separator_readout, int max_length, bool read_last) -> Tensor[]");
+  m.def("layout_ids(Tensor ids, Tensor offsets, Tensor pieces, Tensor table, Tensor split, Tensor frame, "
+        "Tensor frame_offsets, Tensor row_frame, Tensor separator, int separator_readout, int max_length, "
+        "bool read_last) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(p2t_host, CPU, m) { m.impl("layout_ids", &layout_ids_cpu); }

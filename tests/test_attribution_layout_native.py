@@ -143,14 +143,16 @@ def test_bytes_that_are_not_utf8_take_the_general_path(gpt2, monkeypatch):
 
 def test_kernel_checks_its_arguments():
     L = torch.int64
-    args = dict(ids=torch.tensor([0, 1, 5]), offsets=torch.tensor([0, 3]), pieces=torch.tensor([97, 98], dtype=torch.int32),
-                piece_start=torch.tensor([0, 1]), piece_len=torch.tensor([1, 1]), special=torch.zeros(2, dtype=torch.bool),
+    table = host.piece_table_entries([0, 1, 2], [1, 1, 0], [False, False, True])
+    args = dict(ids=torch.tensor([0, 1, 5]), offsets=torch.tensor([0, 3]),
+                pieces=torch.tensor([97, 98], dtype=torch.int32), table=table,
                 split=torch.tensor([10], dtype=torch.int32), frame=torch.zeros(0, dtype=L),
                 frame_offsets=torch.tensor([0, 0, 0]), row_frame=torch.tensor([0]), separator=torch.tensor([1]))
     op = torch.ops.p2t_host.layout_ids
-    with pytest.raises(RuntimeError, match=r"ids\[2\] = 5 is outside the table \[0, 2\)"):
+    with pytest.raises(RuntimeError, match=r"ids\[2\] = 5 is outside the table \[0, 3\)"):
         op(*args.values(), 1, -1, False)
-    args["ids"] = torch.tensor([0, 1, 1])
+    args["ids"] = torch.tensor([0, 1, 1, 2])
+    args["offsets"] = torch.tensor([0, 4])
     bad = dict(args, offsets=torch.tensor([0, 2]))
     with pytest.raises(RuntimeError, match="offsets must run from 0 to ids.numel"):
         op(*bad.values(), 1, -1, False)
@@ -160,8 +162,13 @@ def test_kernel_checks_its_arguments():
     bad = dict(args, row_frame=torch.tensor([1]))
     with pytest.raises(RuntimeError, match=r"row_frame\[0\] is outside"):
         op(*bad.values(), 1, -1, False)
+    bad = dict(args, table=host.piece_table_entries([0, 1, 2], [1, 2, 0], [False, False, True]))
+    with pytest.raises(RuntimeError, match=r"table\[1\] points outside pieces"):
+        op(*bad.values(), 1, -1, False)
     with pytest.raises(RuntimeError, match="separator_readout"):
         op(*args.values(), 2, -1, False)
+    assert host.piece_table_entries([0], [1 << 16], [False]) is None
     out = op(*args.values(), 1, -1, False)
-    assert bytes(out[0].numpy().astype(np.uint8)) == b"abb" and out[3].tolist() == [[0, 3]]
-    assert out[9].tolist() == [0, 1, 1, 1] and out[12].tolist() == [3]  # ids + separator, read at the separator
+    assert out[0].tolist() == [97, 98, 98] and out[3].tolist() == [[0, 3]]  # the special token adds no text
+    # ids with text and the separator; read at the separator; the special token (no text) is inside no step
+    assert out[9].tolist() == [0, 1, 1, 1] and out[12].tolist() == [3] and out[5].tolist() == [0, 0, 0, -1]

@@ -94,7 +94,6 @@ class Layout:
             self._special_table = np.zeros(self.policy_vocab, dtype=bool)
             self._special_table[[t for t in self.policy_special if 0 <= t < self.policy_vocab]] = True
         # the native layout's constant inputs (p2t.ops.host.layout_ids)
-        self._special_torch = None if self._special_table is None else torch.from_numpy(self._special_table)
         self._separator_torch = torch.tensor(self.sep_ids + self.suffix_ids, dtype=torch.int64)
         self._split_cps = None
 
@@ -278,18 +277,18 @@ class Layout:
         UTF-8, added tokens that decode otherwise): then the NumPy path runs, which computes the same rows."""
         from ..ops import host
         split = None if self.read_at == "last" else self.step_split
-        if callable(split) or self._special_table is None or not host.has_layout():
+        if callable(split) or not host.has_layout():
             return None
         tok = self.policy_tokenizer
-        table = piece_table(tok)
-        if table is None:
+        got = piece_table(tok)
+        if got is None:
             return None
-        kind, pieces, starts, lens = table
+        kind, pieces, table = got
         decoder = type(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)).__name__
         if kind == "text" and decoder != "Fuse":
             return None  # the token strings are not the text (word pieces, metaspace): decoded per row instead
-        if self._special_torch.shape[0] != starts.shape[0] or (flat.size and int(flat.max()) >= starts.shape[0]):
-            return None  # the tokenizer grew since the scorer was built: its table and ours differ
+        if flat.size and int(flat.max()) >= table.shape[0]:
+            return None  # ids the table does not hold (checked against the tokenizer's size already)
         if self._split_cps is None or self._split_cps[0] != split:
             cps = np.frombuffer((split or "").encode("utf-32-le"), dtype=np.int32).copy()
             self._split_cps = (split, torch.from_numpy(cps))
@@ -300,9 +299,8 @@ class Layout:
         frame = np.fromiter(itertools.chain.from_iterable(x for p in keys for x in parts[p]), dtype=np.int64,
                             count=int(sizes.sum()))
         frame_off = np.concatenate([[0], np.cumsum(sizes)])
-        got = host.layout_ids(torch.from_numpy(flat), torch.from_numpy(off), pieces, starts, lens,
-                              self._special_torch, self._split_cps[1], torch.from_numpy(frame),
-                              torch.from_numpy(frame_off), torch.from_numpy(row_frame),
+        got = host.layout_ids(torch.from_numpy(flat), torch.from_numpy(off), pieces, table, self._split_cps[1],
+                              torch.from_numpy(frame), torch.from_numpy(frame_off), torch.from_numpy(row_frame),
                               self._separator_torch, len(self.sep_ids), self.max_length, self.read_at == "last")
         (buf, u_off, spans, steps, s_off, policy_step, keep, total, first, ids, tstep, P, readout, ro_off,
          map_prm, map_policy, m_off) = (t.numpy() for t in got)

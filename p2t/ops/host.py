@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["has_layout", "layout_ids"]
+__all__ = ["has_layout", "layout_ids", "piece_table_entries"]
 
 _HAS: Optional[bool] = None
 
@@ -27,16 +27,27 @@ def has_layout() -> bool:
     return _HAS
 
 
-def layout_ids(ids: torch.Tensor, offsets: torch.Tensor, pieces: torch.Tensor, piece_start: torch.Tensor,
-               piece_len: torch.Tensor, special: torch.Tensor, split: torch.Tensor, frame: torch.Tensor,
-               frame_offsets: torch.Tensor, row_frame: torch.Tensor, separator: torch.Tensor, separator_readout: int,
-               max_length: Optional[int], read_last: bool) -> Optional[List[torch.Tensor]]:
+def piece_table_entries(starts, lengths, special) -> Optional[torch.Tensor]:
+    """The ``table`` argument of :func:`layout_ids` from per-id piece starts, lengths and special flags
+    (array-likes of one length); ``None`` when a piece is 2^16 units or longer."""
+    starts = torch.as_tensor(starts, dtype=torch.int64)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if lengths.numel() and int(lengths.max()) >= 1 << 16:
+        return None
+    return (starts << 17) | (lengths << 1) | torch.as_tensor(special, dtype=torch.bool).to(torch.int64)
+
+
+def layout_ids(ids: torch.Tensor, offsets: torch.Tensor, pieces: torch.Tensor, table: torch.Tensor,
+               split: torch.Tensor, frame: torch.Tensor, frame_offsets: torch.Tensor, row_frame: torch.Tensor,
+               separator: torch.Tensor, separator_readout: int, max_length: Optional[int],
+               read_last: bool) -> Optional[List[torch.Tensor]]:
     """The layout of ``B`` rows of token ids (``ids`` int64 ``[n]``, row ``r`` at ``offsets[r]:offsets[r + 1]``).
 
     Args (CPU tensors, contiguous, int64 unless said):
-        pieces: each id's text laid end to end, uint8 (UTF-8 bytes) or int32 (code points);
-            ``piece_start`` / ``piece_len`` ``[V]``: where each id's piece lies in it.
-        special: bool ``[V]``, the ids without text of their own (special tokens).
+        pieces: each id's text laid end to end, uint8 (UTF-8 bytes) or int32 (code points).
+        table: ``[V]``, per id ``start << 17 | length << 1 | special``: where its piece lies in ``pieces``
+            (length < 2^16) and whether it is a special token (no text of its own);
+            :func:`piece_table_entries` builds it.
         split: int32 code points of the text between steps (empty: the whole text is one step).
         frame: the PRM ids around a response, per frame ``q`` its head at
             ``frame[frame_offsets[2q]:frame_offsets[2q + 1]]`` and its tail after it; ``row_frame`` ``[B]``:
@@ -56,6 +67,6 @@ def layout_ids(ids: torch.Tensor, offsets: torch.Tensor, pieces: torch.Tensor, p
     """
     if not has_layout():
         return None
-    return torch.ops.p2t_host.layout_ids(ids, offsets, pieces, piece_start, piece_len, special, split, frame,
-                                         frame_offsets, row_frame, separator, int(separator_readout),
+    return torch.ops.p2t_host.layout_ids(ids, offsets, pieces, table, split, frame, frame_offsets, row_frame,
+                                         separator, int(separator_readout),
                                          -1 if max_length is None else int(max_length), bool(read_last))
