@@ -17,7 +17,9 @@ Policy tokens and steps:
   attribution is split over the policy tokens in proportion to the characters they share (mass
   preserved); a policy token spanning two steps keeps the mass of both.
 
-Everything here is host work on NumPy arrays, vectorised over tokens.
+Everything here is host work on NumPy arrays, vectorised over tokens; the batch path from policy ids
+(:meth:`Layout.rows` with ``skip_empty``, same tokenizer) runs as one native pass where the compiled
+extension has it (:func:`p2t.ops.host.layout_ids`), tested equal to the NumPy one.
 """
 from __future__ import annotations
 
@@ -180,13 +182,14 @@ class Layout:
         """:meth:`rows` of policy ids with the PRM's own tokenizer (``skip_empty``), built for the whole
         batch at once: the rows' ids laid end to end in one array (row offsets by cumsum), their texts
         and spans, step assignment, truncation and the PRM inputs computed on those arrays (no loop over
-        tokens, a few NumPy calls per batch); each :class:`Row` is a set of views into them."""
+        tokens, a few NumPy calls per batch); each :class:`Row` is a set of views into them. Where the
+        compiled extension holds the layout kernel, the same arrays come from one native pass
+        (:meth:`_rows_native`)."""
         B = len(prompts)
         flat, n_b = _flatten_ids(policy_ids)
         off = np.concatenate([[0], np.cumsum(n_b)])
-        bad = (flat < 0) | (flat >= self.policy_vocab)
-        if bad.any():
-            k = int(bad.argmax())
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self.policy_vocab):
+            k = int(((flat < 0) | (flat >= self.policy_vocab)).argmax())
             i = int(np.searchsorted(off, k, side="right") - 1)
             raise ValueError(f"response_token_ids[{i}] holds the id {int(flat[k])}, outside the policy "
                              f"tokenizer's vocabulary [0, {self.policy_vocab})")
