@@ -23,7 +23,10 @@ def has_layout() -> bool:
     global _HAS
     if _HAS is None:
         from . import _cpp  # noqa: F401  (imports p2t._C when it is built)
-        _HAS = bool(torch._C._dispatch_has_kernel_for_dispatch_key("p2t_host::layout_ids", "CPU"))
+        try:
+            _HAS = bool(torch._C._dispatch_has_kernel_for_dispatch_key("p2t_host::layout_ids", "CPU"))
+        except RuntimeError:  # the op does not exist: no extension, or one built before the kernel
+            _HAS = False
     return _HAS
 
 
