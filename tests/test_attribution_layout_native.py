@@ -172,3 +172,30 @@ def test_kernel_checks_its_arguments():
     assert out[0].tolist() == [97, 98, 98] and out[3].tolist() == [[0, 3]]  # the special token adds no text
     # ids with text and the separator; read at the separator; the special token (no text) is inside no step
     assert out[9].tolist() == [0, 1, 1, 1] and out[12].tolist() == [3] and out[5].tolist() == [0, 0, 0, -1]
+
+
+def test_added_tokens_of_a_byte_level_tokenizer(tmp_path, monkeypatch):
+    """Tokens added to a byte-level vocabulary (a plain one, a special one) decode to their own text: the
+    native layout checks that against the tokenizer's decoding and agrees with the NumPy and row-by-row
+    layouts. An added token whose text the byte-level decoder garbles ("ünï" decodes to "\ufffdn\ufffd")
+    sends the call to the general path, which follows the tokenizer's decoding."""
+    tok = gpt2_tokenizer(str(tmp_path / "g"))
+    tok.add_tokens(["<step>", "ünï"])
+    tok.add_special_tokens({"additional_special_tokens": ["<extra_0>"]})
+    step, uni, extra = tok.convert_tokens_to_ids(["<step>", "ünï", "<extra_0>"])
+    lay = _layout(tok)
+    a, b = tok.encode("x = 1\ny = 2"), tok.encode("ok\nfine")
+    ids = [a[:3] + [step] + a[3:], b + [extra], a + [extra] + b]
+    native, numpy_rows, by_row = _three_ways(lay, ["p"] * 3, ids, monkeypatch)
+    _assert_same(native, by_row)
+    _assert_same(numpy_rows, by_row)
+    assert native[0].text == "x = 1<step>\ny = 2" == tok.decode(ids[0], skip_special_tokens=True)
+    ids.append([uni] + b)
+    from p2t.attribution.layout import _flatten_ids
+    flat, n_b = _flatten_ids(ids)
+    assert lay._rows_native(["p"] * 4, lay.template_parts_many(["p"] * 4), flat,
+                            np.concatenate([[0], np.cumsum(n_b)]), 2) is None
+    rows = lay.rows(["p"] * 4, None, ids, hint=False, skip_empty=True)
+    _assert_same(rows, [lay.row(i, lay.template_parts("p"), None, x, hint=False, skip_empty=True)
+                        for i, x in enumerate(ids)])
+    assert rows[3].text == tok.decode(ids[3], skip_special_tokens=True)
