@@ -95,9 +95,12 @@ class Layout:
         if self.policy_vocab <= 1 << 24:
             self._special_table = np.zeros(self.policy_vocab, dtype=bool)
             self._special_table[[t for t in self.policy_special if 0 <= t < self.policy_vocab]] = True
-        # the native layout's constant inputs (p2t.ops.host.layout_ids)
+        # the native layout's constant inputs (p2t.ops.host.layout_ids): the separator ids, the step split's
+        # code points (empty: one step; None: a callable split, which the kernel does not take)
         self._separator_torch = torch.tensor(self.sep_ids + self.suffix_ids, dtype=torch.int64)
-        self._split_cps = None
+        split = None if read_at == "last" else step_split
+        self._split_cps = None if callable(split) else torch.from_numpy(
+            np.frombuffer((split or "").encode("utf-32-le"), dtype=np.int32).copy())
 
     # ------------------------------------------------------------------ tokenizer helpers
     def encode(self, text: str) -> List[int]:
@@ -279,8 +282,7 @@ class Layout:
         joinable-strings table) or where a row's text is not what the tokenizer decodes (bytes that are not
         UTF-8, added tokens that decode otherwise): then the NumPy path runs, which computes the same rows."""
         from ..ops import host
-        split = None if self.read_at == "last" else self.step_split
-        if callable(split) or not host.has_layout():
+        if self._split_cps is None or not host.has_layout():
             return None
         tok = self.policy_tokenizer
         got = piece_table(tok)
@@ -292,9 +294,6 @@ class Layout:
             return None  # the token strings are not the text (word pieces, metaspace): decoded per row instead
         if flat.size and int(flat.max()) >= table.shape[0]:
             return None  # ids the table does not hold (checked against the tokenizer's size already)
-        if self._split_cps is None or self._split_cps[0] != split:
-            cps = np.frombuffer((split or "").encode("utf-32-le"), dtype=np.int32).copy()
-            self._split_cps = (split, torch.from_numpy(cps))
         keys = list(parts)
         where = {p: q for q, p in enumerate(keys)}
         row_frame = np.fromiter((where[p] for p in prompts), dtype=np.int64, count=len(prompts))
@@ -302,7 +301,7 @@ class Layout:
         frame = np.fromiter(itertools.chain.from_iterable(x for p in keys for x in parts[p]), dtype=np.int64,
                             count=int(sizes.sum()))
         frame_off = np.concatenate([[0], np.cumsum(sizes)])
-        got = host.layout_ids(torch.from_numpy(flat), torch.from_numpy(off), pieces, table, self._split_cps[1],
+        got = host.layout_ids(torch.from_numpy(flat), torch.from_numpy(off), pieces, table, self._split_cps,
                               torch.from_numpy(frame), torch.from_numpy(frame_off), torch.from_numpy(row_frame),
                               self._separator_torch, len(self.sep_ids), self.max_length, self.read_at == "last")
         (buf, u_off, spans, steps, s_off, policy_step, keep, total, first, ids, tstep, P, readout, ro_off,
