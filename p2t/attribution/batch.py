@@ -179,11 +179,20 @@ class Assembly:
             self.per_row[r.index] = (attr, j, m, k0)
         if attr is None:
             return
-        idx = mb.scatter
-        vals = attr[idx[0], idx[1]]
+        flat = mb.flat
+        if flat is not None and attr.is_contiguous() and tuple(attr.shape) == tuple(mb.tensors["input_ids"].shape):
+            vals = attr.view(-1).index_select(0, flat[0])
+        else:
+            vals = attr[mb.scatter[0], mb.scatter[1]]
         if mb.weight is not None:  # PRM tokens split over policy tokens: shares, summed
             vals = vals * mb.weight.to(dtype)
-        self.scores.index_put_((idx[2], idx[3]), vals, accumulate=mb.weight is not None)
+        if flat is not None:
+            # each policy token has at most one PRM position under the identity map; shares are summed
+            (self.scores.view(-1).index_add_ if mb.weight is not None else self.scores.view(-1).index_copy_)(
+                0, flat[1], vals)
+        else:
+            idx = mb.scatter
+            self.scores.index_put_((idx[2], idx[3]), vals, accumulate=mb.weight is not None)
 
     def _view(self, b: int) -> Optional[PRMView]:
         r = self.rows[b]

@@ -101,8 +101,8 @@ def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, m
             adv[rows_t] = a.to(dev, torch.float32) + a_hat[rows_t][:, None]
         else:  # gathered onto the policy's tokens: (row in the micro-batch, PRM position) -> (response, token),
             # added to the A^_b that ``adv`` holds there (each policy token is written by one PRM position)
-            ax = at[:2].to(x.device)
-            adv.index_put_((at[2], at[3]), a[ax[0], ax[1]].to(dev, torch.float32), accumulate=True)
+            src = mb.flat[0].to(x.device)
+            adv.view(-1).index_add_(0, mb.flat[1], a.reshape(-1).index_select(0, src).to(dev, torch.float32))
     sb = out.finish("taylor", scorer.objective)
     sb.advantages = torch.where(keep, adv, torch.zeros((), device=dev))
     return sb

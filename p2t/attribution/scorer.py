@@ -179,7 +179,7 @@ class P2TScorer:
         return t, inputs, self._inputs_embeds(mb.rows, t, inputs).detach()
 
     def _plan(self, live: List[Row], groups: List[List[int]], out: Assembly, packed: bool = False) -> List[MicroBatch]:
-        return plan(live, groups, self._pad_id, self.device, out.dev, out.base, padded=not packed)
+        return plan(live, groups, self._pad_id, self.device, out.dev, out.base, out.scores.shape[1], padded=not packed)
 
     def _inputs_embeds(self, rows: List[Row], t: dict, inputs: dict) -> torch.Tensor:
         """``inputs_embeds`` of a micro-batch: the embedding of its ids. The hook where a multimodal PRM
