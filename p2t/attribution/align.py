@@ -536,37 +536,6 @@ def offsets_many(tokenizer, flat: np.ndarray, off: np.ndarray) -> Tuple[List[str
     return texts, spans
 
 
-def piece_table(tokenizer):
-    """The tokenizer's vocabulary for the native layout (:func:`p2t.ops.host.layout_ids`):
-    ``(kind, pieces, table)`` with ``kind`` ``"bytes"`` (byte-level BPE: ``pieces`` uint8 UTF-8 bytes) or
-    ``"text"`` (the token strings: int32 code points) and ``table`` one int64 per id (its piece and whether it
-    is special); built once per tokenizer from :func:`_vocab_flat`. ``None`` where it cannot be built (then
-    the text comes from the tokenizer's own decoding)."""
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if type(decoder).__name__ == "ByteLevel":
-        kind = "bytes"
-    elif getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
-        kind = "text"
-    else:
-        return None
-    flat = _safe_flat(tokenizer, kind)
-    if flat is None:
-        return None
-    slot = _VOCAB_CACHE[tokenizer]
-    hit = slot.get(kind + "/native")
-    if hit is None or hit[0] is not flat:
-        import torch
-        from ..ops.host import piece_table_entries
-        buf, starts, lens = flat
-        special = np.zeros(lens.shape[0], dtype=bool)
-        special[[t for t in special_ids(tokenizer) if 0 <= t < lens.shape[0]]] = True
-        table = piece_table_entries(starts.astype(np.int64), lens.astype(np.int64), special)
-        pieces = torch.from_numpy(np.array(buf if kind == "bytes" else buf.view(np.int32)))  # a writable copy
-        hit = (flat, None if table is None else (kind, pieces, table))
-        slot[kind + "/native"] = hit
-    return hit[1]
-
-
 def _table_size(tokenizer) -> int:
     try:
         return len(tokenizer)

@@ -180,8 +180,8 @@ class Assembly:
         if attr is None:
             return
         flat = mb.flat
-        if flat is not None and attr.is_contiguous() and tuple(attr.shape) == tuple(mb.tensors["input_ids"].shape):
-            vals = attr.view(-1).index_select(0, flat[0])
+        if flat is not None and attr.shape == mb.tensors["input_ids"].shape:
+            vals = attr.reshape(-1).index_select(0, flat[0])
         else:
             vals = attr[mb.scatter[0], mb.scatter[1]]
         if mb.weight is not None:  # PRM tokens split over policy tokens: shares, summed

@@ -31,8 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .align import (Span, _decode, _row_of, _within, assign_steps_array, encode_with_offsets, offsets_many,
-                    offsets_of, overlap_map, piece_table, special_ids, split_steps)
+from .align import (_VOCAB_CACHE, Span, _decode, _row_of, _safe_flat, _within, assign_steps_array,
+                    encode_with_offsets, offsets_many, offsets_of, overlap_map, special_ids, split_steps)
 
 __all__ = ["Row", "Layout", "AttributionWarning", "groups"]
 
@@ -278,20 +278,17 @@ class Layout:
     def _rows_native(self, prompts: Sequence[str], parts, flat: np.ndarray, off: np.ndarray,
                      stacklevel: int) -> Optional[List[Optional[Row]]]:
         """:meth:`_rows_ids` in one native pass (:func:`p2t.ops.host.layout_ids`); ``None`` where it does not
-        apply (no compiled kernel, a callable ``step_split``, a policy tokenizer without a byte-level or
-        joinable-strings table) or where a row's text is not what the tokenizer decodes (bytes that are not
-        UTF-8, added tokens that decode otherwise): then the NumPy path runs, which computes the same rows."""
+        apply (no compiled kernel, a callable ``step_split``, a policy tokenizer whose token pieces are not its
+        text: :func:`_native_table`) or where a row's text is not what the tokenizer decodes (bytes that are
+        not UTF-8, added tokens that decode otherwise): then the NumPy path runs, which computes the same rows."""
         from ..ops import host
         if self._split_cps is None or not host.has_layout():
             return None
         tok = self.policy_tokenizer
-        got = piece_table(tok)
+        got = _native_table(tok)
         if got is None:
             return None
         kind, pieces, table = got
-        decoder = type(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)).__name__
-        if kind == "text" and decoder != "Fuse":
-            return None  # the token strings are not the text (word pieces, metaspace): decoded per row instead
         if flat.size and int(flat.max()) >= table.shape[0]:
             return None  # ids the table does not hold (checked against the tokenizer's size already)
         keys = list(parts)
@@ -406,8 +403,8 @@ class Layout:
             total = len(head) + int(per_step.sum()) + len(tail)
             if total > self.max_length:
                 fits = len(head) + np.cumsum(per_step) + len(tail) <= self.max_length
-                keep = self._steps_that_fit(i, total, int(fits.sum()), len(steps), len(head) + int(per_step[0]) + len(tail),
-                                            stacklevel + 1)
+                first = len(head) + int(per_step[0]) + len(tail)
+                keep = self._steps_that_fit(i, total, int(fits.sum()), len(steps), first, stacklevel + 1)
         steps = steps[:keep]
         policy_step = np.where(policy_step < keep, policy_step, -1)
         counts = counts[:keep]
@@ -468,13 +465,44 @@ def _flatten_ids(policy_ids: Sequence) -> Tuple[np.ndarray, np.ndarray]:
     return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(n_b.sum())), n_b
 
 
+def _native_table(tokenizer):
+    """The policy tokenizer's vocabulary for the native layout (:func:`p2t.ops.host.layout_ids`):
+    ``(kind, pieces, table)`` with ``kind`` ``"bytes"`` (byte-level BPE: ``pieces`` uint8 UTF-8 bytes) or
+    ``"text"`` (token strings that join into the text, a ``Fuse`` decoder: int32 code points) and ``table``
+    one int64 per id (its piece and whether it is special); built once per tokenizer from the vocabulary
+    table of :mod:`.align`. ``None`` where the pieces are not the text (word pieces, metaspace: the NumPy
+    path decodes those rows) or the table cannot be built."""
+    decoder = type(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)).__name__
+    if decoder == "ByteLevel":
+        kind = "bytes"
+    elif decoder == "Fuse" and getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
+        kind = "text"
+    else:
+        return None
+    flat = _safe_flat(tokenizer, kind)
+    if flat is None:
+        return None
+    slot = _VOCAB_CACHE[tokenizer]
+    hit = slot.get(kind + "/native")
+    if hit is None or hit[0] is not flat:
+        from ..ops.host import piece_table_entries
+        buf, starts, lens = flat
+        special = np.zeros(lens.shape[0], dtype=bool)
+        special[[t for t in special_ids(tokenizer) if 0 <= t < lens.shape[0]]] = True
+        table = piece_table_entries(starts.astype(np.int64), lens.astype(np.int64), special)
+        pieces = torch.from_numpy(np.array(buf if kind == "bytes" else buf.view(np.int32)))  # a writable copy
+        hit = (flat, None if table is None else (kind, pieces, table))
+        slot[kind + "/native"] = hit
+    return hit[1]
+
+
 def _texts(tokenizer, kind: str, buf: np.ndarray, u_off: np.ndarray, flat: np.ndarray,
            off: np.ndarray) -> Optional[List[str]]:
     """The rows' texts from the native layout's pieces (``kind`` ``"bytes"``: UTF-8, ``"text"``: code points),
     ``None`` when a row's bytes are not UTF-8 or hold added tokens that the tokenizer decodes otherwise."""
     texts = []
+    raw = buf.tobytes()
     if kind == "bytes":
-        raw = buf.tobytes()
         base = getattr(tokenizer, "vocab_size", None)
         added = not isinstance(base, int) or (flat.size and int(flat.max()) >= base)
         for r in range(off.size - 1):
@@ -486,7 +514,6 @@ def _texts(tokenizer, kind: str, buf: np.ndarray, u_off: np.ndarray, flat: np.nd
                 return None
             texts.append(text)
         return texts
-    raw = buf.tobytes()
     return [raw[4 * u_off[r]:4 * u_off[r + 1]].decode("utf-32-le") for r in range(off.size - 1)]
 
 

@@ -113,7 +113,8 @@ def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, devi
         cell0 = np.cumsum(cells) - cells
         T = int(cells.sum())
         Kt = int(k.sum())
-        # the PRM's device, one buffer: [ids | step_index | steps | attention_mask | readouts (K x 2) | local | row_index]
+        # the PRM's device, one buffer:
+        # [ids | step_index | steps | attention_mask | readouts (K x 2) | local | row_index]
         host = np.empty(4 * T + 3 * Kt + n, dtype=np.int64)
         ids, tstep, steps, attn = (host[q * T:(q + 1) * T] for q in range(4))
         ids.fill(pad_id)
