@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from .ops import (available_backends, group_advantages, p2t_advantages, process_token_rewards,
                   segment_redistribute, token_advantages, token_attribution)
+from .options import DEFAULTS, P2TOptions
+from .rewards import register_mode, token_advantages_of, token_rewards
 
 __version__ = "0.1.0"
 
 __all__ = [
     "token_attribution", "segment_redistribute", "process_token_rewards", "group_advantages", "token_advantages", "p2t_advantages",
-    "available_backends", "P2TScorer", "token_rewards", "__version__",
+    "available_backends", "P2TScorer", "P2TOptions", "DEFAULTS", "token_rewards", "token_advantages_of",
+    "register_mode", "__version__",
 ]
 
 
 def __getattr__(name):
-    if name in ("P2TScorer", "ScoredBatch", "token_rewards"):
+    if name in ("P2TScorer", "ScoredBatch"):
         from . import attribution
         return getattr(attribution, name)
     raise AttributeError(f"module 'p2t' has no attribute {name!r}")

@@ -103,7 +103,7 @@ def _segment_args(scores, segment_ids, segment_rewards, omega, temperature, stan
 
 
 def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segment_rewards: torch.Tensor, *,
-                         omega: float = 0.6, temperature: float = 1.0, standardize: bool = False,
+                         omega: float = 0.6, omega_neg: float = 0.0, temperature: float = 1.0, standardize: bool = False,
                          normalize: str = "paper", validate: bool = True, backend: str = "auto") -> torch.Tensor:
     """Token rewards ``r_i = R_s + omega * R_s * softmax_{j in s}(x_j / temperature)_i``.
 
@@ -129,6 +129,8 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
     """
     omega, temperature, normalize_sum = _segment_args(scores, segment_ids, segment_rewards, omega, temperature,
                                                       standardize, normalize)
+    if chk.finite("omega_neg", omega_neg, nonnegative=True) != 0.0:
+        raise NotImplementedError("omega_neg > 0 is not implemented yet")
     if validate:
         chk.segment_values(segment_ids, segment_rewards.shape[0], rows=scores.shape[0] if scores.dim() == 2 else None)
     fn = _backends.get(backend, "segment_redistribute", _device_type(scores))
@@ -230,8 +232,8 @@ def token_advantages(outcome_rewards: torch.Tensor, token_rewards: torch.Tensor,
 
 def p2t_advantages(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torch.Tensor, segment_ids: torch.Tensor,
                    segment_rewards: torch.Tensor, outcome_rewards: torch.Tensor, *, group_size: int,
-                   omega: float = 0.6, alpha: float = 0.1, temperature: float = 1.0, standardize: bool = False,
-                   normalize: str = "paper", mask: Optional[torch.Tensor] = None, scale: str = "group",
+                   omega: float = 0.6, omega_neg: float = 0.0, alpha: float = 0.1, temperature: float = 1.0,
+                   standardize: bool = False, normalize: str = "paper", mask: Optional[torch.Tensor] = None, scale: str = "group",
                    eps: float = 1e-6, out: Optional[torch.Tensor] = None, validate: bool = True,
                    backend: str = "auto") -> torch.Tensor:
     """The whole P2T pipeline: attribution -> redistribution -> token advantages, fused.
@@ -265,6 +267,8 @@ def p2t_advantages(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torch.T
     chk.same_device(grad=grad, embeds=embeds, null_embed=null_embed, segment_ids=segment_ids,
                     segment_rewards=segment_rewards, outcome_rewards=outcome_rewards, mask=mask)
     omega = chk.finite("omega", omega)
+    if chk.finite("omega_neg", omega_neg, nonnegative=True) != 0.0:
+        raise NotImplementedError("omega_neg > 0 is not implemented yet")
     alpha = chk.finite("alpha", alpha)
     temperature = chk.finite("temperature", temperature, positive=True)
     if not isinstance(standardize, bool):
