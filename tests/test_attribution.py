@@ -216,11 +216,11 @@ def test_taylor_per_step_equals_per_step_loop(toy):
     for v in b.prm:
         close(v.attributions, manual_per_step(toy, v))
     # the loop fallback (no vmap) gives the same
-    toy._vmap_ok = False
+    toy.engine.state.vmap_ok = False
     try:
         b2 = toy.score(PROMPTS, RESPONSES, method="taylor_per_step")
     finally:
-        toy._vmap_ok = True
+        toy.engine.state.vmap_ok = True
     close(b2.scores, b.scores)
     # and it differs from plain taylor (later steps contaminate earlier tokens there)
     assert (toy.score(PROMPTS, RESPONSES).scores - b.scores).abs().max() > 1e-4
@@ -485,7 +485,7 @@ def test_separator_without_tokens_is_refused(saved):
     with pytest.raises(ValueError, match=r"step_separator='\\n' encodes to no token with the PRM tokenizer \("):
         P2TScorer(model, tok, "value_head")
     s = P2TScorer(model, tok, "value_head", step_separator="[SEP]")  # a token it keeps
-    assert s._sep_ids == [tok.sep_token_id]
+    assert s.layout.sep_ids == [tok.sep_token_id]
 
 
 def test_default_max_length_is_the_smaller_of_tokenizer_and_positions(tmp_path):

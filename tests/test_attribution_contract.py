@@ -28,13 +28,15 @@ def toy(tmp_path_factory):
 
 
 def test_one_source_of_the_option_values():
-    import p2t.grpo.config as cfg
-    import p2t.integrations._common as common
+    from p2t import options, rewards
+    from p2t.attribution import METHODS, NULLS, batch, methods
+    from p2t.attribution import options as scorer_options
     from p2t.ops import _checks
-    assert MODES == ("outcome", "process", "p2t")
-    assert cfg.MODES is MODES and common.MODES is MODES
-    assert cfg.NORMALIZE is NORMALIZE is _checks.NORMALIZE and common.NORMALIZE is NORMALIZE
-    assert cfg.SCALES is SCALES is _checks.SCALES
+    assert tuple(MODES) == ("outcome", "process", "p2t") and MODES is options.MODES is rewards.MODES
+    assert NORMALIZE is options.NORMALIZE is _checks.NORMALIZE and SCALES is options.SCALES is _checks.SCALES
+    assert NULLS is options.NULLS is scorer_options.NULLS and METHODS is options.METHODS is methods.METHODS
+    assert token_rewards is rewards.token_rewards and batch.MODES is MODES
+    assert ScoredBatch.ids_checked is True
 
 
 def test_score_length_and_device(toy):
@@ -85,7 +87,7 @@ def test_score_ids_rows_without_a_step_and_no_retokenizing(toy, monkeypatch):
     e = toy.score_ids(["q", "q"], [[], [tok.eos_token_id]], length=3)
     assert e.steps_per_response == [0, 0] and e.segment_rewards.shape == (0,)
     for mode in MODES:
-        assert (e.token_rewards(mode) == 0).all()
+        assert (e.token_rewards(mode=mode) == 0).all()
     with pytest.raises(ValueError, match=r"response_token_ids\[0\] holds the id -3"):
         toy.score_ids(["q"], [[-3]])
     with pytest.raises(ValueError, match="response_token_ids has 1 rows but there are 2 prompts"):
@@ -95,9 +97,12 @@ def test_score_ids_rows_without_a_step_and_no_retokenizing(toy, monkeypatch):
 def test_token_rewards_every_mode(toy):
     b = toy.score(PROMPTS, RESPONSES, length=25)
     for mode in MODES:
-        r = b.token_rewards(mode, omega=0.5, temperature=0.7, standardize=True, normalize="sum")
+        opts = p2t.P2TOptions(mode=mode, omega=0.5, temperature=0.7, standardize=True, normalize="sum")
+        r = b.token_rewards(opts)
         assert r.shape == (2, 25) and r.dtype == torch.float32
-        assert torch.equal(r, token_rewards(b, mode, omega=0.5, temperature=0.7, standardize=True, normalize="sum"))
+        assert torch.equal(r, token_rewards(b, opts))
+        assert torch.equal(r, b.token_rewards(mode=mode, omega=0.5, temperature=0.7, standardize=True,
+                                              normalize="sum"))
         if mode == "outcome":
             assert (r == 0).all()
         elif mode == "process":
@@ -109,9 +114,9 @@ def test_token_rewards_every_mode(toy):
             torch.testing.assert_close(r, want, rtol=0, atol=0)
             assert (r[b.segment_ids < 0] == 0).all() and (r[b.segment_ids >= 0] != 0).all()
     with pytest.raises(ValueError, match="mode must be one of"):
-        b.token_rewards("dense")
+        b.token_rewards(mode="dense")
     with pytest.raises(ValueError, match="normalize must be one of"):
-        b.token_rewards("p2t", normalize="l1")
+        b.token_rewards(mode="p2t", normalize="l1")
 
 
 def test_prm_views_are_built_on_access(toy):
@@ -312,7 +317,7 @@ def test_token_rewards_checks_segment_ids_of_other_batches():
     other = SimpleNamespace(scores=torch.rand(1, 4), segment_ids=ids, segment_rewards=torch.rand(2))
     for mode in ("process", "p2t"):
         with pytest.raises(ValueError, match="segment_ids"):
-            token_rewards(other, mode)
+            token_rewards(other, mode=mode)
 
 
 def test_vocabulary_gather_equals_joining_the_token_strings(tmp_path):

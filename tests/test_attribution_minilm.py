@@ -53,14 +53,15 @@ def test_taylor_matches_finite_differences_on_real_weights(scored):
     v = b.prm[0]
     ids = torch.tensor([v.input_ids])
     x = s.model.get_input_embeddings().weight.detach()[ids]
-    null = s._null_embed
+    null = s.null_embedding
     attn = torch.ones_like(ids)
     ro = torch.tensor([[0, p] for p in v.readout_positions])
     pmask = torch.zeros_like(ids, dtype=torch.bool)
     pmask[0, :v.prompt_length] = True
 
     def F(xx):
-        return s._margins(xx, attn, ids, v.step_index[None], ro, pmask, torch.tensor([0])).sum().item()
+        return s.engine.margins(xx, attn, dict(input_ids=ids, step_index=v.step_index[None], readout_positions=ro,
+                                               prompt_mask=pmask, row_index=torch.tensor([0]))).sum().item()
 
     f0, t = F(x), 1e-2
     pos = (v.step_index >= 0).nonzero().flatten()[::2].tolist()
@@ -89,11 +90,13 @@ def test_taylor_vs_exact_spearman(scored):
     x = s.model.get_input_embeddings().weight.detach()[ids]
     p = int((v.step_index >= 0).nonzero()[3])
     xx = x.clone()
-    xx[0, p] = s._null_embed
+    xx[0, p] = s.null_embedding
     ro = torch.tensor([[0, q] for q in v.readout_positions])
     pm = torch.zeros_like(ids, dtype=torch.bool)
     pm[0, :v.prompt_length] = True
     def F(z):
-        return s._margins(z, torch.ones_like(ids), ids, v.step_index[None], ro, pm, torch.tensor([1])).sum()
+        return s.engine.margins(z, torch.ones_like(ids), dict(input_ids=ids, step_index=v.step_index[None],
+                                                              readout_positions=ro, prompt_mask=pm,
+                                                              row_index=torch.tensor([1]))).sum()
 
     torch.testing.assert_close(v.attributions[p], (F(x) - F(xx)).detach(), atol=1e-4, rtol=1e-4)

@@ -137,7 +137,7 @@ def test_merged_embeddings_are_the_models_own(saved, arch):
 def test_taylor_is_autograd_on_merged_embeddings(saved, arch):
     s = load(saved, arch)
     b = s.score(PROMPTS, RESPONSES, images=IMAGES)
-    null = s._null_embed
+    null = s.null_embedding
     for i, img in enumerate(IMAGES):
         v = b.prm[i]
         x, pos, _, ids = merged(s, v, img)
@@ -166,7 +166,7 @@ def test_exact_is_the_leave_one_out_loop(saved, arch):
         f0 = f(x).sum()
         for p in (v.step_index >= 0).nonzero().flatten().tolist():
             xx = x.clone()
-            xx[p] = s._null_embed
+            xx[p] = s.null_embedding
             want[p] = f0 - f(xx).sum()
     assert want.abs().sum() > 0
     close(v.attributions, want)
@@ -264,7 +264,7 @@ def test_per_step_and_readout_head(saved, arch):
         xg = x.clone().requires_grad_(True)
         g, = torch.autograd.grad(objective(s, v, pos)(xg)[k], xg)
         tok = v.step_index == k
-        want[tok] = ((x - s._null_embed) * g).sum(-1)[tok]
+        want[tok] = ((x - s.null_embedding) * g).sum(-1)[tok]
     close(v.attributions, want)
     full = s.score(PROMPTS, RESPONSES, images=IMAGES)
     got = load(saved, arch, judge_logits="readout").score(PROMPTS, RESPONSES, images=IMAGES)

@@ -55,7 +55,7 @@ def _batch(tok, seed: int, groups: int, group_size: int):
     return prompts, ids, o
 
 
-def _unfused64(sb, o, group_size, alpha=1.0, scale="group", mask=None, **kw):
+def _unfused64(sb, o, group_size, alpha=0.1, scale="group", mask=None, **kw):
     """The unfused path in float64 on the scored batch: the reference ops."""
     B, N = sb.scores.shape
     ids = torch.where(sb.response_mask, sb.segment_ids, -1).reshape(-1)
@@ -82,7 +82,7 @@ def test_fused_equals_unfused_and_float64(toy, seed, group_size, monkeypatch):
         assert calls, "the fused op was not called"
         assert f.advantages.shape == (len(ids), N) and f.advantages.dtype == torch.float32
         u = fused_mod.unfused(toy.score_ids(prompts, ids, length=N), o, None, group_size=group_size,
-                              **{"alpha": 1.0, "scale": "group", "eps": 1e-6, **opts})
+                              **{"alpha": 0.1, "scale": "group", "eps": 1e-6, **opts})
         torch.testing.assert_close(f.advantages, u.advantages, rtol=0, atol=1e-6)
         want = _unfused64(f, o, group_size, **opts)
         torch.testing.assert_close(f.advantages.double(), want, rtol=0, atol=1e-6)
@@ -149,10 +149,10 @@ def test_fused_micro_batches_are_the_scorers(toy, monkeypatch):
 def test_unfused_fallbacks_and_bad_arguments(toy, monkeypatch):
     prompts, ids, o = _batch(toy.tokenizer, 3, groups=2, group_size=2)
     monkeypatch.setattr(p2t.ops, "p2t_advantages", lambda *a, **k: pytest.fail("fused op on a method it cannot fuse"))
-    assert not toy.fuses("exact") and "taylor" in fused_mod.unfused_reason(toy, "integrated_gradients")
+    assert not toy.fuses("exact") and "taylor" in toy.unfused_reason(method="integrated_gradients")
     a = toy.advantages_ids(prompts, ids, o, group_size=2, method="integrated_gradients")
     b = toy.score_ids(prompts, ids, method="integrated_gradients")
-    want = p2t.token_advantages(o, b.token_rewards("p2t"), group_size=2, alpha=1.0, mask=b.response_mask)
+    want = p2t.token_advantages(o, b.token_rewards(mode="p2t"), group_size=2, alpha=0.1, mask=b.response_mask)
     torch.testing.assert_close(a.advantages, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="group_size must be a positive int dividing"):
         toy.advantages_ids(prompts, ids, o, group_size=3)
@@ -172,7 +172,7 @@ def test_rewards_only_path_gives_the_same_step_rewards(toy, monkeypatch):
     torch.testing.assert_close(r.segment_rewards, full.segment_rewards, rtol=0, atol=1e-6)
     assert torch.equal(r.segment_ids, full.segment_ids) and torch.equal(r.response_mask, full.response_mask)
     assert (r.scores == 0).all() and r.steps_per_response == full.steps_per_response
-    torch.testing.assert_close(r.token_rewards("process"), full.token_rewards("process"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(r.token_rewards(mode="process"), full.token_rewards(mode="process"), rtol=0, atol=1e-6)
     v = next(v for v in r.prm if v is not None)
     assert (v.attributions == 0).all() and v.step_rewards.numel() > 0
 

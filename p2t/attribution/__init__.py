@@ -7,11 +7,12 @@ function of your own) and returns a :class:`ScoredBatch` whose ``scores``, ``seg
 """
 from __future__ import annotations
 
-from .batch import MODES, NORMALIZE, SCALES, token_rewards  # noqa: F401
-from .scorer import (KINDS, METHODS, NULLS, PRESETS, AttributionWarning, P2TScorer, PRMView,  # noqa: F401
-                     ScoredBatch)
+from ..options import METHODS, MODES, NORMALIZE, NULLS, SCALES  # noqa: F401  (the option values, defined once)
+from ..rewards import token_rewards  # noqa: F401
+from .engine import Engine  # noqa: F401
+from .scorer import KINDS, PRESETS, AttributionWarning, P2TScorer, PRMView, ScoredBatch  # noqa: F401
 
-__all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "KINDS", "METHODS", "NULLS", "PRESETS",
+__all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "Engine", "KINDS", "METHODS", "NULLS", "PRESETS",
            "MiniLMStepReward", "MultimodalP2TScorer", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
 
 

@@ -1,6 +1,7 @@
 """The scorer's output contract: :class:`ScoredBatch` (tensors aligned to the policy's tokens, padded,
-on one device), its per-response :class:`PRMView` s (built on first access) and :func:`token_rewards`,
-the one place where a scored batch becomes the token rewards of each mode."""
+on one device), its per-response :class:`PRMView` s (built on first access), and :class:`Assembly`, which
+fills a batch micro-batch by micro-batch. Token rewards of each mode come from :func:`p2t.token_rewards`
+(:mod:`p2t.rewards`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,12 +9,10 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from ..ops._checks import NORMALIZE, SCALES  # noqa: F401  (re-exported: the option values, defined once)
+from ..options import MODES, NORMALIZE, SCALES, P2TOptions  # noqa: F401  (MODES, NORMALIZE, SCALES re-exported)
+from ..rewards import token_rewards
 
-__all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly", "token_rewards", "MODES", "NORMALIZE",
-           "SCALES"]
-
-MODES = ("outcome", "process", "p2t")
+__all__ = ["ScoredBatch", "PRMView", "PRMViews", "Assembly"]
 
 
 @dataclass
@@ -92,6 +91,9 @@ class ScoredBatch:
     method: str = "taylor"
     objective: str = "logit"
     advantages: Optional[torch.Tensor] = None
+    # the segment ids are the scorer's own (in [-1, S), each step inside its response): the token-reward
+    # modes do not check them again (a check reads them back to the host, a device sync per call)
+    ids_checked = True
 
     def to(self, device) -> "ScoredBatch":
         """The same batch with its tensors (not the PRM views) on ``device``."""
@@ -100,48 +102,9 @@ class ScoredBatch:
                            list(self.steps_per_response), self.prm, self.method, self.objective,
                            None if self.advantages is None else self.advantages.to(device))
 
-    def token_rewards(self, mode: str = "p2t", *, omega: float = 0.6, temperature: float = 1.0,
-                      standardize: bool = False, normalize: str = "paper", backend: str = "auto") -> torch.Tensor:
-        """:func:`token_rewards` of this batch."""
-        return token_rewards(self, mode, omega=omega, temperature=temperature, standardize=standardize,
-                             normalize=normalize, backend=backend)
-
-
-def token_rewards(batch, mode: str = "p2t", *, omega: float = 0.6, temperature: float = 1.0,
-                  standardize: bool = False, normalize: str = "paper", backend: str = "auto") -> torch.Tensor:
-    """Per-token rewards ``[B, N]`` of a scored batch, on its device, in its dtype.
-
-    * ``"outcome"``: zeros (the outcome advantage alone);
-    * ``"process"``: R_s on every token of step s (:func:`p2t.process_token_rewards`);
-    * ``"p2t"``: ``r_i = R_s + omega * R_s * softmax_{j in s}(I_j / temperature)_i``
-      (:func:`p2t.segment_redistribute` with ``standardize`` / ``normalize``).
-
-    Tokens in no step and padding get 0. ``batch`` is a :class:`ScoredBatch` (or anything with
-    ``scores``, ``segment_ids``, ``segment_rewards`` and optionally ``response_mask``; the segment ids
-    of those are checked, as the ops' ``validate`` does; a ScoredBatch's are the scorer's own and are
-    not read back to the host).
-    """
-    from .. import ops
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {', '.join(map(repr, NORMALIZE))}, got {normalize!r}")
-    ids = batch.segment_ids
-    mask = getattr(batch, "response_mask", None)
-    R = batch.segment_rewards
-    if mode == "outcome" or R.numel() == 0:  # no step anywhere: nothing to reward
-        dtype = batch.scores.dtype if batch.scores is not None else torch.float32
-        return torch.zeros(ids.shape, dtype=dtype, device=ids.device)
-    # a ScoredBatch's ids come from the scorer (in [-1, S), a step inside its response): checking them
-    # again would read them back to the host (a device sync per call); other batches are checked
-    validate = not isinstance(batch, ScoredBatch)
-    if mode == "process":
-        return ops.process_token_rewards(ids, R, mask=None if mask is None else mask.bool(), validate=validate)
-    if mask is not None:
-        ids = torch.where(mask.bool(), ids, torch.full_like(ids, -1))
-    return ops.segment_redistribute(batch.scores, ids, R, omega=omega, temperature=temperature,
-                                    standardize=standardize, normalize=normalize, backend=backend,
-                                    validate=validate)
+    def token_rewards(self, options: Optional[P2TOptions] = None, /, **overrides) -> torch.Tensor:
+        """:func:`p2t.token_rewards` of this batch (``overrides``: option fields, e.g. ``mode="process"``)."""
+        return token_rewards(self, options, **overrides)
 
 
 class Assembly:

@@ -18,10 +18,12 @@ read of the gradient and the embeddings) instead of :func:`p2t.token_attribution
   the step with attribution 0) runs the op on the policy layout instead (the gradient gathered onto the
   policy's tokens, zeros for that token), so that such a token shares its step's softmax as unfused.
 
-The fused path needs the policy's own tokens in the PRM input (same tokenizer: an identity on ids), the
-``taylor`` method (one gradient per micro-batch; the other methods reduce several gradients or none),
-rows that are not packed and no image features (:mod:`.multimodal`); :func:`unfused_reason` says which
-is missing, and the scorer then takes the unfused path (equal within the ops' tolerances).
+The fused path needs a fusable mode (``p2t``), the policy's own tokens in the PRM input (same tokenizer:
+an identity on ids), the ``taylor`` method (one gradient per micro-batch; the other methods reduce several
+gradients or none) and rows that are not packed; :func:`unfused_reason` says which is missing, and the
+scorer then takes the unfused path (equal within the ops' tolerances). A vision-language PRM's image
+features are part of ``inputs_embeds`` (:mod:`.multimodal`); they sit in no step, so the op gives their
+positions nothing, as the unfused path does.
 """
 from __future__ import annotations
 
@@ -30,55 +32,56 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..options import P2TOptions
+from ..rewards import get_mode, token_advantages_of
 from . import methods as M
 from .batch import Assembly, ScoredBatch
 
 __all__ = ["unfused_reason", "advantages", "unfused"]
 
 
-def unfused_reason(scorer, method: str) -> Optional[str]:
-    """Why :meth:`P2TScorer.advantages_ids` cannot end in the fused op (``None``: it can)."""
-    from .scorer import P2TScorer
-    if method != "taylor":
-        return f"method={method!r} (the fused op takes one gradient: 'taylor')"
-    if not scorer.same_tokenizer:
+def unfused_reason(engine, options: P2TOptions) -> Optional[str]:
+    """Why :meth:`P2TScorer.advantages_ids` cannot end in the fused op under ``options`` (``None``: it can)."""
+    if not get_mode(options.mode).fusable:
+        return f"mode={options.mode!r} (not a fusable mode)"
+    if options.method != "taylor":
+        return f"method={options.method!r} (the fused op takes one gradient: 'taylor')"
+    if not engine.layout.same_tokenizer:
         return "the policy and the PRM tokenizers differ (attributions are split over policy tokens)"
-    if scorer.packing:
+    if engine.packing:
         return "packing=True"
-    if type(scorer)._inputs_embeds is not P2TScorer._inputs_embeds:
-        return "the PRM's inputs_embeds hold more than its token embeddings (image features)"
     return None
 
 
-def unfused(sb: ScoredBatch, o: torch.Tensor, mask: Optional[torch.Tensor], *, group_size: int, alpha: float,
-            scale: str, eps: float, **options) -> ScoredBatch:
-    """The unfused path: ``sb`` (a :meth:`P2TScorer.score_ids` batch) with ``advantages`` from its
-    :meth:`~ScoredBatch.token_rewards` and :func:`p2t.token_advantages`."""
-    from .. import ops
-    keep = sb.response_mask if mask is None else mask
-    sb.advantages = ops.token_advantages(o, sb.token_rewards("p2t", **options).float(), group_size=group_size,
-                                         alpha=alpha, mask=keep, scale=scale, eps=eps)
+def unfused(sb: ScoredBatch, o: torch.Tensor, mask: Optional[torch.Tensor], options: Optional[P2TOptions] = None, *,
+            group_size: int, **overrides) -> ScoredBatch:
+    """The unfused path: ``sb`` (a :meth:`P2TScorer.score_ids` batch) with ``advantages`` from
+    :func:`p2t.rewards.token_advantages_of` (the mode's token rewards, then :func:`p2t.token_advantages`)
+    under ``options`` with ``overrides``."""
+    sb.advantages = token_advantages_of(sb, o, options, group_size=group_size, mask=mask, **overrides).float()
     return sb
 
 
-def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, mask: Optional[torch.Tensor], *,
-               group_size: int, alpha: float, omega: float, temperature: float, standardize: bool, normalize: str,
-               scale: str, eps: float, attributions: bool) -> ScoredBatch:
-    """The fused path of :meth:`P2TScorer.advantages_ids` (arguments checked there): a
-    :class:`ScoredBatch` with ``advantages`` ``[B, N]`` float32 on ``dev``."""
+def advantages(engine, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, mask: Optional[torch.Tensor],
+               options: P2TOptions, *, group_size: int, attributions: bool) -> ScoredBatch:
+    """The fused path of :meth:`P2TScorer.advantages_ids` (arguments checked there; ``engine``: the
+    scorer's :class:`~p2t.attribution.engine.Engine`): a :class:`ScoredBatch` with ``advantages`` ``[B, N]``
+    float32 on ``dev``."""
     from .. import ops
-    out = Assembly(rows, lens, N, dev, scorer._dtype, scorer.tokenizer)
+    out = Assembly(rows, lens, N, dev, engine.dtype, engine.tokenizer)
     keep = out.mask if mask is None else mask
-    a_hat = ops.group_advantages(outcome_rewards, group_size, scale=scale, eps=eps).to(dev, torch.float32)
+    a_hat = ops.group_advantages(outcome_rewards, group_size, scale=options.scale,
+                                 eps=options.eps).to(dev, torch.float32)
     adv = torch.where(keep, a_hat[:, None], torch.zeros((), device=dev))
-    null = scorer._null_embed
+    # every row its own group: the op's A^ is 0 and it returns alpha * r_i (A^_b is added below)
+    op_options = {**options.fused, "scale": "none"}
     live = [r for r in rows if r is not None]
-    for mb in scorer._plan(live, scorer._groups(live, lambda r: r.length), out):
-        t, inputs, x = scorer._micro_batch(mb)
+    for mb in engine.plan(live, engine.groups(live, lambda r: r.length), out):
+        t, inputs, x = engine.micro_batch(mb)
         attn, tstep = t["attention_mask"], t["step_index"]
-        with scorer._autocast():
-            m, g = M.gradient(lambda xx: scorer.head.margins(scorer.model, xx, attn, inputs), x, scorer.objective)
-        nul = null.to(device=x.device, dtype=x.dtype)
+        with engine.autocast_context():
+            m, g = M.gradient(lambda xx: engine.margins(xx, attn, inputs), x, engine.objective)
+        nul = engine.null(x)
         out.add(mb, M.reduce(g, x, nul, tstep >= 0) if attributions else None, m)
         at = mb.scatter  # (row in the micro-batch, PRM position, response, policy token)
         b, D = len(mb.rows), x.shape[2]
@@ -93,16 +96,14 @@ def advantages(scorer, rows, lens, N: int, dev, outcome_rewards: torch.Tensor, m
             seg = torch.where(seg >= 0, seg + shift[:, None], -1)
         else:  # the PRM layout: step ids on the PRM's own step tokens
             G, X, seg = g, x, t["steps"]
-        # every row its own group: the op's A^ is 0 and it returns alpha * r_i (A^_b is added below)
-        a = ops.p2t_advantages(G, X, nul, seg, torch.sigmoid(m.to(scorer._dtype)), x.new_zeros(b, dtype=torch.float32),
-                               group_size=1, omega=omega, alpha=alpha, temperature=temperature,
-                               standardize=standardize, normalize=normalize, scale="none", eps=eps, validate=False)
+        a = ops.p2t_advantages(G, X, nul, seg, torch.sigmoid(m.to(engine.dtype)), x.new_zeros(b, dtype=torch.float32),
+                               group_size=1, validate=False, **op_options)
         if G is not g:
             adv[rows_t] = a.to(dev, torch.float32) + a_hat[rows_t][:, None]
         else:  # gathered onto the policy's tokens: (row in the micro-batch, PRM position) -> (response, token),
             # added to the A^_b that ``adv`` holds there (each policy token is written by one PRM position)
             src = mb.flat[0].to(x.device)
             adv.view(-1).index_add_(0, mb.flat[1], a.reshape(-1).index_select(0, src).to(dev, torch.float32))
-    sb = out.finish("taylor", scorer.objective)
+    sb = out.finish("taylor", engine.objective)
     sb.advantages = torch.where(keep, adv, torch.zeros((), device=dev))
     return sb

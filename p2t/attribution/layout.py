@@ -31,14 +31,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .warn import AttributionWarning
 from .align import (_VOCAB_CACHE, Span, _decode, _row_of, _safe_flat, _within, assign_steps_array,
                     encode_with_offsets, offsets_many, offsets_of, overlap_map, special_ids, split_steps)
 
 __all__ = ["Row", "Layout", "AttributionWarning", "groups"]
-
-
-class AttributionWarning(UserWarning):
-    """Something in the inputs was changed to make them fit (truncation, re-decoded responses)."""
 
 
 @dataclass

@@ -18,14 +18,15 @@ requiring a gradient for the backward only.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+
+from ..options import METHODS, NULLS
 
 __all__ = ["METHODS", "taylor", "taylor_per_step", "integrated_gradients", "exact", "exact_copies", "reduce",
            "gradient", "attribute", "null_embedding", "frozen"]
 
-METHODS = ("taylor", "taylor_per_step", "integrated_gradients", "exact")
 Margins = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -69,10 +70,10 @@ def taylor(f: Margins, x, null, amask, objective: str) -> Tuple[torch.Tensor, to
 
 
 def taylor_per_step(f: Margins, x, null, amask, objective: str, *, step_index: torch.Tensor, local: torch.Tensor,
-                    num_local: int, state: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+                    num_local: int, state) -> Tuple[torch.Tensor, torch.Tensor]:
     """dF_s/dx for the step s of every token, from one forward: K batched gradient outputs (the k-th
     step of every row at once; rows do not interact), one backward each when the model's backward
-    cannot be vmapped (``state["vmap_ok"]`` remembers it). ``local``: ``[K]`` step of each readout
+    cannot be vmapped (``state.vmap_ok``, a :class:`~p2t.attribution.engine.RunState`, remembers it). ``local``: ``[K]`` step of each readout
     within its row; ``num_local``: its maximum + 1 (known on the host: no device sync)."""
     K = num_local
     x.requires_grad_(True)
@@ -82,11 +83,11 @@ def taylor_per_step(f: Margins, x, null, amask, objective: str, *, step_index: t
         go = torch.zeros((K, out.shape[0]), dtype=out.dtype, device=out.device)
         go[local, torch.arange(out.shape[0], device=out.device)] = 1
         grads = None
-        if state.get("vmap_ok", True) and K > 1:
+        if state.vmap_ok and K > 1:
             try:
                 grads, = torch.autograd.grad(out, x, grad_outputs=go, is_grads_batched=True, retain_graph=True)
             except (RuntimeError, NotImplementedError):
-                state["vmap_ok"] = False
+                state.vmap_ok = False
         if grads is None:
             grads = torch.stack([torch.autograd.grad(out, x, grad_outputs=go[k], retain_graph=k + 1 < K)[0]
                                  for k in range(K)])
@@ -159,33 +160,38 @@ def exact_copies(margins: Callable, x, attn, inputs: dict,
     return copies
 
 
-def attribute(scorer, t: dict, inputs: dict, x: torch.Tensor, method: str, ig_steps: int):
-    """Attributions ``[b, L]`` and margins ``[K]`` of one padded micro-batch of ``scorer`` (its tensors
-    ``t``, model ``inputs`` and ``inputs_embeds`` ``x``) by ``method`` (``None``: no attributions)."""
+def attribute(engine, t: dict, inputs: dict, x: torch.Tensor, method: Optional[str], ig_steps: int):
+    """Attributions ``[b, L]`` and margins ``[K]`` of one padded micro-batch (its tensors ``t``, model
+    ``inputs`` and ``inputs_embeds`` ``x``) by ``method`` (``None``: no attributions); ``engine``: the
+    scorer's :class:`~p2t.attribution.engine.Engine`."""
     attn, tstep, ro = t["attention_mask"], t["step_index"], t["readout_positions"]
-    amask = tstep >= 0
-    null = scorer._null_embed.to(device=x.device, dtype=x.dtype)
-    f = lambda xx: scorer.head.margins(scorer.model, xx, attn, inputs)  # noqa: E731
-    with scorer._autocast():
+    f = lambda xx: engine.margins(xx, attn, inputs)  # noqa: E731
+    with engine.autocast_context():
         if method is None:  # the step rewards alone: one forward (the caller turned autograd off)
             return None, f(x).detach()
-        if method == "taylor":
-            return taylor(f, x, null, amask, scorer.objective)
-        if method == "taylor_per_step":
-            state = {"vmap_ok": scorer._vmap_ok}
-            out = taylor_per_step(f, x, null, amask, scorer.objective, step_index=tstep, local=t["local"],
-                                  num_local=t["num_local"], state=state)
-            scorer._vmap_ok = state["vmap_ok"]
-            return out
-        if method == "integrated_gradients":
-            return integrated_gradients(f, x, null, amask, scorer.objective, steps=ig_steps)
-        copies = exact_copies(lambda xs, am, sub: scorer.head.margins(scorer.model, xs, am, sub), x, attn, inputs,
-                              scorer.objective)
-        return exact(f, copies, x, null, amask, scorer.objective, rows_of_readouts=ro[:, 0],
-                     budget=scorer.micro_batch_tokens)
+        if method == "exact":
+            copies = exact_copies(engine.margins, x, attn, inputs, engine.objective)
+            return exact(f, copies, x, engine.null(x), tstep >= 0, engine.objective, rows_of_readouts=ro[:, 0],
+                         budget=engine.micro_batch_tokens)
+        return gradient_method(engine, f, x, tstep, t, method, ig_steps)
 
 
-def null_embedding(emb, tokenizer, null, nulls=("pad", "eos", "vocab_mean", "zero")) -> torch.Tensor:
+def gradient_method(engine, f: Margins, x: torch.Tensor, tstep: torch.Tensor, t: dict, method: str, ig_steps: int):
+    """``taylor``, ``taylor_per_step`` or ``integrated_gradients`` of ``f`` at ``x`` (padded or packed
+    rows: ``tstep`` the local step of each position, ``t`` holds ``local`` / ``num_local``), under the
+    caller's autocast; the engine's run state remembers whether the backward could be vmapped."""
+    null, amask = engine.null(x), tstep >= 0
+    if method == "taylor":
+        return taylor(f, x, null, amask, engine.objective)
+    if method == "taylor_per_step":
+        return taylor_per_step(f, x, null, amask, engine.objective, step_index=tstep, local=t["local"],
+                               num_local=t["num_local"], state=engine.state)
+    if method == "integrated_gradients":
+        return integrated_gradients(f, x, null, amask, engine.objective, steps=ig_steps)
+    raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+
+
+def null_embedding(emb, tokenizer, null, nulls=NULLS) -> torch.Tensor:
     """e_null in the space of ``get_input_embeddings()`` outputs (what ``inputs_embeds`` holds): token
     ids go through the embedding module, so embeddings that scale their output (Gemma) agree."""
     weight = emb.weight

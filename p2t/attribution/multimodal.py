@@ -29,6 +29,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .engine import Engine, embedding
 from .layout import Row
 from .scorer import P2TScorer
 
@@ -53,17 +54,72 @@ def _rope_owner(model):
     return None
 
 
-class _ImageLayout:
-    """The scorer's layout with each image token repeated once per image feature (prompt part only)."""
+class Images:
+    """The image features of the current call (``features``: per prompt ``(features [n, H], processor
+    extras)`` or ``None``; set for the duration of one call), the rows with their image token expanded, and
+    the merged ``inputs_embeds`` of a micro-batch (the engine's ``embeds``)."""
 
-    def __init__(self, inner, owner: "MultimodalP2TScorer"):
-        self._inner, self._owner = inner, owner
+    def __init__(self, model, image_token_id: int, max_length: Optional[int]):
+        self.model, self.image_token_id, self.max_length = model, image_token_id, max_length
+        self.rope = _rope_owner(model)
+        self.features: Optional[list] = None
+
+    def expand(self, r: Row) -> Row:
+        """The row with its image token repeated once per image feature (positions after it shifted)."""
+        got = None if self.features is None else self.features[r.index]
+        at = np.nonzero(r.input_ids[:r.prompt_length] == self.image_token_id)[0]
+        if got is None:
+            if at.size:
+                raise ValueError(f"prompts[{r.index}]: the PRM input holds the image token but no image was given")
+            return r
+        if at.size != 1:
+            raise ValueError(f"prompts[{r.index}]: the PRM input holds the image token {at.size} times, expected once "
+                             "(the template must not add another)")
+        n, p = int(got[0].shape[0]), int(at[0])
+        extra = n - 1
+        if self.max_length is not None and r.length + extra > self.max_length:
+            raise ValueError(f"responses[{r.index}]: the PRM input has {r.length + extra} tokens with its {n} image "
+                             f"features, more than max_length={self.max_length}")
+        shift = lambda a: np.where(a >= p + 1, a + extra, a)  # noqa: E731 - positions after the image token
+        ids = np.concatenate([r.input_ids[:p], np.full(n, self.image_token_id, dtype=np.int64), r.input_ids[p + 1:]])
+        step = np.concatenate([r.token_step[:p], np.full(n, -1, dtype=np.int64), r.token_step[p + 1:]])
+        return dataclasses.replace(r, input_ids=ids, token_step=step, readout=shift(r.readout),
+                                   prompt_length=r.prompt_length + extra, map_prm=shift(r.map_prm))
+
+    def embeds(self, rows: List[Row], t: dict, inputs: dict) -> torch.Tensor:
+        """The token embeddings with the image features scattered over the placeholder positions; 3-D
+        ``position_ids`` added to ``inputs`` for multimodal rotary positions."""
+        ids = t["input_ids"]
+        x = embedding(self.model)(ids)
+        mask = ids == self.image_token_id
+        got = [self.features[r.index] for r in rows if self.features is not None and self.features[r.index] is not None]
+        if got:
+            feats = torch.cat([f for f, _ in got]).to(device=x.device, dtype=x.dtype)
+            x = x.masked_scatter(mask[..., None], feats)
+        if self.rope is not None:
+            extras = {}
+            for key in ("image_grid_thw",):
+                parts = [e[key] for _, e in got if key in e]
+                if parts:
+                    extras[key] = torch.cat(parts).to(ids.device)
+            pos, _ = self.rope.get_rope_index(ids, mm_token_type_ids=mask.int(), attention_mask=t["attention_mask"],
+                                              **extras)
+            inputs["position_ids"] = pos
+        return x
+
+
+class ImageLayout:
+    """A text :class:`~p2t.attribution.layout.Layout` whose rows have their image token expanded
+    (:meth:`Images.expand`); everything else is the text layout's."""
+
+    def __init__(self, text, images: Images):
+        self.text, self.images = text, images
 
     def __getattr__(self, name):
-        return getattr(self._inner, name)
+        return getattr(self.text, name)
 
     def rows(self, *args, **kwargs) -> List[Optional[Row]]:
-        return [None if r is None else self._owner._expand(r) for r in self._inner.rows(*args, **kwargs)]
+        return [None if r is None else self.images.expand(r) for r in self.text.rows(*args, **kwargs)]
 
 
 class MultimodalP2TScorer(P2TScorer):
@@ -80,8 +136,8 @@ class MultimodalP2TScorer(P2TScorer):
         image_token: the image placeholder's text (default: the tokenizer's text of ``config.image_token_id``).
         Other options as for :class:`P2TScorer` (``packing`` excepted).
 
-    :meth:`score` and :meth:`score_ids` take ``images=``: one image (PIL image, tensor or image file
-    path) or ``None`` per prompt.
+    :meth:`score`, :meth:`score_ids`, :meth:`rewards_ids` and :meth:`advantages_ids` take ``images=``: one
+    image (PIL image, tensor or image file path) or ``None`` per prompt.
     """
 
     def __init__(self, model, tokenizer, kind="lm_judge", *, image_processor, image_token: Optional[str] = None,
@@ -95,17 +151,23 @@ class MultimodalP2TScorer(P2TScorer):
             raise TypeError(f"model must be a vision-language model with get_image_features(), got "
                             f"{type(model).__name__}")
         self.image_token_id = _image_token_id(model)
-        super().__init__(model, tokenizer, kind, **options)
         self.image_processor = image_processor
+        self._image_token = image_token
+        super().__init__(model, tokenizer, kind, **options)
+
+    def _adapt(self, engine: Engine) -> Engine:
+        """The text engine with the image token expanded in every row and the image features merged into
+        ``inputs_embeds`` (:class:`Images`)."""
+        image_token = self._image_token
         if image_token is None:
-            image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        if not isinstance(image_token, str) or self.layout.encode(image_token) != [self.image_token_id]:
+            image_token = engine.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if not isinstance(image_token, str) or engine.layout.encode(image_token) != [self.image_token_id]:
             raise ValueError(f"image_token={image_token!r} does not encode to the model's image token id "
                              f"{self.image_token_id} with the PRM tokenizer")
         self.image_token = image_token
-        self.layout = _ImageLayout(self.layout, self)
-        self._rope = _rope_owner(model)
-        self._feats: Optional[list] = None  # per prompt of the current call: (features [n, H], extras) or None
+        self._images = Images(engine.model, self.image_token_id, engine.layout.max_length)
+        return dataclasses.replace(engine, layout=ImageLayout(engine.layout, self._images),
+                                   embeds=self._images.embeds)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, kind: str = "lm_judge", *, image_processor=None, model_class=None,
@@ -132,6 +194,17 @@ class MultimodalP2TScorer(P2TScorer):
         with self._with_images(prompts, images) as prompts:
             return super().score_ids(prompts, response_token_ids, **kw)
 
+    def rewards_ids(self, prompts, response_token_ids, *, images=None, **kw):
+        """:meth:`P2TScorer.rewards_ids` with ``images``: one image or ``None`` per prompt."""
+        with self._with_images(prompts, images) as prompts:
+            return super().rewards_ids(prompts, response_token_ids, **kw)
+
+    def advantages_ids(self, prompts, response_token_ids, outcome_rewards, *, images=None, **kw):
+        """:meth:`P2TScorer.advantages_ids` with ``images``: one image or ``None`` per prompt. The fused path
+        runs on the merged embeddings (the image positions are in no step: the op gives them nothing)."""
+        with self._with_images(prompts, images) as prompts:
+            return super().advantages_ids(prompts, response_token_ids, outcome_rewards, **kw)
+
     # ------------------------------------------------------------------ internals
     def _with_images(self, prompts, images):
         import contextlib
@@ -156,11 +229,11 @@ class MultimodalP2TScorer(P2TScorer):
                 if im is not None and n > 1:
                     raise ValueError(f"prompts[{i}] holds the image token {n} times; one image per prompt")
                 out.append(p if im is None or n == 1 else self.image_token + p)
-            self._feats = self._features(imgs)
+            self._images.features = self._features(imgs)
             try:
                 yield out
             finally:
-                self._feats = None
+                self._images.features = None
         return ctx()
 
     def _features(self, images: Sequence) -> list:
@@ -182,7 +255,7 @@ class MultimodalP2TScorer(P2TScorer):
                         raise TypeError(f"images[{i}] must be a PIL image, a tensor, an image file path or None, "
                                         f"got {type(im).__name__}")
                     pix = self.image_processor(images=im, return_tensors="pt")
-                    dtype = self._embedding().weight.dtype
+                    dtype = self.engine.embedding().weight.dtype
                     pix = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in pix.items()}
                     pix = {k: v.to(dtype) if k == "pixel_values" else v for k, v in pix.items()}
                     out = self.model.get_image_features(**pix)
@@ -193,45 +266,3 @@ class MultimodalP2TScorer(P2TScorer):
                     seen[key] = (f.detach(), extras)
                 feats.append(seen[key])
         return feats
-
-    def _expand(self, r: Row) -> Row:
-        """The row with its image token repeated once per image feature (positions after it shifted)."""
-        got = None if self._feats is None else self._feats[r.index]
-        at = np.nonzero(r.input_ids[:r.prompt_length] == self.image_token_id)[0]
-        if got is None:
-            if at.size:
-                raise ValueError(f"prompts[{r.index}]: the PRM input holds the image token but no image was given")
-            return r
-        if at.size != 1:
-            raise ValueError(f"prompts[{r.index}]: the PRM input holds the image token {at.size} times, expected once "
-                             "(the template must not add another)")
-        n, p = int(got[0].shape[0]), int(at[0])
-        extra = n - 1
-        if self.max_length is not None and r.length + extra > self.max_length:
-            raise ValueError(f"responses[{r.index}]: the PRM input has {r.length + extra} tokens with its {n} image "
-                             f"features, more than max_length={self.max_length}")
-        shift = lambda a: np.where(a >= p + 1, a + extra, a)  # noqa: E731 - positions after the image token
-        ids = np.concatenate([r.input_ids[:p], np.full(n, self.image_token_id, dtype=np.int64), r.input_ids[p + 1:]])
-        step = np.concatenate([r.token_step[:p], np.full(n, -1, dtype=np.int64), r.token_step[p + 1:]])
-        return dataclasses.replace(r, input_ids=ids, token_step=step, readout=shift(r.readout),
-                                   prompt_length=r.prompt_length + extra, map_prm=shift(r.map_prm))
-
-    def _inputs_embeds(self, rows: List[Row], t: dict, inputs: dict) -> torch.Tensor:
-        x = super()._inputs_embeds(rows, t, inputs)
-        ids = t["input_ids"]
-        mask = ids == self.image_token_id
-        got = [self._feats[r.index] for r in rows if self._feats is not None and self._feats[r.index] is not None]
-        if got:
-            feats = torch.cat([f for f, _ in got]).to(device=x.device, dtype=x.dtype)
-            x = x.masked_scatter(mask[..., None], feats)
-        if self._rope is not None:
-            extras = {}
-            for key in ("image_grid_thw",):
-                parts = [e[key] for _, e in got if key in e]
-                if parts:
-                    extras[key] = torch.cat(parts).to(ids.device)
-            pos, _ = self._rope.get_rope_index(ids, mm_token_type_ids=mask.int(), attention_mask=t["attention_mask"],
-                                               **extras)
-            inputs["position_ids"] = pos
-        return x
-

@@ -5,37 +5,38 @@ scorer; every bad argument is a ``ValueError`` or ``TypeError`` naming it.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ..options import METHODS, NULLS, choice
 from . import methods as M
 from . import packing as packing_
-from .heads import HEADS, JUDGE_LOGITS, KINDS, PRESETS, CallableHead, Head
+from .engine import Engine, embedding
+from .heads import HEADS, JUDGE_LOGITS, KINDS, PRESETS, CallableHead
 from .layout import Layout
-from .methods import METHODS
+from .warn import warn_once
 
-__all__ = ["ScorerOptions", "resolve", "check_texts", "check_ids", "check_call", "NULLS", "OBJECTIVES", "UNSET"]
+__all__ = ["ScorerOptions", "DEFAULTS", "resolve", "check_texts", "check_ids", "check_call", "NULLS", "OBJECTIVES",
+           "UNSET"]
 
-NULLS = ("pad", "eos", "vocab_mean", "zero")
 OBJECTIVES = ("logit", "prob")
 UNSET: Any = object()  # "not passed": the kind's preset applies
 
+# Every option of :class:`~p2t.attribution.P2TScorer` and its default (``UNSET``: the kind's preset); the
+# scorer's docstring says what each does.
+DEFAULTS: Dict[str, Any] = dict(
+    policy_tokenizer=None, step_separator=UNSET, separator_suffix=UNSET, step_split=UNSET, template=UNSET,
+    system_prompt=UNSET, add_special_tokens=None, null="pad", objective="logit", positive_label=1, value_index=0,
+    judge_tokens=("+", "-"), returns="logit", read_at=UNSET, micro_batch_tokens=8192, max_length=None,
+    truncation="steps", ig_steps=16, gradient_checkpointing=False, autocast="auto", output_device=None,
+    packing=False, pack_length=None, judge_logits="all")
 
-def choice(name: str, value, options):
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
-    return value
 
-
-@dataclass
+@dataclass(frozen=True)
 class ScorerOptions:
-    """Every option of a scorer after checking and presets (the scorer exposes each as an attribute)."""
-    model: Any
-    tokenizer: Any
-    reward_fn: Optional[Callable]
+    """Every option of a scorer after checking and presets (read through the scorer's attributes)."""
     kind: str
     policy_tokenizer: Any
     same_tokenizer: bool
@@ -50,6 +51,8 @@ class ScorerOptions:
     returns: str
     positive_label: int
     value_index: int
+    judge_tokens: Any
+    judge_logits: str
     truncation: str
     micro_batch_tokens: int
     ig_steps: int
@@ -57,26 +60,19 @@ class ScorerOptions:
     autocast: Union[str, bool]
     output_device: Any
     max_length: Optional[int]
-    layout: Layout
-    _sep_ids: List[int]
-    head: Head
     packing: bool
     pack_length: Optional[int]
     null: Union[str, int]
-    _null_embed: torch.Tensor
-    _pad_id: int
-
-    def apply(self, obj) -> None:
-        """Set every option as an attribute of ``obj`` (the scorer)."""
-        for f in dataclasses.fields(self):
-            setattr(obj, f.name, getattr(self, f.name))
 
 
-def resolve(model, tokenizer, kind, *, policy_tokenizer, step_separator, separator_suffix, step_split, template,
-            system_prompt, add_special_tokens, null, objective, positive_label, value_index, judge_tokens, returns,
-            read_at, micro_batch_tokens, max_length, truncation, ig_steps, gradient_checkpointing, autocast,
-            output_device, packing, pack_length, judge_logits) -> ScorerOptions:
-    """Check the arguments of :class:`P2TScorer` and resolve them (``UNSET``: the kind's preset)."""
+def resolve(model, tokenizer, kind, options: Mapping[str, Any]) -> Tuple[ScorerOptions, Engine]:
+    """Check the arguments of :class:`P2TScorer` (``options``: its keyword options, :data:`DEFAULTS` for
+    the others; ``UNSET``: the kind's preset) and resolve them: the options and the engine state."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"P2TScorer got unknown option(s) {', '.join(map(repr, unknown))}; the options are "
+                        f"{', '.join(DEFAULTS)}")
+    o = {**DEFAULTS, **options}
     if model is None or not hasattr(model, "get_input_embeddings"):
         raise TypeError("model must be a PRM module with get_input_embeddings() (a transformers model), "
                         f"got {type(model).__name__}")
@@ -87,40 +83,42 @@ def resolve(model, tokenizer, kind, *, policy_tokenizer, step_separator, separat
     else:
         reward_fn, kind_name = None, choice("kind", kind, KINDS)
     preset = PRESETS[kind_name]
-    pick = lambda v, k: preset[k] if v is UNSET else v  # noqa: E731
-    policy_tokenizer = tokenizer if policy_tokenizer is None else policy_tokenizer
+    pick = lambda k: preset[k] if o[k] is UNSET else o[k]  # noqa: E731
+    policy_tokenizer = tokenizer if o["policy_tokenizer"] is None else o["policy_tokenizer"]
     same = same_tokenizer(policy_tokenizer, tokenizer)
-    read_at = choice("read_at", pick(read_at, "read_at"), ("separator", "last"))
-    sep = pick(step_separator, "step_separator")
+    read_at = choice("read_at", pick("read_at"), ("separator", "last"))
+    sep = pick("step_separator")
     if sep is None and kind_name == "callable":
         sep = getattr(tokenizer, "sep_token", None) or "\n"
-    if read_at == "last" and step_separator is UNSET:
+    if read_at == "last" and o["step_separator"] is UNSET:
         sep = ""
     if not isinstance(sep, str) or (not sep and read_at == "separator"):
         raise ValueError(f"step_separator must be a non-empty string, got {sep!r}")
-    suffix = pick(separator_suffix, "separator_suffix") or ""
-    split = pick(step_split, "step_split")
+    suffix = pick("separator_suffix") or ""
+    split = pick("step_split")
     if not (split is None or callable(split) or (isinstance(split, str) and split)):
         raise ValueError(f"step_split must be a non-empty string, None or a callable, got {split!r}")
-    template = pick(template, "template")
+    template = pick("template")
     if not (template == "chat" or callable(template) or (isinstance(template, str) and "{response}" in template)):
         raise ValueError("template must be 'chat', a string with {prompt} and {response} placeholders or a "
                          f"callable prompt -> (before, after), got {template!r}")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("template='chat' but the PRM tokenizer has no chat template; pass a string template "
                          "such as template='{prompt}\\n{response}'")
-    system_prompt = pick(system_prompt, "system_prompt")
-    specials = (template != "chat") if add_special_tokens is None else bool(add_special_tokens)
-    objective = choice("objective", objective, OBJECTIVES)
-    returns = choice("returns", returns, ("logit", "prob"))
-    positive_label, value_index = int(positive_label), int(value_index)
-    truncation = choice("truncation", truncation, ("steps", "error"))
-    for name, v in (("micro_batch_tokens", micro_batch_tokens), ("ig_steps", ig_steps)):
+    system_prompt = pick("system_prompt")
+    specials = (template != "chat") if o["add_special_tokens"] is None else bool(o["add_special_tokens"])
+    objective = choice("objective", o["objective"], OBJECTIVES)
+    returns = choice("returns", o["returns"], ("logit", "prob"))
+    positive_label, value_index = int(o["positive_label"]), int(o["value_index"])
+    truncation = choice("truncation", o["truncation"], ("steps", "error"))
+    for name in ("micro_batch_tokens", "ig_steps"):
+        v = o[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    autocast = o["autocast"]
     if autocast not in ("auto", True, False):
         raise ValueError(f"autocast must be 'auto', True or False, got {autocast!r}")
-    max_length = default_max_length(model, tokenizer) if max_length is None else int(max_length)
+    max_length = default_max_length(model, tokenizer) if o["max_length"] is None else int(o["max_length"])
     layout = Layout(tokenizer, policy_tokenizer, same, template=template, system_prompt=system_prompt,
                     add_special_tokens=specials, step_separator=sep, separator_suffix=suffix, step_split=split,
                     read_at=read_at, max_length=max_length, truncation=truncation)
@@ -128,25 +126,31 @@ def resolve(model, tokenizer, kind, *, policy_tokenizer, step_separator, separat
         raise ValueError(f"step_separator={sep!r} encodes to no token with the PRM tokenizer "
                          f"({type(tokenizer).__name__}): the steps could not be read at it; pass a separator "
                          "the tokenizer keeps (e.g. its sep_token or a special token)")
-    choice("judge_logits", judge_logits, JUDGE_LOGITS)
+    judge_logits = choice("judge_logits", o["judge_logits"], JUDGE_LOGITS)
     head = (CallableHead(kind, returns=returns) if kind_name == "callable" else
             HEADS[kind_name](positive_label=positive_label, value_index=value_index, returns=returns,
-                             judge_tokens=judge_tokens, judge_logits=judge_logits))
+                             judge_tokens=o["judge_tokens"], judge_logits=judge_logits))
     head.check(model, tokenizer, layout.encode)
-    if packing:
-        packing_.check(model, kind_name, pack_length)
-    null_embed = M.null_embedding(embedding(model), tokenizer, null, NULLS)
+    packing, pack_length = bool(o["packing"]), o["pack_length"]
+    offset = packing_.check(model, kind_name, pack_length) if packing else 0
+    null = o["null"]
+    null_embed = M.null_embedding(embedding(model), tokenizer, null)
     pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                    if t is not None), 0)
-    return ScorerOptions(
-        model=model, tokenizer=tokenizer, reward_fn=reward_fn, kind=kind_name, policy_tokenizer=policy_tokenizer,
-        same_tokenizer=same, read_at=read_at, step_separator=sep, separator_suffix=suffix, step_split=split,
-        template=template, system_prompt=system_prompt, add_special_tokens=specials, objective=objective,
-        returns=returns, positive_label=positive_label, value_index=value_index, truncation=truncation,
-        micro_batch_tokens=micro_batch_tokens, ig_steps=ig_steps, gradient_checkpointing=bool(gradient_checkpointing),
-        autocast=autocast, output_device=output_device, max_length=max_length, layout=layout,
-        _sep_ids=layout.sep_ids, head=head, packing=bool(packing), pack_length=pack_length, null=null,
-        _null_embed=null_embed, _pad_id=pad_id)
+    resolved = ScorerOptions(
+        kind=kind_name, policy_tokenizer=policy_tokenizer, same_tokenizer=same, read_at=read_at, step_separator=sep,
+        separator_suffix=suffix, step_split=split, template=template, system_prompt=system_prompt,
+        add_special_tokens=specials, objective=objective, returns=returns, positive_label=positive_label,
+        value_index=value_index, judge_tokens=o["judge_tokens"], judge_logits=judge_logits, truncation=truncation,
+        micro_batch_tokens=o["micro_batch_tokens"], ig_steps=o["ig_steps"],
+        gradient_checkpointing=bool(o["gradient_checkpointing"]), autocast=autocast, output_device=o["output_device"],
+        max_length=max_length, packing=packing, pack_length=pack_length, null=null)
+    engine = Engine(model=model, tokenizer=tokenizer, reward_fn=reward_fn, head=head, layout=layout,
+                    objective=objective, null_embed=null_embed, pad_id=pad_id,
+                    micro_batch_tokens=resolved.micro_batch_tokens,
+                    gradient_checkpointing=resolved.gradient_checkpointing, autocast=autocast, packing=packing,
+                    pack_length=pack_length, position_offset=offset)
+    return resolved, engine
 
 
 def check_texts(prompts, responses, response_token_ids) -> None:
@@ -184,14 +188,6 @@ def check_call(prompts, method, ig_steps):
     return method, ig_steps
 
 
-def embedding(model):
-    """The PRM's input embedding module (one with a ``weight``)."""
-    emb = model.get_input_embeddings()
-    if emb is None or not hasattr(emb, "weight"):
-        raise TypeError("model.get_input_embeddings() must return an embedding module with a weight")
-    return emb
-
-
 def default_max_length(model, tokenizer) -> Optional[int]:
     """The smaller of the tokenizer's ``model_max_length`` and the model's position table
     (``max_position_embeddings`` / ``n_positions``); ``None`` when neither is known."""
@@ -203,21 +199,27 @@ def default_max_length(model, tokenizer) -> Optional[int]:
 
 
 def same_tokenizer(a, b) -> bool:
-    """The same object, or two loads of the same tokenizer (same class and vocabulary)."""
+    """The same object, or two loads of the same tokenizer (same class and vocabulary). Tokenizers whose
+    vocabulary cannot be read (``get_vocab`` not implemented) are taken as different, with a warning: the
+    attributions are then mapped by character offsets and the fused path is off."""
     if a is b:
         return True
     if type(a) is not type(b) or not hasattr(a, "get_vocab"):
         return False
     try:
         return a.get_vocab() == b.get_vocab()
-    except Exception:  # noqa: BLE001 - tokenizers of the user's own without a usable vocabulary
+    except (NotImplementedError, AttributeError, TypeError) as e:  # a tokenizer without a vocabulary to compare
+        warn_once(("same_tokenizer", type(a)), f"the policy and PRM tokenizers ({type(a).__name__}) are two objects "
+                  f"whose vocabularies cannot be compared ({type(e).__name__}: {e}); they are taken as different "
+                  "tokenizers (attributions mapped by character offsets, no fused advantages). Pass the same "
+                  "tokenizer object (or policy_tokenizer=None) if they are one tokenizer", stacklevel=4)
         return False
 
 
-def check_advantages(outcome_rewards, n: int, group_size, scale: str, normalize: str, mask, length, device):
+def check_advantages(outcome_rewards, n: int, group_size, mask, length, device):
     """The arguments of :meth:`P2TScorer.advantages_ids` that the scorer uses itself, checked before
-    any PRM call: ``(outcome_rewards float tensor on device, mask bool or None on device, length)``."""
-    from ..ops._checks import NORMALIZE, SCALES
+    any PRM call: ``(outcome_rewards float tensor on device, mask bool or None on device, length)``
+    (the options are a checked :class:`p2t.P2TOptions`)."""
     o = outcome_rewards
     if not isinstance(o, torch.Tensor):
         o = torch.as_tensor(o, dtype=torch.float32)
@@ -226,8 +228,6 @@ def check_advantages(outcome_rewards, n: int, group_size, scale: str, normalize:
                          f"{o.dtype} {tuple(o.shape)}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or n % group_size:
         raise ValueError(f"group_size must be a positive int dividing the {n} responses, got {group_size!r}")
-    choice("scale", scale, SCALES)
-    choice("normalize", normalize, NORMALIZE)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != n:
             raise ValueError(f"mask must be a [{n}, N] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")

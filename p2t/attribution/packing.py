@@ -1,15 +1,16 @@
 """Packed sequences: several PRM inputs in one row of the micro-batch.
 
 Without packing, a micro-batch is a group of PRM inputs of similar length, each padded to the longest
-(:meth:`P2TScorer._groups`). With packing (``P2TScorer(..., packing=True)``) the inputs are laid end to
-end in rows of at most ``pack_length`` tokens (first-fit decreasing), ``position_ids`` restart at 0 at
-the start of every input, and the model is called with ``attention_mask=None`` and those
+(:meth:`.engine.Engine.groups`). With packing (``P2TScorer(..., packing=True)``) the inputs are laid end
+to end in rows of at most ``pack_length`` tokens (first-fit decreasing), ``position_ids`` restart at the
+start of every input (at 0, or where the model starts its own: ``padding_idx + 1`` for RoBERTa-family
+encoders), and the model is called with ``attention_mask=None`` and those
 ``position_ids``: transformers then keeps the inputs apart by itself -- a block-causal mask for
 sdpa/eager (``masking_utils.find_packed_sequence_indices``: a position that does not follow its
 predecessor by 1 starts a new sequence), variable-length kernels for flash-attention (one packed row
 per call, ``cu_seqlens`` from the positions). One forward and one input-gradient per packed row; the
 reduction ``(x - e_null) . g`` runs on the packed ``[T, D]`` layout (:func:`p2t.token_attribution`).
-Padding at the end of a row restarts at position 0 too: it is a sequence of its own that no step reads.
+Padding at the end of a row restarts its positions too: it is a sequence of its own that no step reads.
 
 Row length (``pack_length=None``): the longest PRM input of the call for sdpa/eager (their mask is
 dense over a row, so a longer row would cost attention on masked blocks), the token budget
@@ -19,9 +20,10 @@ the token budget holds (one under flash-attention, whose packed path takes one r
 The ``exact`` method is not packed: its perturbed copies are already batches of one input.
 
 A PRM that does not keep packed inputs apart (an encoder whose mask ignores ``position_ids``, a model
-without ``position_ids``) is refused at construction: :func:`check` scores two inputs packed and
-checks that changing the first one leaves the second one's output unchanged (to 1e-3 of the first
-one's change: a PRM whose inputs see each other changes both alike).
+without ``position_ids``) or whose packed inputs are not scored as they are alone is refused at
+construction: :func:`check` runs two inputs packed and each alone (with an attention mask, as the padded
+path does) and asks for the same outputs, with positions from 0 or from ``padding_idx + 1``
+(:func:`position_offset`); the first start that agrees is the one the packed rows use.
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ import numpy as np
 import torch
 
 from . import methods as M
+from .heads import model_logits
 from .layout import Row
 
-__all__ = ["check", "row_length", "plan", "split", "tensors", "attribute"]
+__all__ = ["check", "position_offset", "row_length", "plan", "split", "tensors", "attribute"]
 
 
 def _flash(model) -> bool:
@@ -42,8 +45,9 @@ def _flash(model) -> bool:
     return "flash" in str(impl)
 
 
-def check(model, kind: str, pack_length: Optional[int]) -> None:
-    """Refuse options and PRMs that cannot be packed (``ValueError`` naming the option)."""
+def check(model, kind: str, pack_length: Optional[int]) -> int:
+    """Refuse options and PRMs that cannot be packed (``ValueError`` naming the option); the position of a
+    packed input's first token otherwise (:func:`position_offset`)."""
     if kind == "callable":
         raise ValueError("packing=True needs a transformers PRM read by the scorer's head (kind='step_classifier', "
                          "'value_head' or 'lm_judge'); a callable reward builds its own model call")
@@ -58,45 +62,54 @@ def check(model, kind: str, pack_length: Optional[int]) -> None:
         raise ValueError(f"packing=True but the PRM ({type(model).__name__}) takes no position_ids: packed inputs "
                          "could not restart their positions")
     try:
-        apart = _keeps_apart(model)
+        offset = position_offset(model)
     except TypeError as e:  # a forward without attention_mask=None / use_cache
         raise ValueError(f"packing=True but the PRM ({type(model).__name__}) cannot be called with position_ids, "
                          f"attention_mask=None and use_cache=False ({e})") from None
-    if not apart:
+    if offset is None:
         raise ValueError(f"packing=True but the PRM ({type(model).__name__}, attention "
                          f"{getattr(getattr(model, 'config', None), '_attn_implementation', None)!r}) lets packed "
-                         "inputs see each other: its attention mask ignores restarting position_ids (encoders, "
-                         "custom attention); use packing=False")
+                         "inputs see each other or places them differently from an input run alone (its attention "
+                         "mask ignores restarting position_ids, or its positions follow another convention); use "
+                         "packing=False")
+    return offset
 
 
-def _keeps_apart(model) -> bool:
-    """Two inputs of 5 and 4 tokens packed in one row: does changing the first change the second's output?"""
+def _offsets(model) -> List[int]:
+    """Where a model may start its positions: 0, and ``padding_idx + 1`` (RoBERTa, XLM-RoBERTa, CamemBERT:
+    their embeddings count positions from after the padding id)."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return [0] + ([pad + 1] if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else [])
+
+
+def position_offset(model) -> Optional[int]:
+    """The position of a packed input's first token that gives every packed input the outputs it has when
+    run alone (as the padded path runs it), or ``None`` when no candidate (:func:`_offsets`) does: two
+    inputs of 5 and 4 random tokens, packed in one row and each run alone with an attention mask."""
     emb = model.get_input_embeddings()
     w = emb.weight
     n = int(w.shape[0])
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, n, (1, 9), generator=g).to(w.device)
-    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=w.device)
-    other = ids.clone()
-    other[0, :5] = (ids[0, :5] + 1 + torch.arange(5, device=w.device)) % n
+    spans = ((0, 5), (5, 9))
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            outs = [_logits(model(inputs_embeds=emb(i), position_ids=pos, attention_mask=None, use_cache=False))
-                    for i in (ids, other)]
+            alone = [model_logits(model, emb(ids[:, a:b]), torch.ones((1, b - a), dtype=torch.long,
+                                                                      device=w.device)).float() for a, b in spans]
+            scale = max(float(x.abs().max()) for x in alone)
+            tol = (1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2) * max(scale, 1.0)
+            for offset in _offsets(model):
+                pos = torch.tensor([[p + offset for a, b in spans for p in range(b - a)]], device=w.device)
+                packed = model_logits(model, emb(ids), None, position_ids=pos).float()
+                if scale > 0 and all((packed[:, a:b] - x).abs().max().item() <= tol
+                                     for (a, b), x in zip(spans, alone)):
+                    return offset
     finally:
         for m, mode in modes:
             m.training = mode
-    a, b = (o.float() for o in outs)
-    own = (a[:, :5] - b[:, :5]).abs().max().item()  # the changed input's own outputs: they must change
-    other = (a[:, 5:] - b[:, 5:]).abs().max().item()  # the other input's: 0 (kernels may round differently)
-    return own > 0 and other <= 1e-3 * own
-
-
-def _logits(out):
-    logits = getattr(out, "logits", None)
-    return logits if logits is not None else (out[0] if isinstance(out, (tuple, list)) else out)
+    return None
 
 
 def row_length(model, rows: Sequence[Row], pack_length: Optional[int], budget: int) -> int:
@@ -150,12 +163,12 @@ def plan(model, rows: Sequence[Row], pack_length: Optional[int], budget: int,
     return [[i for b in bins[k:k + per_batch] for i in b] for k in range(0, len(bins), per_batch)]
 
 
-def tensors(rows: Sequence[Row], cap: int, pad_id: int, device) -> dict:
+def tensors(rows: Sequence[Row], cap: int, pad_id: int, device, offset: int = 0) -> dict:
     """The packed tensors of one micro-batch (``rows`` listed row after row, see :func:`split`):
     ``input_ids``, ``position_ids``, ``step_index``, ``prompt_mask`` ``[b, T]``, ``readout_positions``
     ``[K, 2]`` (packed row, position) in the order of ``rows``, ``local`` / ``num_local`` (each readout's
     step within its input), ``row_index`` ``[n]`` and ``where`` ``[n, 2]`` (packed row, offset of each
-    input)."""
+    input). Each input's positions count from ``offset`` (:func:`position_offset`)."""
     lengths = [r.length for r in rows]
     bins = split(lengths, cap)
     b = len(bins)
@@ -172,10 +185,10 @@ def tensors(rows: Sequence[Row], cap: int, pad_id: int, device) -> dict:
             ids[j, o:o + n] = r.input_ids
             tstep[j, o:o + n] = r.token_step
             pmask[j, o:o + r.prompt_length] = True
-            pos[j, o:o + n] = np.arange(n)
+            pos[j, o:o + n] = np.arange(offset, offset + n)
             where[i] = (j, o)
             o += n
-        pos[j, o:] = np.arange(T - o)  # trailing padding: a sequence of its own
+        pos[j, o:] = np.arange(offset, offset + T - o)  # trailing padding: a sequence of its own
     k = np.asarray([r.num_steps for r in rows], dtype=np.int64)
     ro = np.stack([np.repeat(where[:, 0], k), np.concatenate([r.readout for r in rows]) + np.repeat(where[:, 1], k)],
                   axis=1)
@@ -186,30 +199,19 @@ def tensors(rows: Sequence[Row], cap: int, pad_id: int, device) -> dict:
                 row_index=t(np.asarray([r.index for r in rows], dtype=np.int64)), where=where, lengths=lengths)
 
 
-def attribute(scorer, rows: List[Row], method: str, ig_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def attribute(engine, rows: List[Row], method: str, ig_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attributions ``[n, L]`` (one row per input, as the padded path returns them) and margins ``[K]``
-    of a packed micro-batch."""
-    cap = row_length(scorer.model, rows, scorer.pack_length, scorer.micro_batch_tokens)
-    t = tensors(rows, cap, scorer._pad_id, scorer.device)
-    tstep = t["step_index"]
+    of a packed micro-batch (``engine``: the scorer's :class:`~p2t.attribution.engine.Engine`)."""
+    if method not in ("taylor", "taylor_per_step", "integrated_gradients"):
+        raise ValueError(f"method {method!r} is not packed")
+    cap = row_length(engine.model, rows, engine.pack_length, engine.micro_batch_tokens)
+    t = tensors(rows, cap, engine.pad_id, engine.device, engine.position_offset)
     inputs = {k: t[k] for k in ("input_ids", "position_ids", "step_index", "readout_positions", "prompt_mask",
                                 "row_index")}
-    amask = tstep >= 0
-    x = scorer._embedding()(t["input_ids"]).detach()
-    null = scorer._null_embed.to(device=x.device, dtype=x.dtype)
-    f = lambda xx: scorer.head.margins(scorer.model, xx, None, inputs)  # noqa: E731
-    with scorer._autocast():
-        if method == "taylor":
-            out, m = M.taylor(f, x, null, amask, scorer.objective)
-        elif method == "taylor_per_step":
-            state = {"vmap_ok": scorer._vmap_ok}
-            out, m = M.taylor_per_step(f, x, null, amask, scorer.objective, step_index=tstep, local=t["local"],
-                                       num_local=t["num_local"], state=state)
-            scorer._vmap_ok = state["vmap_ok"]
-        elif method == "integrated_gradients":
-            out, m = M.integrated_gradients(f, x, null, amask, scorer.objective, steps=ig_steps)
-        else:
-            raise ValueError(f"method {method!r} is not packed")
+    x = engine.embedding()(t["input_ids"]).detach()
+    f = lambda xx: engine.margins(xx, None, inputs)  # noqa: E731
+    with engine.autocast_context():
+        out, m = M.gradient_method(engine, f, x, t["step_index"], t, method, ig_steps)
     # back to one row per input: (input, position) <- (packed row, offset + position)
     lengths, where = t["lengths"], t["where"]
     L = max(lengths)

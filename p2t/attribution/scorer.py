@@ -27,16 +27,19 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from ..options import METHODS, NULLS, P2TOptions
+from ..rewards import get_mode
 from . import fused as fused_
 from . import methods as M
 from . import packing as packing_
 from .batch import Assembly, PRMView, ScoredBatch
+from .engine import Engine
 from .heads import KINDS, PRESETS
-from .layout import AttributionWarning, Row, groups
-from .methods import METHODS
-from .plan import MicroBatch, plan
-from .options import (NULLS, UNSET, check_advantages, check_call, check_ids, check_texts, default_max_length, embedding,
-                      load_pretrained, resolve)
+from .layout import Row
+from .options import (ScorerOptions, check_advantages, check_call, check_ids, check_texts, load_pretrained,
+                      resolve)
+from .plan import MicroBatch
+from .warn import AttributionWarning
 
 __all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "KINDS", "METHODS", "NULLS", "PRESETS"]
 
@@ -97,30 +100,24 @@ class P2TScorer:
         judge_logits: ``lm_judge`` logits at every position (``"all"``) or at the readout positions only
             (``"readout"``: no ``[L, vocab]`` logits, for long responses).
 
-    Where the work lives: :mod:`.options` (these arguments checked and resolved, with the kind's preset),
-    :mod:`.layout` (PRM inputs and the map onto policy tokens), :mod:`.heads`
-    (how each kind reads its step log-odds), :mod:`.methods` (the attribution methods) and
-    :mod:`.batch` (the output contract and :func:`token_rewards`).
+    Unknown options are a ``TypeError`` naming them (:data:`.options.DEFAULTS` lists every option and its
+    default).
+
+    Where the work lives: :mod:`.options` (these arguments checked and resolved, with the kind's preset,
+    into :attr:`options` and the :class:`~.engine.Engine` :attr:`engine` that every room receives),
+    :mod:`.layout` (PRM inputs and the map onto policy tokens), :mod:`.heads` (how each kind reads its step
+    log-odds), :mod:`.methods` (the attribution methods), :mod:`.plan` (micro-batches), :mod:`.packing`,
+    :mod:`.fused` (the fused advantages) and :mod:`.batch` (the output contract).
     """
 
-    def __init__(self, model, tokenizer, kind: Union[str, Callable] = "step_classifier", *,
-                 policy_tokenizer=None, step_separator=UNSET, separator_suffix=UNSET, step_split=UNSET,
-                 template=UNSET, system_prompt=UNSET, add_special_tokens: Optional[bool] = None,
-                 null: Union[str, int] = "pad", objective: str = "logit", positive_label: int = 1,
-                 value_index: int = 0, judge_tokens=("+", "-"), returns: str = "logit", read_at=UNSET,
-                 micro_batch_tokens: int = 8192, max_length: Optional[int] = None, truncation: str = "steps",
-                 ig_steps: int = 16, gradient_checkpointing: bool = False, autocast: Union[str, bool] = "auto",
-                 output_device=None, packing: bool = False, pack_length: Optional[int] = None,
-                 judge_logits: str = "all"):
-        resolve(model, tokenizer, kind, policy_tokenizer=policy_tokenizer, step_separator=step_separator,
-                separator_suffix=separator_suffix, step_split=step_split, template=template,
-                system_prompt=system_prompt, add_special_tokens=add_special_tokens, null=null, objective=objective,
-                positive_label=positive_label, value_index=value_index, judge_tokens=judge_tokens, returns=returns,
-                read_at=read_at, micro_batch_tokens=micro_batch_tokens, max_length=max_length,
-                truncation=truncation, ig_steps=ig_steps, gradient_checkpointing=gradient_checkpointing,
-                autocast=autocast, output_device=output_device, packing=packing, pack_length=pack_length,
-                judge_logits=judge_logits).apply(self)
-        self._vmap_ok = True
+    def __init__(self, model, tokenizer, kind: Union[str, Callable] = "step_classifier", **options):
+        self._options, engine = resolve(model, tokenizer, kind, options)
+        self._engine = self._adapt(engine)
+
+    def _adapt(self, engine: Engine) -> Engine:
+        """The engine this scorer runs: the resolved one (a subclass returns its own variant, e.g. a
+        vision-language PRM's layout and ``inputs_embeds``)."""
+        return engine
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, kind: str = "step_classifier", *, tokenizer=None, policy_tokenizer=None,
@@ -138,57 +135,49 @@ class P2TScorer:
                                dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                model_class=model_class, model_kwargs=model_kwargs, **options)
 
-    def _default_max_length(self) -> Optional[int]:
-        return default_max_length(self.model, self.tokenizer)
+    # ------------------------------------------------------------------ state (read-only)
+    @property
+    def engine(self) -> Engine:
+        """The resolved engine state that every scoring call hands to the rooms (:mod:`.engine`)."""
+        return self._engine
 
-    def _embedding(self):
-        return embedding(self.model)
+    @property
+    def options(self) -> ScorerOptions:
+        """The scorer's options, checked and with the kind's preset filled in."""
+        return self._options
+
+    model = property(lambda self: self._engine.model, doc="The PRM.")
+    tokenizer = property(lambda self: self._engine.tokenizer, doc="The PRM's tokenizer.")
+    head = property(lambda self: self._engine.head, doc="How the PRM's output becomes step log-odds.")
+    layout = property(lambda self: self._engine.layout, doc="The PRM inputs and their map onto policy tokens.")
+    reward_fn = property(lambda self: self._engine.reward_fn, doc="The callable reward (kind a callable), or None.")
+    kind = property(lambda self: self._options.kind)
+    policy_tokenizer = property(lambda self: self._options.policy_tokenizer)
+    same_tokenizer = property(lambda self: self._options.same_tokenizer)
+    objective = property(lambda self: self._options.objective)
+    null = property(lambda self: self._options.null)
+    step_separator = property(lambda self: self._options.step_separator)
+    step_split = property(lambda self: self._options.step_split)
+    template = property(lambda self: self._options.template)
+    read_at = property(lambda self: self._options.read_at)
+    max_length = property(lambda self: self._options.max_length)
+    truncation = property(lambda self: self._options.truncation)
+    micro_batch_tokens = property(lambda self: self._options.micro_batch_tokens)
+    ig_steps = property(lambda self: self._options.ig_steps)
+    packing = property(lambda self: self._options.packing)
+    pack_length = property(lambda self: self._options.pack_length)
+    output_device = property(lambda self: self._options.output_device)
+
+    @property
+    def null_embedding(self) -> torch.Tensor:
+        """e_null ``[D]`` in the space of the PRM's ``inputs_embeds``."""
+        return self._engine.null_embed
+
+    _null_embed = null_embedding  # the older name, read by callers
 
     @property
     def device(self) -> torch.device:
-        return self._embedding().weight.device
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        """float64 for a float64 PRM, float32 otherwise: the dtype of scores and step rewards."""
-        return torch.float64 if self._embedding().weight.dtype == torch.float64 else torch.float32
-
-    # ------------------------------------------------------------------ model calls
-    def _frozen(self):
-        """Every parameter frozen and the modules in eval mode for the call (restored afterwards)."""
-        return M.frozen(self.model, self.reward_fn, self.gradient_checkpointing)
-
-    def _autocast(self):
-        return M.autocast(self.device, self.autocast)
-
-    def _margins(self, x, attn, ids, tstep, ro, prompt_mask, row_index) -> torch.Tensor:
-        """Log-odds m_s [K] of every readout (row, position) (float32; float64 PRM: float64)."""
-        return self.head.margins(self.model, x, attn, dict(input_ids=ids, step_index=tstep, readout_positions=ro,
-                                                           prompt_mask=prompt_mask, row_index=row_index))
-
-    def _attribute(self, mb: MicroBatch, method: str, ig_steps: int):
-        """Attributions [b, L] and margins [K] of a micro-batch (``method=None``: ``None`` and margins)."""
-        if mb.tensors is None:  # packed
-            return packing_.attribute(self, mb.rows, method, ig_steps)
-        return M.attribute(self, *self._micro_batch(mb), method, ig_steps)
-
-    def _micro_batch(self, mb: MicroBatch):
-        """(padded tensors, model inputs, ``inputs_embeds``) of a micro-batch."""
-        t = mb.tensors
-        inputs = {k: t[k] for k in ("input_ids", "step_index", "readout_positions", "prompt_mask", "row_index")}
-        return t, inputs, self._inputs_embeds(mb.rows, t, inputs).detach()
-
-    def _plan(self, live: List[Row], groups: List[List[int]], out: Assembly, packed: bool = False) -> List[MicroBatch]:
-        return plan(live, groups, self._pad_id, self.device, out.dev, out.base, out.scores.shape[1], padded=not packed)
-
-    def _inputs_embeds(self, rows: List[Row], t: dict, inputs: dict) -> torch.Tensor:
-        """``inputs_embeds`` of a micro-batch: the embedding of its ids. The hook where a multimodal PRM
-        merges its image features (:mod:`.multimodal`); it may add model inputs (``position_ids``) to
-        ``inputs``."""
-        return self._embedding()(t["input_ids"])
-
-    def _groups(self, rows: List[Row], cost) -> List[List[int]]:
-        return groups(rows, cost, self.micro_batch_tokens)
+        return self._engine.device
 
     # ------------------------------------------------------------------ public
     def score(self, prompts: Sequence[str], responses: Sequence[str], *, method: str = "taylor",
@@ -233,41 +222,49 @@ class P2TScorer:
         check_ids(prompts, response_token_ids)
         return self._score(prompts, None, response_token_ids, None, None, length, device, skip=True)
 
-    def fuses(self, method: str = "taylor") -> bool:
+    def fuses(self, method: str = "taylor", options: Optional[P2TOptions] = None) -> bool:
         """Whether :meth:`advantages_ids` ends in the fused :func:`p2t.p2t_advantages` for ``method``
-        (:func:`.fused.unfused_reason` says why not)."""
-        return fused_.unfused_reason(self, method) is None
+        under ``options`` (:meth:`unfused_reason` says why not)."""
+        return self.unfused_reason(options, method=method) is None
+
+    def unfused_reason(self, options: Optional[P2TOptions] = None, **overrides) -> Optional[str]:
+        """Why :meth:`advantages_ids` under ``options`` (with ``overrides``) does not end in the fused op
+        (``None``: it does)."""
+        return fused_.unfused_reason(self._engine, P2TOptions.build(options, **overrides))
 
     def advantages_ids(self, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]], outcome_rewards,
-                       *, group_size: int, alpha: float = 1.0, omega: float = 0.6, temperature: float = 1.0,
-                       standardize: bool = False, normalize: str = "paper", scale: str = "group", eps: float = 1e-6,
-                       mask: Optional[torch.Tensor] = None, length: Optional[int] = None, device=None,
-                       method: str = "taylor", attributions: bool = True) -> ScoredBatch:
-        """P2T token advantages ``A^_b + alpha * r_i`` of sampled completions, in one call.
+                       *, group_size: int, options: Optional[P2TOptions] = None, mask: Optional[torch.Tensor] = None,
+                       length: Optional[int] = None, device=None, attributions: bool = True,
+                       **overrides) -> ScoredBatch:
+        """Token advantages ``A^_b + alpha * r_i`` of sampled completions, in one call.
 
-        ``outcome_rewards`` ``[B]`` (``group_size`` consecutive responses per group), the options of
-        :func:`p2t.p2t_advantages` and ``mask`` (``[B, N]``: where advantages are kept, e.g. the loss
-        mask; 0 elsewhere; it does not change the steps; default: the response tokens). Returns the
-        :meth:`score_ids` batch with ``advantages`` ``[B, N]`` float32 set. Where :meth:`fuses`, the call
-        ends in :func:`p2t.p2t_advantages` on each micro-batch (:mod:`.fused`); otherwise
-        in :meth:`ScoredBatch.token_rewards` and :func:`p2t.token_advantages` (equal within the ops'
-        tolerances). ``attributions=False`` on the fused path leaves ``scores`` 0 (one read of the
-        gradient and the embeddings per micro-batch instead of two).
+        ``outcome_rewards`` ``[B]`` (``group_size`` consecutive responses per group); ``options`` a
+        :class:`p2t.P2TOptions` (default: its defaults) with ``overrides`` (its field names: ``mode``,
+        ``omega``, ``omega_neg``, ``temperature``, ``standardize``, ``normalize``, ``alpha``, ``scale``,
+        ``eps``, ``method``; the null embedding is the scorer's own); ``mask`` (``[B, N]``: where
+        advantages are kept, e.g. the loss mask; 0 elsewhere; it does not change the steps; default: the
+        response tokens). Returns the :meth:`score_ids` batch with ``advantages`` ``[B, N]`` float32 set.
+        Where :meth:`fuses`, the call ends in :func:`p2t.p2t_advantages` on each micro-batch
+        (:mod:`.fused`); otherwise in :func:`p2t.rewards.token_advantages_of` (equal within the ops'
+        tolerances; a mode that reads no attribution, such as ``process``, takes :meth:`rewards_ids`'s one
+        forward). ``attributions=False`` on the fused path leaves ``scores`` 0 (one read of the gradient
+        and the embeddings per micro-batch instead of two).
         """
+        opts = P2TOptions.build(options, **overrides)
         check_ids(prompts, response_token_ids)
         dev = self._out_device(device)
-        o, mask, length = check_advantages(outcome_rewards, len(prompts), group_size, scale, normalize, mask, length,
-                                           dev)
-        kw = dict(group_size=group_size, alpha=alpha, omega=omega, temperature=temperature, standardize=standardize,
-                  normalize=normalize, scale=scale, eps=eps)
-        if not self.fuses(method):
-            sb = self.score_ids(prompts, response_token_ids, method=method, length=length, device=dev)
-            return fused_.unfused(sb, o, mask, **kw)
-        check_call(prompts, method, self.ig_steps)
+        o, mask, length = check_advantages(outcome_rewards, len(prompts), group_size, mask, length, dev)
+        if fused_.unfused_reason(self._engine, opts) is not None:
+            method = opts.method if get_mode(opts.mode).needs_attributions else None  # None: one forward
+            sb = self._score(prompts, None, response_token_ids, method, None, length, dev, skip=True)
+            return fused_.unfused(sb, o, mask, opts, group_size=group_size)
+        check_call(prompts, opts.method, self.ig_steps)
         rows, lens, N, _ = self._rows(prompts, None, response_token_ids, length, dev, skip=True, stacklevel=4)
-        with self._context(grad=True):
-            return fused_.advantages(self, rows, lens, N, dev, o, mask, attributions=attributions, **kw)
+        with self._engine.context(grad=True):
+            return fused_.advantages(self._engine, rows, lens, N, dev, o, mask, opts, group_size=group_size,
+                                     attributions=attributions)
 
+    # ------------------------------------------------------------------ one call
     def _rows(self, prompts, responses, ids, length, device, skip: bool, stacklevel: int = 5):
         """The PRM inputs, the response lengths, the output's columns and device of one call."""
         rows = self.layout.rows(prompts, responses, ids, hint=not skip, skip_empty=skip, stacklevel=stacklevel)
@@ -280,8 +277,11 @@ class P2TScorer:
     def _out_device(self, device) -> torch.device:
         return torch.device(device if device is not None else (self.output_device or self.device))
 
-    def _context(self, grad: bool):
-        return M.call_context(self._frozen(), grad)
+    def _attribute(self, mb: MicroBatch, method: Optional[str], ig_steps: int):
+        """Attributions [b, L] and margins [K] of a micro-batch (``method=None``: ``None`` and margins)."""
+        if mb.tensors is None:  # packed
+            return packing_.attribute(self._engine, mb.rows, method, ig_steps)
+        return M.attribute(self._engine, *self._engine.micro_batch(mb), method, ig_steps)
 
     def _score(self, prompts, responses, ids, method, ig_steps, length, device, skip: bool) -> ScoredBatch:
         """One scoring call; ``method=None``: the step rewards alone (no gradient)."""
@@ -290,16 +290,16 @@ class P2TScorer:
         elif not prompts:
             raise ValueError("responses is empty")
         rows, lens, N, dev = self._rows(prompts, responses, ids, length, device, skip)
-        live = [r for r in rows if r is not None]
+        live: List[Row] = [r for r in rows if r is not None]
         cost = ((lambda r: r.length * max(1, r.num_steps)) if method == "taylor_per_step"  # noqa: E731
                 else (lambda r: r.length))
-        with self._context(grad=method is not None):
-            out = Assembly(rows, lens, N, dev, self._dtype, self.tokenizer)
-            packed = self.packing and method not in ("exact", None)
-            groups = (packing_.plan(self.model, live, self.pack_length, self.micro_batch_tokens,
+        engine = self._engine
+        with engine.context(grad=method is not None):
+            out = Assembly(rows, lens, N, dev, engine.dtype, engine.tokenizer)
+            packed = engine.packing and method not in ("exact", None)
+            groups = (packing_.plan(engine.model, live, engine.pack_length, engine.micro_batch_tokens,
                                     per_step=method == "taylor_per_step")
-                      if packed and live else self._groups(live, cost))
-            for mb in self._plan(live, groups, out, packed=packed):
+                      if packed and live else engine.groups(live, cost))
+            for mb in engine.plan(live, groups, out, packed=packed):
                 out.add(mb, *self._attribute(mb, method, ig_steps))
-        return out.finish(method or "none", self.objective)
-
+        return out.finish(method or "none", engine.objective)
