@@ -25,7 +25,7 @@ def test_attribute_tiny_prm(tmp_path, capsys):
     assert len(re.findall(r"\x1b\[48;5;\d+m", text)) == 12 + 11  # one coloured cell per step character
     assert len(re.findall(r"step \d R=\d\.\d\d", text)) == 5
     page = out.read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
+    assert page.startswith("<!DOCTYPE html>") and "http" not in page and " src=" not in page and "<link" not in page
     assert page.count("class='reward'") == 5 and page.count("class='step'") == 5
     assert ">&lt;</span>" in page and "<10>" not in page  # escaped
 
@@ -49,7 +49,7 @@ def test_attribute_errors(tmp_path, capsys):
 
 def test_attribute_lab_prm(tmp_path, capsys, monkeypatch):
     """The default PRM (`--prm lab`): the toy lab's PRM with the lab's layout (a tiny stand-in here)."""
-    lab = pytest.importorskip("p2t.grpo.lab.models")
+    lab = pytest.importorskip("p2t.grpo.lab")
     import torch
     from transformers import Qwen2Config, Qwen2ForTokenClassification
     tok = lab.lab_tokenizer()

@@ -258,20 +258,20 @@ def test_process_mode_rewards_and_row_placement():
             assert prompts == ["What is 2+2?"] and method == "taylor"
             return b
 
-    opts = _common.P2TOptions(mode="process")
+    opts = _common.RewardSetup(p2t.P2TOptions(mode="process"))
     # row 0 is empty (e.g. a masked truncated completion): not sent to the PRM, zeros
-    r = _common.token_rewards(Scorer(), ["x", [{"role": "user", "content": "What is 2+2?"}]], ["", "a b c"],
-                              [[], [5, 6, 7, 8]], length=6, options=opts)
+    r = _common.completion_rewards(Scorer(), ["x", [{"role": "user", "content": "What is 2+2?"}]], ["", "a b c"],
+                                   [[], [5, 6, 7, 8]], length=6, setup=opts)
     want = torch.tensor([[0.0] * 6, [0.8, 0.8, 0.3, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(r, want)
-    opts = _common.P2TOptions(mode="p2t", omega=0.6, normalize="sum")
-    r = _common.token_rewards(Scorer(), ["x", [{"role": "user", "content": "What is 2+2?"}]], ["", "a b c"],
-                              [[], [5, 6, 7, 8]], length=6, options=opts)
+    opts = _common.RewardSetup(p2t.P2TOptions(mode="p2t", omega=0.6, normalize="sum"))
+    r = _common.completion_rewards(Scorer(), ["x", [{"role": "user", "content": "What is 2+2?"}]], ["", "a b c"],
+                                   [[], [5, 6, 7, 8]], length=6, setup=opts)
     w = torch.softmax(torch.tensor([0.1, 0.5]), 0)
     want_row = torch.tensor([(0.8 + 0.6 * 0.8 * w[0]) / 2.6, (0.8 + 0.6 * 0.8 * w[1]) / 2.6, 0.3, 0, 0, 0])
     torch.testing.assert_close(r[1], want_row)
     with pytest.raises(ValueError, match="room"):
-        _common.token_rewards(Scorer(), ["q"], ["a"], [[1, 2, 3]], length=2, options=opts)
+        _common.completion_rewards(Scorer(), ["q"], ["a"], [[1, 2, 3]], length=2, setup=opts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def test_config_from_yaml_and_command_line_is_saved_with_the_training_args(tmp_p
         f"output_dir: {tmp_path / 'out'}", "use_cpu: true", "bf16: false", "report_to: none",
         "num_generations: 2", "per_device_train_batch_size: 4",
         "p2t_mode: process", "p2t_alpha: 0.3", "p2t_alpha_schedule: linear_warmup", "p2t_alpha_steps: 4",
-        "p2t_omega: 0.5", "p2t_temperature: 2.0", "p2t_standardize: true", "p2t_normalize: sum",
+        "p2t_omega: 0.5", "p2t_omega_neg: 0.25", "p2t_temperature: 2.0", "p2t_standardize: true", "p2t_normalize: sum",
         "p2t_method: exact", "p2t_null: '7'", "p2t_prm_device: 'cuda:{local_rank}'",
         "p2t_prm_kwargs: {step_split: ' ', system_prompt: null}", ""]))
     (args,) = trl.TrlParser((P2TGRPOConfig,)).parse_args_and_config(
@@ -317,8 +317,10 @@ def test_config_from_yaml_and_command_line_is_saved_with_the_training_args(tmp_p
                              args=args, train_dataset=_dataset(), processing_class=tok,
                              scorer=StandInScorer(tok.eos_token_id))
     o = trainer.p2t_options
-    assert (o.mode, o.alpha, o.omega, o.temperature, o.standardize, o.normalize, o.method, o.backend) == (
-        "process", 0.3, 0.7, 2.0, True, "sum", "exact", "reference")
+    assert isinstance(o, p2t.P2TOptions) and trainer.p2t_setup.options is o
+    assert (o.mode, o.alpha, o.omega, o.temperature, o.standardize, o.normalize, o.method, o.null) == (
+        "process", 0.3, 0.7, 2.0, True, "sum", "exact", 7)
+    assert o.omega_neg == 0.25 and trainer.p2t_setup.backend == "reference"
     trainer.save_model(str(tmp_path / "saved"))
     saved = torch.load(str(tmp_path / "saved" / "training_args.bin"), weights_only=False)
     assert isinstance(saved, P2TGRPOConfig) and saved.p2t_omega == 0.7 and saved.p2t_alpha_schedule == "linear_warmup"
@@ -340,6 +342,24 @@ def test_config_checks_its_options():
         P2TGRPOConfig(output_dir="o", p2t_temperature=0.0, **_CPU)
     with pytest.raises(ValueError, match="p2t_prm_kwargs"):
         P2TGRPOConfig(output_dir="o", p2t_prm_kwargs="{not json", **_CPU)
+
+
+def test_one_options_object_behind_the_config_and_the_keywords():
+    """The p2t_* fields and the trainer's keywords resolve to one p2t.P2TOptions: its defaults, its check."""
+    from p2t.integrations.trl import KEYWORDS, resolve_settings
+    cfg = P2TGRPOConfig(output_dir="o", **_CPU)
+    assert cfg.p2t_settings().options == p2t.P2TOptions()          # alpha 0.1, omega_neg 0: the same defaults
+    assert {"mode", "alpha", "omega", "omega_neg", "temperature", "standardize", "normalize", "method"} <= set(KEYWORDS)
+    s = P2TGRPOConfig(output_dir="o", p2t_omega_neg=0.6, p2t_null="zero", **_CPU).p2t_settings()
+    assert (s.options.omega_neg, s.options.null, s.alpha_schedule) == (0.6, "zero", "constant")
+    with pytest.raises(ValueError, match="p2t_omega_neg must be >= 0"):
+        P2TGRPOConfig(output_dir="o", p2t_omega_neg=-0.1, **_CPU)
+    with pytest.raises(ValueError, match="p2t_null"):
+        P2TGRPOConfig(output_dir="o", p2t_null="mean", **_CPU)
+    with pytest.raises(ValueError, match="^alpha_steps must be a positive int"):   # a keyword: no prefix
+        resolve_settings({"alpha_steps": 0})
+    with pytest.raises(ValueError, match="omega_neg"):
+        P2TGRPOTrainer(model=None, scorer=StandInScorer(0), omega_neg=float("inf"))
 
 
 def test_trainer_keywords_override_the_config_and_are_recorded(tmp_path):
@@ -455,9 +475,9 @@ def test_callable_scorer_and_http_scorer(tmp_path):
 
     ids = [[5, 6, 7], [], [8, 9, 10, 11, 12]]
     prompts, responses = ["p", "q", "r"], ["a b", "", "c d e"]
-    opts = _common.P2TOptions(mode="p2t", omega=0.6, temperature=0.5)
+    opts = _common.RewardSetup(p2t.P2TOptions(mode="p2t", omega=0.6, temperature=0.5))
     scorer = CallableScorer(_callable_prm)
-    r = _common.token_rewards(scorer, prompts, responses, ids, length=6, options=opts)
+    r = _common.completion_rewards(scorer, prompts, responses, ids, length=6, setup=opts)
     want = torch.zeros(3, 6)
     for b in (0, 2):
         res = _callable_prm(None, None, [ids[b]])[0]
@@ -486,7 +506,7 @@ def test_callable_scorer_and_http_scorer(tmp_path):
     thread.start()
     try:
         remote = http_scorer(f"http://127.0.0.1:{server.server_address[1]}/score", timeout=30)
-        torch.testing.assert_close(_common.token_rewards(remote, prompts, responses, ids, length=6, options=opts), r)
+        torch.testing.assert_close(_common.completion_rewards(remote, prompts, responses, ids, length=6, setup=opts), r)
     finally:
         server.shutdown()
         server.server_close()

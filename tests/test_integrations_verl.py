@@ -569,3 +569,84 @@ def test_v1_agent_loop_worker_stores_the_p2t_row():
     assert scorer.calls[-1][2] == [[12, 13, 14, 15]]
     row = final.as_dict()["rm_scores"]
     assert row.shape == (4,) and row[3] == 2.5 and (row[:3] != 0).all()
+
+
+def test_reward_manager_options_are_one_p2t_options():
+    """reward_kwargs -> one p2t.P2TOptions (its defaults and its check), omega_neg included; the null also goes
+    to the scorer; the other keys stay with the manager or go to from_pretrained."""
+    from omegaconf import OmegaConf
+    rm = pv.P2TRewardManager(OmegaConf.create({"reward": {"reward_kwargs": {"omega_neg": 0.6, "null": "zero",
+                                                                              "backend": "reference"}}}),
+                             CharTokenizer(), None, scorer=StandInScorer())
+    assert isinstance(rm.p2t_options, p2t.P2TOptions) and rm.p2t_setup.options is rm.p2t_options
+    assert rm.p2t_options == p2t.P2TOptions(omega_neg=0.6, null="zero")      # alpha 0.1: P2TOptions' default
+    assert rm.p2t_setup.backend == "reference"
+    with pytest.raises(ValueError, match="omega_neg must be >= 0"):
+        pv.P2TRewardManager(OmegaConf.create({"reward": {"reward_kwargs": {"omega_neg": -1.0}}}), CharTokenizer(),
+                            None, scorer=StandInScorer())
+    seen = {}
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(path, **kw):
+            seen.update(kw, path=path)
+            return StandInScorer()
+
+    import p2t.attribution as attribution
+    old, pv.P2TRewardManager._shared_scorer = attribution.P2TScorer, None
+    attribution.P2TScorer = Loader
+    try:
+        pv.P2TRewardManager(OmegaConf.create({"reward": {"reward_kwargs": {"prm": "/prm", "null": "eos",
+                                                                             "omega": 0.3, "step_split": " "}}}),
+                            CharTokenizer(), None)
+    finally:
+        attribution.P2TScorer, pv.P2TRewardManager._shared_scorer = old, None
+    assert seen["path"] == "/prm" and seen["null"] == "eos" and seen["step_split"] == " " and "omega" not in seen
+
+
+def test_verl_agent_loop_output_has_the_shape_the_row_relies_on():
+    """carry_row gives verl's agent-loop output a subclass overriding as_dict. This holds while (1) verl's
+    as_dict turns reward_score into rm_scores with the score on the last token, (2) the subclass adds no field
+    and keeps the layout, (3) the V1 worker calls _compute_score(outputs, ...) and then as_dict on those same
+    objects. If verl changes any of these, this test fails."""
+    import inspect
+
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
+    out = AgentLoopOutput(prompt_ids=[1], response_ids=[4, 5, 6], response_mask=[1, 1, 1], reward_score=1.5,
+                          metrics=AgentLoopMetrics())
+    d = out.as_dict()
+    assert "reward_score" not in d and d["rm_scores"].tolist() == [0.0, 0.0, 1.5]                       # (1)
+    cls = pv.row_output_class(AgentLoopOutput)
+    assert cls.__name__ == "P2TAgentLoopOutput" and pv.row_output_class(AgentLoopOutput) is cls
+    assert set(cls.model_fields) == set(AgentLoopOutput.model_fields)                                   # (2)
+    assert cls.__basicsize__ == AgentLoopOutput.__basicsize__ and vars(cls).get("__slots__", ()) == ()
+    assert AgentLoopOutput.__slots__ == ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__",
+                                         "__pydantic_private__")
+    before = out.model_dump()
+    pv.carry_row(out, [0.25, -0.5, 1.5])
+    assert type(out) is cls and {k: v for k, v in out.model_dump().items() if k != "extra_fields"} == \
+        {k: v for k, v in before.items() if k != "extra_fields"}
+    d = out.as_dict()
+    assert d["rm_scores"].tolist() == [0.25, -0.5, 1.5] and "p2t_row" not in d.get("extra_fields", {})
+    pv.carry_row(out, [1.0, 2.0, 3.0])                # already carrying: the class is kept
+    assert type(out) is cls and out.as_dict()["rm_scores"].tolist() == [1.0, 2.0, 3.0]
+
+    class Slotted:                                    # another layout: a clear error, not a silent no-op
+        __slots__ = ("extra_fields",)
+
+        def __init__(self):
+            self.extra_fields = {}
+
+        def as_dict(self):
+            return {}
+    with pytest.raises(RuntimeError, match="changed shape"):
+        pv.carry_row(Slotted(), [1.0])
+    pytest.importorskip("transfer_queue")
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
+    assert list(inspect.signature(AgentLoopWorker._compute_score).parameters)[:3] == ["self", "outputs", "kwargs"]
+    src = inspect.getsource(AgentLoopWorkerTQ._agent_loop_postprocess)                                  # (3)
+    assert "await self._compute_score(outputs, kwargs=kwargs)" in src
+    assert src.index("_compute_score(outputs") < src.index("for i, output in enumerate(outputs)") \
+        < src.index("output.as_dict()")

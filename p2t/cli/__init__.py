@@ -1,7 +1,8 @@
 """`p2t` command line: train, compare, localise, attribute, bench, env.
 
 Each sub-command lives in its own module with ``configure(parser)`` and ``run(args) -> int``;
-modules are imported only when their command runs, so `p2t env` stays fast.
+modules are imported only when their command runs, so `p2t env` stays fast. A command rejects a bad
+argument by raising :class:`p2t.cli.checks.ArgumentError`: one line on stderr naming it, exit code 2.
 """
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    from .checks import ArgumentError
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ArgumentError as e:
+        print(f"p2t {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

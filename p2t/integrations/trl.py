@@ -43,7 +43,9 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("p2t.integrations.trl needs TRL: pip install 'trl>=1.13'") from e
 
-from ._common import MODES, NORMALIZE, P2TOptions, check_scorer, token_rewards
+from ..options import DEFAULTS, METHODS, MODES, NORMALIZE, P2TOptions
+from ..rewards import get_mode
+from ._common import RewardSetup, check_scorer, completion_rewards, prompt_text
 
 __all__ = ["P2TGRPOTrainer", "P2TGRPOConfig", "ALPHA_SCHEDULES", "alpha_at", "weighted_token_stats", "prm_device"]
 
@@ -65,7 +67,7 @@ def check_liger(args, trainer_cls, mode: str) -> None:
     """``use_liger_kernel=True`` works when TRL's loss still takes ``(B, T)`` advantages (TRL versions
     whose Liger option only swaps layer kernels); with TRL's fused Liger GRPO loss, which takes one
     advantage per sequence, token advantages cannot reach the loss: raise at construction."""
-    if mode == "outcome" or args is None or not getattr(args, "use_liger_kernel", False):
+    if not get_mode(mode).needs_prm or args is None or not getattr(args, "use_liger_kernel", False):
         return
     if callable(getattr(trainer_cls, "compute_liger_loss", None)):
         raise ValueError(
@@ -81,7 +83,7 @@ def check_importance_sampling(args, mode: str) -> None:
     mean. TRL's ``GRPOTrainer`` has no ``"sequence_token"`` level (GSPO-token), so raise for anything but
     ``"token"`` unless ``mode="outcome"``."""
     level = getattr(args, "importance_sampling_level", "token") if args is not None else "token"
-    if mode == "outcome" or level == "token":
+    if not get_mode(mode).needs_prm or level == "token":
         return
     if level == "sequence":
         raise ValueError(
@@ -155,25 +157,31 @@ class P2TGRPOConfig(GRPOConfig):
     line through ``trl.TrlParser`` and are saved with the training arguments. Accepted wherever a
     ``GRPOConfig`` is (it is one)."""
 
-    p2t_mode: str = field(default="p2t", metadata={
+    p2t_mode: str = field(default=DEFAULTS.mode, metadata={
         "help": "'p2t' (A^ + alpha * r_i, r_i redistributed inside each step), 'process' (A^ + alpha * R_s on every "
                 "token of step s) or 'outcome' (TRL's advantages, no PRM call).", "choices": list(MODES)})
-    p2t_alpha: float = field(default=0.1, metadata={"help": "Weight of the token rewards: A^_b + alpha * r_i."})
+    p2t_alpha: float = field(default=DEFAULTS.alpha, metadata={
+        "help": "Weight of the token rewards: A^_b + alpha * r_i."})
     p2t_alpha_schedule: str = field(default="constant", metadata={
         "help": "'constant', 'linear_warmup' (0 -> alpha over p2t_alpha_steps) or 'linear_decay' (alpha -> 0).",
         "choices": list(ALPHA_SCHEDULES)})
     p2t_alpha_steps: Optional[int] = field(default=None, metadata={
         "help": "Optimizer steps of the alpha warm-up/decay (default: the run's total steps)."})
-    p2t_omega: float = field(default=0.6, metadata={"help": "omega of the redistribution r_i = R_s + omega R_s w_i."})
-    p2t_temperature: float = field(default=1.0, metadata={
+    p2t_omega: float = field(default=DEFAULTS.omega, metadata={
+        "help": "omega of the redistribution r_i = R_s + omega R_s w_i."})
+    p2t_omega_neg: float = field(default=DEFAULTS.omega_neg, metadata={
+        "help": "omega_neg of the signed blame term - omega_neg (1 - R_s) softmax(-I/tau)_i added to r_i "
+                "(0: the paper's formula)."})
+    p2t_temperature: float = field(default=DEFAULTS.temperature, metadata={
         "help": "Softmax temperature of the within-step weights w_i (not the sampling temperature)."})
-    p2t_standardize: bool = field(default=False, metadata={
+    p2t_standardize: bool = field(default=DEFAULTS.standardize, metadata={
         "help": "Standardize the attributions within each step before the softmax."})
-    p2t_normalize: str = field(default="paper", metadata={
+    p2t_normalize: str = field(default=DEFAULTS.normalize, metadata={
         "help": "'paper' (r_i = R_s + omega R_s w_i) or 'sum' (divided by n_s + omega: a step's rewards sum to R_s).",
         "choices": list(NORMALIZE)})
-    p2t_method: str = field(default="taylor", metadata={
-        "help": "Attribution method: 'taylor', 'taylor_per_step', 'integrated_gradients' or 'exact'."})
+    p2t_method: str = field(default=DEFAULTS.method, metadata={
+        "help": "Attribution method: 'taylor', 'taylor_per_step', 'integrated_gradients' or 'exact'.",
+        "choices": list(METHODS)})
     p2t_null: Optional[str] = field(default=None, metadata={
         "help": "Null embedding e_null of a PRM loaded from p2t_prm: 'pad', 'eos', 'vocab_mean', 'zero' or a token "
                 "id (default: the scorer's, 'pad'). With a scorer passed to the trainer, it must match its null."})
@@ -200,23 +208,58 @@ class P2TGRPOConfig(GRPOConfig):
                 raise ValueError(f"p2t_prm_kwargs must be a mapping or a JSON object string: {e}") from None
         if self.p2t_prm_kwargs is not None and not isinstance(self.p2t_prm_kwargs, dict):
             raise TypeError(f"p2t_prm_kwargs must be a mapping, got {type(self.p2t_prm_kwargs).__name__}")
-        P2TOptions(mode=self.p2t_mode, alpha=self.p2t_alpha, omega=self.p2t_omega, temperature=self.p2t_temperature,
-                   standardize=self.p2t_standardize, normalize=self.p2t_normalize, method=self.p2t_method,
-                   backend=self.p2t_backend)
-        if self.p2t_alpha_schedule not in ALPHA_SCHEDULES:
-            raise ValueError(f"p2t_alpha_schedule must be one of {', '.join(ALPHA_SCHEDULES)}, "
-                             f"got {self.p2t_alpha_schedule!r}")
-        if self.p2t_alpha_steps is not None and (isinstance(self.p2t_alpha_steps, bool) or
-                                                 not isinstance(self.p2t_alpha_steps, int) or self.p2t_alpha_steps < 1):
-            raise ValueError(f"p2t_alpha_steps must be a positive int, got {self.p2t_alpha_steps!r}")
+        self.p2t_settings()   # the one check of the p2t_* fields
         super().__post_init__()
 
+    def p2t_settings(self) -> "P2TSettings":
+        """The resolved P2T settings of this config (the options object and the alpha schedule)."""
+        return resolve_settings({k: getattr(self, "p2t_" + k) for k in KEYWORDS}, prefix="p2t_", null=self.p2t_null)
 
-# trainer keyword -> config field
-_KEYWORDS = {"mode": "p2t_mode", "alpha": "p2t_alpha", "omega": "p2t_omega", "temperature": "p2t_temperature",
-             "standardize": "p2t_standardize", "normalize": "p2t_normalize", "method": "p2t_method",
-             "backend": "p2t_backend", "alpha_schedule": "p2t_alpha_schedule", "alpha_steps": "p2t_alpha_steps"}
-_DEFAULTS = {f.name: f.default for f in P2TGRPOConfig.__dataclass_fields__.values() if f.name.startswith("p2t_")}
+
+@dataclass(frozen=True)
+class P2TSettings:
+    """What a :class:`P2TGRPOConfig` (or the trainer's keywords) resolve to: the token-reward settings
+    (:class:`p2t.integrations._common.RewardSetup`, holding the :class:`p2t.P2TOptions`) and the alpha
+    schedule."""
+    setup: RewardSetup
+    alpha_schedule: str = "constant"
+    alpha_steps: Optional[int] = None
+
+    @property
+    def options(self) -> P2TOptions:
+        return self.setup.options
+
+    def keywords(self) -> Dict[str, Any]:
+        """The settings by keyword name (:data:`KEYWORDS`), as resolved."""
+        own = {"alpha_schedule": self.alpha_schedule, "alpha_steps": self.alpha_steps, "backend": self.setup.backend}
+        return {k: own[k] if k in own else getattr(self.options, k) for k in KEYWORDS}
+
+
+# the trainer's P2T keywords: each is the config field p2t_<name>. The P2TOptions fields a config carries
+# (the null is fixed when the scorer is built: it is a config field only), then the trainer's own settings.
+_RUN_KEYWORDS = ("alpha_schedule", "alpha_steps", "backend")
+KEYWORDS = tuple(n for n in P2TOptions.names() if n != "null" and "p2t_" + n in P2TGRPOConfig.__dataclass_fields__) \
+    + _RUN_KEYWORDS
+_DEFAULTS = {k: P2TGRPOConfig.__dataclass_fields__["p2t_" + k].default for k in KEYWORDS}
+
+
+def resolve_settings(values: Dict[str, Any], *, prefix: str = "", score_kwargs: Optional[Dict[str, Any]] = None,
+                     null=None) -> P2TSettings:
+    """The one check of the P2T keywords/fields (``values``: name -> value, names as in :data:`KEYWORDS`;
+    a missing or ``None`` value takes the default). Errors name the field (``prefix`` + name)."""
+    vals = {k: (_DEFAULTS[k] if values.get(k) is None else values[k]) for k in KEYWORDS}
+    opt_names = [k for k in KEYWORDS if k not in _RUN_KEYWORDS]
+    try:
+        opts = P2TOptions.build(**{k: vals[k] for k in opt_names}, null=null)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise type(e)(prefix + msg if msg.split(" ")[0] in P2TOptions.names() else msg) from None
+    schedule, steps = vals["alpha_schedule"], vals["alpha_steps"]
+    if schedule not in ALPHA_SCHEDULES:
+        raise ValueError(f"{prefix}alpha_schedule must be one of {', '.join(ALPHA_SCHEDULES)}, got {schedule!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"{prefix}alpha_steps must be a positive int, got {steps!r}")
+    return P2TSettings(RewardSetup(opts, dict(score_kwargs or {}), vals["backend"]), schedule, steps)
 
 
 def _one_row(batch, b: int):
@@ -232,7 +275,8 @@ def _one_row(batch, b: int):
 
 
 class _Recorder:
-    """The scorer, seen through: its scoring calls (``score``, and ``score_ids`` where the scorer has it) go
+    """The scorer, seen through: its scoring calls (``score``, and ``score_ids``/``rewards_ids`` where the scorer has
+    them) go
     through unchanged and the last batch and prompts are kept (for the heatmap); other attributes are the
     scorer's."""
 
@@ -246,7 +290,7 @@ class _Recorder:
 
     def __getattr__(self, name):
         attr = getattr(self.scorer, name)
-        if name == "score_ids" and callable(attr):
+        if name in ("score_ids", "rewards_ids") and callable(attr):
             return lambda prompts, *args, **kw: self._keep(prompts, attr(prompts, *args, **kw))
         return attr
 
@@ -271,8 +315,8 @@ class P2TGRPOTrainer(GRPOTrainer):
         mode: ``"p2t"`` (default), ``"process"`` or ``"outcome"``.
         alpha: token-reward weight in ``A^_b + alpha * r_i``; ``alpha_schedule`` (``"constant"``,
             ``"linear_warmup"``, ``"linear_decay"``) over ``alpha_steps`` optimizer steps (default: the run).
-        omega, temperature, standardize, normalize: redistribution options of
-            :func:`p2t.segment_redistribute`.
+        omega, omega_neg, temperature, standardize, normalize: redistribution options of
+            :func:`p2t.segment_redistribute` (:class:`p2t.P2TOptions`).
         method: attribution method for ``scorer.score`` (``"taylor"`` by default).
         score_kwargs: extra keyword arguments for ``scorer.score``.
         backend: ops backend for the redistribution.
@@ -282,39 +326,25 @@ class P2TGRPOTrainer(GRPOTrainer):
     ``completion_mask``, ``rewards_per_func`` (TRL's rewards gathered across processes) and ``alpha``.
     """
 
-    def __init__(self, model, reward_funcs=None, args=None, *positional, scorer=None, mode: Optional[str] = None,
-                 alpha: Optional[float] = None, omega: Optional[float] = None, temperature: Optional[float] = None,
-                 standardize: Optional[bool] = None, normalize: Optional[str] = None, method: Optional[str] = None,
-                 score_kwargs: Optional[Dict[str, Any]] = None, backend: Optional[str] = None,
-                 alpha_schedule: Optional[str] = None, alpha_steps: Optional[int] = None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args=None, *positional, scorer=None,
+                 score_kwargs: Optional[Dict[str, Any]] = None, **kwargs):
         if _version_tuple(trl.__version__) < _MIN_TRL:
             raise ImportError(f"P2TGRPOTrainer needs trl>={'.'.join(map(str, _MIN_TRL))} "
                               f"(its loss must accept (B, T) advantages), found trl {trl.__version__}")
-        given = {"mode": mode, "alpha": alpha, "omega": omega, "temperature": temperature,
-                 "standardize": standardize, "normalize": normalize, "method": method, "backend": backend,
-                 "alpha_schedule": alpha_schedule, "alpha_steps": alpha_steps}
+        given = {k: kwargs.pop(k) for k in KEYWORDS if k in kwargs}
         from_config = isinstance(args, P2TGRPOConfig)
-        eff = {}
-        for kw, fname in _KEYWORDS.items():
-            if given[kw] is not None:
-                eff[kw] = given[kw]
-            else:
-                eff[kw] = getattr(args, fname) if from_config else _DEFAULTS[fname]
-        self.p2t_options = P2TOptions(mode=eff["mode"], alpha=eff["alpha"], omega=eff["omega"],
-                                      temperature=eff["temperature"], standardize=eff["standardize"],
-                                      normalize=eff["normalize"], method=eff["method"],
-                                      score_kwargs=dict(score_kwargs or {}), backend=eff["backend"])
-        alpha_at(eff["alpha"], eff["alpha_schedule"], 0, eff["alpha_steps"] or 1)   # checks the schedule
-        if eff["alpha_steps"] is not None and (isinstance(eff["alpha_steps"], bool) or
-                                               not isinstance(eff["alpha_steps"], int) or eff["alpha_steps"] < 1):
-            raise ValueError(f"alpha_steps must be a positive int, got {eff['alpha_steps']!r}")
-        self.p2t_alpha_schedule, self.p2t_alpha_steps = eff["alpha_schedule"], eff["alpha_steps"]
-        if from_config:   # the config records what is used, and is saved with the training arguments
-            for kw, fname in _KEYWORDS.items():
-                setattr(args, fname, eff[kw])
-        prm = getattr(args, "p2t_prm", None) if from_config else None
+        values = {k: getattr(args, "p2t_" + k) for k in KEYWORDS} if from_config else {}
+        values.update({k: v for k, v in given.items() if v is not None})
         null = getattr(args, "p2t_null", None) if from_config else None
-        if scorer is None and prm is not None and self.p2t_options.mode != "outcome":
+        settings = resolve_settings(values, score_kwargs=score_kwargs, null=null)
+        self.p2t_setup = settings.setup
+        self.p2t_options = settings.options
+        self.p2t_alpha_schedule, self.p2t_alpha_steps = settings.alpha_schedule, settings.alpha_steps
+        if from_config:   # the config records what is used, and is saved with the training arguments
+            for k, v in settings.keywords().items():
+                setattr(args, "p2t_" + k, v)
+        prm = getattr(args, "p2t_prm", None) if from_config else None
+        if scorer is None and prm is not None and self.p2t_setup.needs_prm:
             pass                                    # loaded below, once the tokenizer is known
         else:
             check_scorer(scorer, self.p2t_options.mode)
@@ -329,7 +359,7 @@ class P2TGRPOTrainer(GRPOTrainer):
         self._p2t_rewards_per_func = None
         self._p2t_seq_adv = None
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
-        if self.p2t_scorer is None and prm is not None and self.p2t_options.mode != "outcome":
+        if self.p2t_scorer is None and prm is not None and self.p2t_setup.needs_prm:
             self.p2t_scorer = self._p2t_load_scorer(args)
         self._p2t_recorder = _Recorder(self.p2t_scorer) if self.p2t_scorer is not None else None
 
@@ -361,8 +391,7 @@ class P2TGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        opts = self.p2t_options
-        if opts.mode == "outcome":
+        if not self.p2t_setup.needs_prm:
             return out
         completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
         mask = completion_mask.bool()
@@ -380,8 +409,8 @@ class P2TGRPOTrainer(GRPOTrainer):
         ids = [completion_ids[b, :int(n)].tolist() for b, n in enumerate(lengths)]
         responses = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
         # the scorer's tensors (on the PRM's device) are moved once, onto the policy's
-        r = token_rewards(self._p2t_recorder, prompts, responses, ids, length=completion_ids.shape[1],
-                          options=opts, device=seq_adv.device)
+        r = completion_rewards(self._p2t_recorder, prompts, responses, ids, length=completion_ids.shape[1],
+                               setup=self.p2t_setup, device=seq_adv.device)
         alpha = self.p2t_alpha()
         adv = torch.where(mask, seq_adv.float().unsqueeze(1) + alpha * r, torch.zeros_like(r))
         out["advantages"] = adv
@@ -448,12 +477,11 @@ class P2TGRPOTrainer(GRPOTrainer):
                 self._p2t_heatmap_warned = True
             return
         from ..attribution.render import html_report
-        from ._common import prompt_text
         b = next((i for i, view in enumerate(batch.prm) if view is not None), None)
         if b is None:                               # no completion of this batch had a step
             return
         page = html_report(_one_row(batch, b), [prompt_text(rec.last_prompts[b])],
-                           title=f"p2t attribution, step {self.state.global_step}")
+                           title=f"p2t attribution, step {self.state.global_step}", options=self.p2t_options)
         d = os.path.join(self.args.output_dir, "p2t_heatmaps")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"step_{self.state.global_step:06d}.html"), "w", encoding="utf-8") as f:

@@ -21,9 +21,10 @@ the per-token KL penalty verl subtracts lands in the token part, i.e. directly i
 Importing this module registers both under the name ``"p2t"``; the ``verl.plugins`` entry point of
 the p2t package imports it when verl starts, so ``algorithm.adv_estimator=p2t`` and
 ``reward.reward_manager.name=p2t`` work without code changes. Options of the reward manager come
-from ``reward.reward_kwargs`` (``prm``, ``prm_kind``, ``prm_url``, ``prm_timeout``, ``mode``, ``alpha``,
-``omega``, ``temperature``, ``standardize``, ``normalize``, ``method``; any other key goes to
-``P2TScorer.from_pretrained``).
+from ``reward.reward_kwargs``: the :class:`p2t.P2TOptions` fields (``mode``, ``alpha``, ``omega``,
+``omega_neg``, ``temperature``, ``standardize``, ``normalize``, ``method``, ``null``), ``prm``, ``prm_kind``,
+``prm_url``, ``prm_timeout``, ``score_kwargs``, ``backend``; any other key goes to
+``P2TScorer.from_pretrained``.
 verl passes the rows on through the agent loop of its V1 trainer (verl's default) with this module's
 ``P2TAgentLoopManager``, or from the reward loop's batch pass of its V0 trainer (see
 :func:`check_reward_routing` for the settings); the estimator reads the layout above whoever writes it.
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 
 from ..ops import token_advantages
-from ._common import P2TOptions, check_scorer, last_valid_index, token_rewards
+from ..options import P2TOptions
+from ._common import RewardSetup, check_scorer, completion_rewards, last_valid_index
 
 try:
     from verl.trainer.ppo import core_algos as _core_algos
@@ -46,7 +48,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("p2t.integrations.verl needs verl: pip install verl") from e
 
 __all__ = ["compute_p2t_advantage", "split_token_level_rewards", "group_index", "p2t_reward_rows",
-           "P2TRewardManager", "check_reward_routing", "register", "session_rows", "AGENT_LOOP_MANAGER"]
+           "P2TRewardManager", "check_reward_routing", "register", "session_rows", "carry_row", "row_output_class",
+           "AGENT_LOOP_MANAGER"]
 
 NAME = "p2t"
 
@@ -170,13 +173,14 @@ _register_estimator()
 
 
 def p2t_reward_rows(scorer, prompts: Sequence[Any], responses: Sequence[str], response_ids: Sequence[Sequence[int]],
-                    outcome_rewards: Sequence[float], *, length: int, options: P2TOptions) -> torch.Tensor:
+                    outcome_rewards: Sequence[float], *, length: int, setup: RewardSetup) -> torch.Tensor:
     """The ``[B, length]`` reward tensor in the estimator's layout, for a batch of responses:
     ``alpha * r_i`` on the response tokens, the outcome reward on each response's last token."""
     if len(outcome_rewards) != len(response_ids):
         raise ValueError(f"outcome_rewards has {len(outcome_rewards)} entries but response_ids has "
                          f"{len(response_ids)}")
-    rows = options.alpha * token_rewards(scorer, prompts, responses, response_ids, length=length, options=options)
+    rows = setup.options.alpha * completion_rewards(scorer, prompts, responses, response_ids, length=length,
+                                                    setup=setup)
     for b, ids in enumerate(response_ids):
         if len(ids):
             rows[b, len(ids) - 1] = float(outcome_rewards[b])
@@ -186,8 +190,8 @@ def p2t_reward_rows(scorer, prompts: Sequence[Any], responses: Sequence[str], re
 # ---------------------------------------------------------------------------------------------------------------
 # Reward manager (verl's reward loop): outcome reward from verl's compute_score, token rewards from the PRM.
 
-_OPTION_KEYS = ("mode", "alpha", "omega", "temperature", "standardize", "normalize", "method", "score_kwargs",
-                "backend")
+# reward_kwargs keys besides the P2TOptions fields that stay with the manager (the rest go to from_pretrained)
+_SETUP_KEYS = ("score_kwargs", "backend")
 
 
 def _reward_kwargs(config) -> Dict[str, Any]:
@@ -296,8 +300,12 @@ class P2TRewardManager(_NaiveRewardManager):
                          reward_model_tokenizer=reward_model_tokenizer)
         kw = _reward_kwargs(config)
         kw.update(options)
-        opts = {k: kw.pop(k) for k in _OPTION_KEYS if k in kw}
-        self.p2t_options = P2TOptions(**opts)
+        null_given = kw.get("null") is not None
+        opts = P2TOptions.from_mapping({k: kw.pop(k) for k in P2TOptions.names() if k in kw})
+        if null_given:                      # the null embedding is also the scorer's (fixed when it is built)
+            kw["null"] = opts.null
+        self.p2t_setup = RewardSetup(opts, **{k: kw.pop(k) for k in _SETUP_KEYS if k in kw})
+        self.p2t_options = opts
         prm = kw.pop("prm", None)
         if prm is None and config is not None:   # default: verl's reward model path
             rm = _cfg_get(_cfg_get(config, "reward", None) or {}, "reward_model", None)
@@ -305,10 +313,10 @@ class P2TRewardManager(_NaiveRewardManager):
         prm_kind = kw.pop("prm_kind", "step_classifier")
         prm_url = kw.pop("prm_url", None)
         prm_timeout = float(kw.pop("prm_timeout", 120.0))
-        if scorer is None and prm_url is not None and self.p2t_options.mode != "outcome":
+        if scorer is None and prm_url is not None and self.p2t_setup.needs_prm:
             from .scorers import http_scorer      # a PRM service elsewhere: nothing is loaded here
             scorer = http_scorer(str(prm_url), timeout=prm_timeout)
-        if scorer is None and self.p2t_options.mode != "outcome":
+        if scorer is None and self.p2t_setup.needs_prm:
             if type(self)._shared_scorer is None:
                 if prm is None:
                     raise ValueError("the p2t reward manager needs a PRM: set reward.reward_kwargs.prm (or "
@@ -341,7 +349,7 @@ class P2TRewardManager(_NaiveRewardManager):
             # freezes and restores the PRM's parameters around each call)
             with type(self)._score_lock:
                 return p2t_reward_rows(self.p2t_scorer, [prompt], [text], [ids], [outcome], length=max(n, 1),
-                                       options=self.p2t_options)
+                                       setup=self.p2t_setup)
 
         row = (await self.loop.run_in_executor(None, score_row))[0, :n]
         rmask = item.batch.get("response_mask", None) if hasattr(item.batch, "get") else None
@@ -422,9 +430,54 @@ def session_rows(row: Sequence[float], outcome: float, response_mask: Sequence[i
     return out
 
 
+def row_output_class(base):
+    """``base`` (verl's ``AgentLoopOutput`` or a subclass of it) with an ``as_dict`` whose ``rm_scores`` is the
+    row in ``extra_fields["p2t_row"]`` instead of one float on the last token. The subclass adds no field, so
+    an instance of ``base`` can take it as its class (see :func:`carry_row`). One class per base, cached."""
+    cached = _ROW_CLASSES.get(base)
+    if cached is not None:
+        return cached
+
+    def as_dict(self):
+        row = self.extra_fields.pop("p2t_row", None)
+        out = base.as_dict(self)
+        if row is not None:
+            out["rm_scores"] = torch.tensor(row, dtype=torch.float32)
+            out.get("extra_fields", {}).pop("p2t_row", None)
+        return out
+
+    name = "P2T" + base.__name__.lstrip("_")
+    cls = type(name, (base,), {"as_dict": as_dict, "__module__": __name__, "__qualname__": name,
+                               "__doc__": f"verl's {base.__name__} whose ``rm_scores`` is the p2t row."})
+    _ROW_CLASSES[base] = cls
+    return cls
+
+
+_ROW_CLASSES: Dict[type, type] = {}
+
+
+def carry_row(output, row: Sequence[float]) -> None:
+    """Make verl's agent-loop ``output`` write ``row`` as its ``rm_scores``.
+
+    verl 0.9's agent loop keeps a trajectory's reward as one float (``AgentLoopOutput.reward_score``, which
+    ``as_dict`` puts on the last token) and offers no hook for a per-token row; the worker runs ``as_dict``
+    on the very objects its ``_compute_score`` received. So the output's class becomes
+    :func:`row_output_class` of its class: the same fields and layout, one method overridden. Python refuses
+    the assignment when the layouts differ, and that is raised here with verl's version (the tests check the
+    shape of verl's class that this relies on)."""
+    output.extra_fields["p2t_row"] = [float(v) for v in row]
+    cls = row_output_class(type(output)) if type(output) not in _ROW_CLASSES.values() else type(output)
+    try:
+        object.__setattr__(output, "__class__", cls)   # (pydantic's __setattr__ takes fields only)
+    except TypeError as e:
+        import verl
+        raise RuntimeError(f"p2t: cannot give verl {verl.__version__}'s {type(output).__name__} a per-token "
+                           f"rm_scores row ({e}); this verl's agent-loop output has changed shape") from e
+
+
 def _agent_loop_classes():
-    """``(P2TAgentLoopManager, P2TAgentLoopWorker)``, built on first use (verl's V1 agent loop imports Ray and
-    TransferQueue)."""
+    """``(P2TAgentLoopManager, P2TAgentLoopWorker, P2TAgentLoopOutput)``, built on first use (verl's V1 agent
+    loop imports Ray and TransferQueue)."""
     cached = globals().get("_V1_CLASSES")
     if cached is not None:
         return cached
@@ -433,18 +486,6 @@ def _agent_loop_classes():
     from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
 
     worker_base = getattr(AgentLoopWorkerTQ, "__ray_actor_class__", AgentLoopWorkerTQ)
-
-    class P2TAgentLoopOutput(AgentLoopOutput):
-        """An agent-loop output whose ``rm_scores`` is a whole row (``extra_fields["p2t_row"]``) instead of
-        one float on the last token."""
-
-        def as_dict(self):
-            row = self.extra_fields.pop("p2t_row", None)
-            out = super().as_dict()
-            if row is not None:
-                out["rm_scores"] = torch.tensor(row, dtype=torch.float32)
-                out.get("extra_fields", {}).pop("p2t_row", None)
-            return out
 
     class P2TAgentLoopWorker(worker_base):
         """verl's V1 agent-loop worker; a trajectory's reward from the p2t manager (a row of per-token rewards)
@@ -460,9 +501,8 @@ def _agent_loop_classes():
             row = [float(v) for v in (score.tolist() if hasattr(score, "tolist") else score)]
             info = final.extra_fields.get("reward_extra_info", None) or {}
             outcome = float(info.get("p2t_outcome", row[-1] if row else 0.0))
-            final.extra_fields["p2t_row"] = session_rows(row, outcome, final.response_mask)
             final.reward_score = outcome
-            object.__setattr__(final, "__class__", P2TAgentLoopOutput)
+            carry_row(final, session_rows(row, outcome, final.response_mask))
             if len(outputs) > 1 and not getattr(type(self), "_p2t_warned", False):
                 type(self)._p2t_warned = True
                 warnings.warn("p2t: an agent loop returned several outputs for one session; each output is a row "
@@ -477,7 +517,7 @@ def _agent_loop_classes():
             super().__init__(*args, **kwargs)
             self.agent_loop_workers_class = ray.remote(P2TAgentLoopWorker)
 
-    globals()["_V1_CLASSES"] = (P2TAgentLoopManager, P2TAgentLoopWorker, P2TAgentLoopOutput)
+    globals()["_V1_CLASSES"] = (P2TAgentLoopManager, P2TAgentLoopWorker, row_output_class(AgentLoopOutput))
     return globals()["_V1_CLASSES"]
 
 
