@@ -5,6 +5,8 @@ The same code (:mod:`p2t.bench`) runs the full suites in ``benchmarks/``.
 """
 from __future__ import annotations
 
+from .checks import ArgumentError, check_output
+
 
 def configure(parser):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
@@ -27,6 +29,7 @@ def configure(parser):
 
 
 def run(args) -> int:
+    check_output("--out", args.out)
     import torch
 
     from p2t import bench
@@ -37,8 +40,7 @@ def run(args) -> int:
     ops = tuple(args.ops.split(",")) if args.ops else bench.OPS
     unknown = set(ops) - set(bench.OPS)
     if unknown:
-        print(f"p2t bench: unknown op(s) {', '.join(sorted(unknown))}; choose from {', '.join(bench.OPS)}")
-        return 2
+        raise ArgumentError(f"--ops: unknown op(s) {', '.join(sorted(unknown))}; choose from {', '.join(bench.OPS)}")
     cases = bench.suite(args.suite, device, ops=ops, dtypes=tuple(args.dtypes.split(",")),
                         modes=tuple(args.modes.split(",")))
     if args.providers:

@@ -15,7 +15,13 @@ same seeds; only the advantages differ:
   lab the first-order method and null that localise wrong tokens best (``p2t localise``: AUROC 0.83 vs
   0.74 for PAD; integrated gradients with 16 points reach 0.85 at 15x the cost);
 * ``p2t-ps``   - P2T with per-step gradients (``taylor_per_step``: each step's tokens get the gradient of
-  their own step's score only), standardised like ``p2t-std``.
+  their own step's score only), standardised like ``p2t-std``;
+* ``p2t-signed`` - the paper's settings plus the signed blame term ω⁻ (``--omega-neg``, default 0.6):
+  ``r_i = R_s + ω·R_s·softmax(I/τ)_i − ω⁻·(1 − R_s)·softmax(−I/τ)_i``;
+* ``p2t-signed-zero`` - ``p2t-signed`` with the zero null.
+
+Each variant is a row of :data:`VARIANTS`: the :class:`p2t.P2TOptions` fields it sets (checked by
+``P2TOptions``), passed to each run as the matching ``p2t train`` flags.
 
 Runs go to ``<output-dir>/<mode>-seed<k>/`` (each a ``p2t train`` run, ``--jobs`` at a time, one CPU
 thread each); results in ``<output-dir>/compare.png``, ``compare.md`` and ``compare.json``.
@@ -34,25 +40,35 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-VARIANTS = {
+from .checks import check_file
+
+class FromFlag(str):
+    """A variant's option value taken from the ``p2t compare`` flag of this name (e.g. ``--std-temperature``)."""
+
+
+#: variant -> the P2TOptions fields it sets (the rest: the shared config's)
+VARIANTS: Dict[str, Dict[str, Any]] = {
     "outcome": {"mode": "outcome"},
     "process": {"mode": "process"},
     "p2t": {"mode": "p2t"},
-    "p2t-std": {"mode": "p2t", "standardize": True},
-    "p2t-exact": {"mode": "p2t", "attribution_method": "exact", "standardize": True},
-    "p2t-ig": {"mode": "p2t", "attribution_method": "integrated_gradients", "standardize": True},
-    "p2t-ps": {"mode": "p2t", "attribution_method": "taylor_per_step", "standardize": True},
-    "p2t-zero": {"mode": "p2t", "prm_null": "zero"},
+    "p2t-std": {"mode": "p2t", "standardize": True, "temperature": FromFlag("std_temperature")},
+    "p2t-exact": {"mode": "p2t", "method": "exact", "standardize": True, "temperature": FromFlag("std_temperature")},
+    "p2t-ig": {"mode": "p2t", "method": "integrated_gradients", "standardize": True,
+               "temperature": FromFlag("std_temperature")},
+    "p2t-ps": {"mode": "p2t", "method": "taylor_per_step", "standardize": True,
+               "temperature": FromFlag("std_temperature")},
+    "p2t-zero": {"mode": "p2t", "null": "zero"},
+    "p2t-signed": {"mode": "p2t", "omega_neg": FromFlag("omega_neg")},
+    "p2t-signed-zero": {"mode": "p2t", "omega_neg": FromFlag("omega_neg"), "null": "zero"},
 }
-SHARPENED = ("p2t-std", "p2t-exact", "p2t-ig", "p2t-ps")  # take --std-temperature
 
 
 def configure(parser: argparse.ArgumentParser):
-    from p2t.attribution.options import NULLS
+    from p2t.options import NULLS
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__
     parser.add_argument("--modes", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
@@ -63,7 +79,10 @@ def configure(parser: argparse.ArgumentParser):
                         help="accuracy for 'updates to threshold' (default: start + 3/4 of outcome's mean gain)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     parser.add_argument("--output-dir", default="runs/compare")
-    parser.add_argument("--std-temperature", type=float, default=0.5, help="attr_temperature of p2t-std")
+    parser.add_argument("--std-temperature", type=float, default=0.5,
+                        help="the softmax temperature τ of the standardised variants (p2t-std, -exact, -ig, -ps)")
+    parser.add_argument("--omega-neg", type=float, default=0.6,
+                        help="ω⁻ of the signed variants (p2t-signed, p2t-signed-zero)")
     parser.add_argument("--config", metavar="FILE", help="a p2t train config file shared by every run")
     parser.add_argument("--prm-null", choices=NULLS, default=None,
                         help="the scorer's null embedding in every run (default: the scorer's, pad)")
@@ -74,7 +93,18 @@ def configure(parser: argparse.ArgumentParser):
                         help="after '--': extra `p2t train` flags shared by every run (e.g. -- --num-updates 50)")
 
 
+def variant_options(args, variant: str) -> Dict[str, Any]:
+    """The P2TOptions fields ``variant`` sets, with the values of the flags it names, as
+    :class:`p2t.P2TOptions` checks and stores them (a bad value is a ``ValueError`` naming the option)."""
+    from p2t.options import P2TOptions
+    row = {k: getattr(args, v) if isinstance(v, FromFlag) else v for k, v in VARIANTS[variant].items()}
+    opts = P2TOptions.build(**row)
+    return {k: getattr(opts, k) for k in row}
+
+
 def _train_flags(args, variant: str, seed: int, out: str) -> List[str]:
+    from p2t.grpo.config import OPTION_FIELDS
+    field_of = {opt: name for name, opt in OPTION_FIELDS.items()}   # P2TOptions field -> p2t train flag
     flags = ["--seed", str(seed), "--output-dir", out, "--no-progress", "--threads", "1"]
     if args.config:
         flags += ["--config", args.config]
@@ -82,24 +112,20 @@ def _train_flags(args, variant: str, seed: int, out: str) -> List[str]:
         flags += ["--prm-null", args.prm_null]
     extra = [a for a in args.train_args if a != "--"]
     flags += extra
-    for k, v in VARIANTS[variant].items():
+    for k, v in variant_options(args, variant).items():
+        flag = "--" + field_of[k].replace("_", "-")
         if isinstance(v, bool):
-            flags.append(("--" if v else "--no-") + k.replace("_", "-"))
+            flags.append(flag if v else "--no-" + flag[2:])
         else:
-            flags += ["--" + k.replace("_", "-"), str(v)]
-    if variant in SHARPENED:
-        flags += ["--attr-temperature", str(args.std_temperature)]
+            flags += [flag, str(v)]
     return flags
 
 
-def _variant_settings(modes: Sequence[str], std_temperature: float) -> str:
+def _variant_settings(args, modes: Sequence[str]) -> str:
     """What each variant run here changes against the shared settings, e.g. "; p2t-zero: null zero"."""
     out = []
     for m in modes:
-        parts = [("null " + str(v)) if k == "prm_null" else k if v is True else f"{k} {v}"
-                 for k, v in VARIANTS[m].items() if k != "mode"]
-        if m in SHARPENED:
-            parts.append(f"attr_temperature {std_temperature}")
+        parts = [k if v is True else f"{k} {v}" for k, v in variant_options(args, m).items() if k != "mode"]
         if parts:
             out.append(f"{m}: {', '.join(parts)}")
     return "".join("; " + o for o in out)
@@ -272,16 +298,26 @@ def run(args) -> int:
         print("p2t compare: --seeds and --jobs must be >= 1", file=sys.stderr)
         return 2
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    check_file("--config", args.config)
+    # every run's settings checked before anything starts: the variants' options, the paths they name
+    from p2t.cli.train import check_paths
+    from p2t.cli.train import configure as train_configure
+    from p2t.grpo.config import from_args
+    from p2t.grpo.lab import ensure_lab
+    from p2t.grpo.setup import uses_lab
+    probe = argparse.ArgumentParser()
+    train_configure(probe)
+    try:
+        configs = {m: from_args(probe.parse_args(_train_flags(args, m, seeds[0], args.output_dir))) for m in modes}
+    except (ValueError, TypeError) as e:
+        print(f"p2t compare: {e}", file=sys.stderr)
+        return 2
+    base = configs[modes[0]]
+    check_paths(base)
     os.makedirs(args.output_dir, exist_ok=True)
     t0 = time.time()
     # build (or find) the lab once, before the runs start in parallel
-    from p2t.cli.train import configure as train_configure
-    from p2t.grpo.config import from_args
-    from p2t.grpo.lab.models import ensure_lab
-    probe = argparse.ArgumentParser()
-    train_configure(probe)
-    base = from_args(probe.parse_args(_train_flags(args, modes[0], seeds[0], args.output_dir)))
-    if base.uses_lab:
+    if uses_lab(base):
         ensure_lab(base.lab, base.lab_cache, log=lambda s: print(s, file=sys.stderr, flush=True),
                    packaged=base.lab_packaged)
     t_lab = time.time() - t0
@@ -340,7 +376,7 @@ def run(args) -> int:
     settings = (f"Settings: seeds {seeds[0]}..{seeds[-1]} (runs per mode: {counts}); {cfg['num_updates']} updates of "
                 f"{cfg['prompts_per_update']} prompts x {cfg['group_size']} samples; lr {cfg['learning_rate']}; loss "
                 f"{cfg['loss_type']}; alpha {cfg['alpha']}; omega {cfg['omega']}; null {cfg.get('prm_null') or 'pad'}"
-                f"{_variant_settings(modes, args.std_temperature)}; sampled accuracy (temperature "
+                f"{_variant_settings(args, modes)}; sampled accuracy (temperature "
                 f"{cfg['eval_temperature']}) on {cfg['eval_prompts']} held-out prompts x "
                 f"{cfg['eval_samples_per_prompt']} samples every {cfg['eval_every']} updates; AUC = mean accuracy "
                 f"over training (trapezoid); sd over seeds (population); step accuracy / PRM step reward: mean "

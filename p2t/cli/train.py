@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from .checks import check_file, check_model, loading
+
 
 def configure(parser: argparse.ArgumentParser):
     from p2t.grpo.config import add_arguments
@@ -23,20 +25,37 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+def check_paths(config) -> None:
+    """The paths and hub ids a resolved config names (from flags or its file): one line naming a bad one."""
+    check_model("--policy", config.policy)
+    check_model("--prm", config.prm)
+    check_file("--train-data", config.train_data)
+    check_file("--eval-data", config.eval_data)
+
+
 def run(args) -> int:
     from p2t.grpo.config import from_args
+    check_file("--config", getattr(args, "config", None))
     try:
         config = from_args(args)
     except (ValueError, TypeError) as e:
         print(f"p2t train: {e}", file=sys.stderr)
         return 2
+    check_paths(config)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=1))
         return 0
     from p2t.grpo import GRPOTrainer
+    from p2t.grpo.setup import resolve
     t0 = time.time()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    trainer = GRPOTrainer(config, log=log)
+    try:
+        with loading(policy=config.policy, prm=config.prm):
+            setup = resolve(config, log=log)
+    except ValueError as e:            # what the run needs and the config does not give (a PRM, data, a reward)
+        print(f"p2t train: {e}", file=sys.stderr)
+        return 2
+    trainer = GRPOTrainer(config, setup, log=log)
     t_setup = time.time() - t0
     records = trainer.train()
     trainer.save_pretrained(os.path.join(config.output_dir, "policy"))
