@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import p2t
-from p2t.attribution import P2TScorer
-from p2t.attribution.align import (assign_steps, encode_with_offsets, offsets_from_ids, overlap, overlap_map,
-                                   split_steps)
+from p2t.attribution import AttributionWarning, P2TScorer
+from p2t.attribution.align import encode_with_offsets, offsets_from_ids, overlap, overlap_map, split_steps
+
+from reference_layout import assign_steps
 
 from _attribution_models import char_tokenizer, gpt2_tokenizer, save_model
 
@@ -279,3 +280,57 @@ def test_sentencepiece_pieces_stay_with_their_step():
     # the rule itself: leading pieces without characters take the step of the first token after them
     assert assign_steps([(0, 0), (0, 0), (0, 1), (1, 2)], [(0, 2)], [True, True, True, True]) == [0, 0, 0, 0]
     assert assign_steps([(0, 0)], [(0, 2)], [True]) == [-1]
+
+
+# ---------------------------------------------------------------- fast paths fail loudly, fall back only when not applicable
+def _listing(inner, error):
+    """A tokenizer class of the user's own around ``inner`` whose vocabulary listing raises ``error``."""
+    class Listing:
+        all_special_ids = inner.all_special_ids
+
+        def __len__(self):
+            return len(inner)
+
+        def convert_ids_to_tokens(self, ids):
+            raise error
+
+        def decode(self, ids, **kw):
+            return inner.decode(ids, **kw)
+
+        def encode(self, text, **kw):
+            return inner.encode(text, **kw)
+
+        def get_vocab(self):
+            raise error
+    return Listing
+
+
+def test_fast_path_errors_are_not_hidden_behind_the_slow_path():
+    """A bug inside the vocabulary-table path (any error but "this tokenizer cannot list its vocabulary")
+    reaches the caller; before, ``except Exception`` sent every such call to the slow path silently."""
+    import warnings
+
+    from p2t.attribution.align import offsets_array
+    from p2t.attribution.options import same_tokenizer
+    tok = char_tokenizer()
+    ids = tok.encode("ab\ncd", add_special_tokens=False)
+    with pytest.raises(ZeroDivisionError):
+        offsets_array(_listing(tok, ZeroDivisionError("a bug in the table"))(), ids)
+    buggy = _listing(tok, ZeroDivisionError("a bug"))
+    with pytest.raises(ZeroDivisionError):
+        same_tokenizer(buggy(), buggy())
+    # not applicable: the slow path, said once, with the same result
+    slow = _listing(tok, NotImplementedError("no listing"))()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        offsets_array(slow, ids)
+        text, spans = offsets_array(slow, ids)
+    want_text, want_spans = offsets_array(tok, ids)
+    assert text == want_text and spans.tolist() == want_spans.tolist()
+    said = [x for x in w if issubclass(x.category, AttributionWarning)]
+    assert len(said) == 1 and "cannot list its vocabulary" in str(said[0].message)
+    other = _listing(tok, NotImplementedError("no vocabulary"))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert same_tokenizer(other(), other()) is False
+    assert any(issubclass(x.category, AttributionWarning) and "cannot be compared" in str(x.message) for x in w)

@@ -11,8 +11,10 @@ import torch
 
 import p2t
 from p2t.attribution import MODES, NORMALIZE, SCALES, P2TScorer, ScoredBatch, token_rewards
-from p2t.attribution.align import assign_steps, assign_steps_array, encode_with_offsets, offsets_from_ids
+from p2t.attribution.align import assign_steps_array, encode_with_offsets, offsets_from_ids
 from p2t.attribution.batch import PRMViews
+
+from reference_layout import assign_steps, reference_row
 
 from _attribution_models import char_tokenizer, gpt2_tokenizer, save_model
 
@@ -327,7 +329,8 @@ def test_vocabulary_gather_equals_joining_the_token_strings(tmp_path):
     gpt2, char = gpt2_tokenizer(str(tmp_path / "g")), char_tokenizer()
     rng = np.random.default_rng(3)
     for tok, kind in ((gpt2, "bytes"), (gpt2, "text"), (char, "text")):
-        table, lens = align._vocab_table(tok, kind)
+        vt = align.vocab_table(tok, kind)
+        table = vt.values
         specials = sorted(align.special_ids(tok))
         for n in (0, 1, 2, 37, 500):
             ids = rng.integers(0, len(table), n).tolist()
@@ -335,9 +338,9 @@ def test_vocabulary_gather_equals_joining_the_token_strings(tmp_path):
             idx = np.asarray(ids, dtype=np.int64)
             want = (b"" if kind == "bytes" else "").join(table[i] for i in ids)
             if kind == "bytes":
-                assert align._pieces_bytes(tok, ids, idx) == want
+                assert vt.bytes(ids, idx) == want
             else:
-                text, got_lens = align._pieces_text(tok, ids, idx)
+                text, got_lens = vt.text(ids, idx)
                 assert text == want and got_lens.tolist() == [len(table[i]) for i in ids]
 
 
@@ -354,9 +357,59 @@ def _same_row(a, b):
     if a is None or b is None:
         return a is None and b is None
     fields = ("input_ids", "token_step", "readout", "map_prm", "map_policy", "policy_step", "policy_spans")
-    return ((a.index, a.prompt_length, a.steps, a.text, a.map_weight) == (b.index, b.prompt_length, b.steps, b.text,
-                                                                          b.map_weight)
+    weights = ((a.map_weight is None and b.map_weight is None) or
+               (a.map_weight is not None and b.map_weight is not None and np.array_equal(a.map_weight, b.map_weight)))
+    return ((a.index, a.prompt_length, a.steps, a.text) == (b.index, b.prompt_length, b.steps, b.text) and weights
             and all(np.array_equal(getattr(a, f), getattr(b, f)) for f in fields))
+
+
+@pytest.mark.parametrize("pair", ["char->gpt2", "gpt2->char", "char->char"])
+def test_text_and_cross_tokenizer_layout_equals_the_reference(tmp_path, pair):
+    """Layout.rows of response texts (score) and of ids with a hint, with the PRM's tokenizer or another one
+    (each step re-encoded by the PRM tokenizer, attributions split by shared characters), builds the rows,
+    warnings and errors of the step-by-step reference: truncation, steps split otherwise, read_at="last",
+    responses with no step (before, the per-row path was a second copy of the layout)."""
+    import warnings
+
+    from p2t.attribution.layout import Layout
+
+    from reference_layout import reference_rows
+    gpt2 = gpt2_tokenizer(str(tmp_path / "g"))
+    toks = {"char": char_tokenizer(), "gpt2": gpt2}
+    prm, policy = (toks[n] for n in pair.split("->"))
+    texts = ["17+25=42\n42+33=75\n#75", "a b\n\n c d 12\n\nend", "x", "+1=2\nnext line", "\n\nlead\ntrail\n\n",
+             "a×b 日本\n\né", "emoji 🙂 ok\n2", " \n \n"]
+    rng = random.Random(4)
+    for kw in [dict(), dict(step_split="\n\n"), dict(read_at="last"), dict(max_length=30),
+               dict(max_length=30, truncation="error"), dict(step_separator="\n\n", separator_suffix="\n")]:
+        o = dict(template="{prompt}\n{response}", add_special_tokens=True, step_separator="\n", separator_suffix="",
+                 step_split="\n", read_at="separator", max_length=None, truncation="steps")
+        o.update(kw)
+        lay = Layout(prm, policy, prm is policy, system_prompt=None, **o)
+        for _ in range(6):
+            B = rng.randint(1, 5)
+            responses = [rng.choice(texts) for _ in range(B)]
+            prompts = [rng.choice(["q", "What is 2+2?"]) for _ in range(B)]
+            ids = [policy.encode(r, add_special_tokens=False) for r in responses]
+            for args in ((responses, None, True, False), (responses, ids, True, False), (None, ids, False, True)):
+                seen = []
+                for build in (lambda: lay.rows(prompts, args[0], args[1], hint=args[2], skip_empty=args[3]),
+                              lambda: reference_rows(lay, prompts, args[0], args[1], hint=args[2],
+                                                     skip_empty=args[3])):
+                    with warnings.catch_warnings(record=True) as w:
+                        warnings.simplefilter("always")
+                        try:
+                            got = build()
+                        except ValueError as e:
+                            got = str(e)
+                    seen.append((got, [str(x.message) for x in w]))
+                (a, wa), (b, wb) = seen
+                assert type(a) is type(b), (kw, responses, a, b)
+                if isinstance(a, str):  # the first error in row order (the warnings before it may differ)
+                    assert a == b
+                else:  # the same warnings (the batch gives them phase by phase, the reference row by row)
+                    assert sorted(wa) == sorted(wb)
+                    assert len(a) == B and all(_same_row(x, y) for x, y in zip(a, b)), (kw, responses)
 
 
 @pytest.mark.parametrize("path", ["native", "numpy"])
@@ -399,7 +452,8 @@ def test_batch_layout_equals_the_row_by_row_layout(tmp_path, which, path, monkey
             prompts = [rng.choice(["q", "What is 2+2?", ""]) for _ in range(B)]
             got, want = [], []
             for build, seen in ((lambda: lay.rows(prompts, None, ids, hint=False, skip_empty=True), got),
-                                (lambda: [lay.row(i, lay.template_parts(p), None, ids[i], hint=False, skip_empty=True)
+                                (lambda: [reference_row(lay, i, lay.template_parts(p), None, ids[i], hint=False,
+                                                        skip_empty=True)
                                           for i, p in enumerate(prompts)], want)):
                 with warnings.catch_warnings(record=True) as w:
                     warnings.simplefilter("always")

@@ -13,6 +13,8 @@ import torch
 
 from p2t.ops import host
 
+from reference_layout import reference_row
+
 from _attribution_models import char_tokenizer, gpt2_tokenizer
 
 pytestmark = pytest.mark.skipif(not host.has_layout(), reason="p2t._C is not built with the layout kernel")
@@ -47,7 +49,7 @@ def _three_ways(lay, prompts, ids, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(host, "has_layout", lambda: False)
         numpy_rows = lay.rows(prompts, None, ids, hint=False, skip_empty=True)
-    by_row = [lay.row(i, lay.template_parts(p), None, ids[i], hint=False, skip_empty=True)
+    by_row = [reference_row(lay, i, lay.template_parts(p), None, ids[i], hint=False, skip_empty=True)
               for i, p in enumerate(prompts)]
     return native, numpy_rows, by_row
 
@@ -137,7 +139,7 @@ def test_bytes_that_are_not_utf8_take_the_general_path(gpt2, monkeypatch):
     flat, n_b = _flatten_ids(ids)
     assert lay._rows_native(["p", "p"], parts, flat, np.concatenate([[0], np.cumsum(n_b)]), 2) is None
     rows = lay.rows(["p", "p"], None, ids, hint=False, skip_empty=True)
-    _assert_same(rows, [lay.row(i, lay.template_parts("p"), None, x, hint=False, skip_empty=True)
+    _assert_same(rows, [reference_row(lay, i, lay.template_parts("p"), None, x, hint=False, skip_empty=True)
                         for i, x in enumerate(ids)])
 
 
@@ -196,6 +198,6 @@ def test_added_tokens_of_a_byte_level_tokenizer(tmp_path, monkeypatch):
     assert lay._rows_native(["p"] * 4, lay.template_parts_many(["p"] * 4), flat,
                             np.concatenate([[0], np.cumsum(n_b)]), 2) is None
     rows = lay.rows(["p"] * 4, None, ids, hint=False, skip_empty=True)
-    _assert_same(rows, [lay.row(i, lay.template_parts("p"), None, x, hint=False, skip_empty=True)
+    _assert_same(rows, [reference_row(lay, i, lay.template_parts("p"), None, x, hint=False, skip_empty=True)
                         for i, x in enumerate(ids)])
     assert rows[3].text == tok.decode(ids[3], skip_special_tokens=True)

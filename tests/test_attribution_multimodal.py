@@ -203,6 +203,32 @@ def test_tensor_images_and_score_ids(saved, tmp_path):
     close(s.score(PROMPTS[:1], RESPONSES[:1], images=[str(path)]).scores, a.scores, 1e-6)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rewards_and_advantages_read_the_images(saved, arch):
+    """rewards_ids and advantages_ids take images= and score the PRM on image and text, as score_ids does
+    (before, they were inherited from the text scorer and ran the PRM on the text alone). The fused
+    advantages run on the merged embeddings and equal the unfused ones computed from score_ids."""
+    import p2t
+    s = load(saved, arch)
+    ids = [s.tokenizer.encode(r, add_special_tokens=False) for r in RESPONSES]
+    full = s.score_ids(PROMPTS, ids, images=IMAGES)
+    text = s.score_ids(PROMPTS, ids)
+    assert not torch.allclose(full.segment_logits, text.segment_logits)
+    r = s.rewards_ids(PROMPTS, ids, images=IMAGES)
+    close(r.segment_logits, full.segment_logits, 1e-5)
+    assert (r.scores == 0).all()
+    o = torch.tensor([1.0, 0.0])
+    opts = p2t.P2TOptions(alpha=0.5, omega=0.8)
+    assert s.fuses("taylor", opts)
+    f = s.advantages_ids(PROMPTS, ids, o, group_size=2, options=opts, images=IMAGES)
+    close(f.segment_logits, full.segment_logits, 1e-5)
+    close(f.scores, full.scores, 1e-4)
+    want = p2t.rewards.token_advantages_of(full, o, opts, group_size=2)
+    close(f.advantages, want, 1e-5)
+    u = s.advantages_ids(PROMPTS, ids, o, group_size=2, options=opts, images=IMAGES, mode="process")
+    close(u.advantages, p2t.rewards.token_advantages_of(full, o, opts, group_size=2, mode="process"), 1e-5)
+
+
 def test_bad_inputs(saved):
     s = load(saved, "llava")
     with pytest.raises(ValueError, match="images has 1 entries"):

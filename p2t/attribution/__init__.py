@@ -12,7 +12,8 @@ from ..rewards import token_rewards  # noqa: F401
 from .engine import Engine  # noqa: F401
 from .scorer import KINDS, PRESETS, AttributionWarning, P2TScorer, PRMView, ScoredBatch  # noqa: F401
 
-__all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "Engine", "KINDS", "METHODS", "NULLS", "PRESETS",
+__all__ = ["P2TScorer", "ScoredBatch", "PRMView", "AttributionWarning", "Engine", "KINDS", "METHODS", "NULLS",
+           "PRESETS",
            "MiniLMStepReward", "MultimodalP2TScorer", "token_rewards", "MODES", "NORMALIZE", "SCALES"]
 
 

@@ -8,10 +8,13 @@ no tensors, no model. Tokenizers are duck-typed: ``encode(text, add_special_toke
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .warn import warn_once
 
 Span = Tuple[int, int]
 StepSplit = Union[str, None, Callable[[str], List[Span]]]
@@ -58,7 +61,7 @@ def split_steps(text: str, split: StepSplit) -> List[Span]:
     return out
 
 
-def _decode(tokenizer, ids: Sequence[int]) -> str:
+def decode(tokenizer, ids: Sequence[int]) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and getattr(tokenizer, "is_fast", False):  # the Rust decoder, no Python per token
         return backend.decode(list(ids), skip_special_tokens=True)
@@ -85,7 +88,7 @@ def _contiguous(spans: List[Optional[Span]], lo: int, hi: int) -> List[Span]:
     tokens) become empty spans at the current position. A token whose characters all belong to earlier
     tokens (byte-level BPE splits one character such as "×" or "日" into several tokens with the same
     span; a SentencePiece "▁" piece shares its character with the next token) gets an empty span too:
-    :func:`assign_steps` keeps it with the token before it when it is told the token has text."""
+    :func:`assign_steps_array` keeps it with the token before it when it is told the token has text."""
     arr = np.asarray([(0, 0) if s is None else s for s in spans], dtype=np.int64).reshape(-1, 2)
     out = _contiguous_array(arr[:, 0], arr[:, 1], lo, hi)
     return [(int(x), int(y)) for x, y in out.tolist()]
@@ -118,22 +121,64 @@ def offsets_from_ids(tokenizer, ids: Sequence[int], text: Optional[str] = None) 
     return full, [(int(a), int(b)) for a, b in spans.tolist()]
 
 
-_VOCAB_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+@dataclass(eq=False)
+class VocabTable:
+    """One tokenizer's vocabulary as each token's text (``kind="text"``: the token string, "" for special
+    tokens) or bytes (``"bytes"``: byte-level BPE), built once per tokenizer and size (:func:`vocab_table`).
+
+    values: per id, the token's str or bytes; lengths: int64 ``[size]`` their lengths; flat: the values laid
+    end to end in one NumPy buffer (UTF-32 code points for ``"text"``, bytes for ``"bytes"``) with each
+    token's start and length in it, ``None`` when the texts do not encode (lone surrogates). Gathering a
+    row's tokens from ``flat`` reads no Python object per token (a vocabulary of 10^5 strings hit at
+    random misses the cache on every one)."""
+    kind: str
+    size: int
+    values: List[Union[str, bytes]]
+    lengths: np.ndarray
+    flat: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+    def gather(self, idx: np.ndarray):
+        """The concatenated entries of the tokens ``idx`` from :attr:`flat`, and their lengths."""
+        buf, starts, lens = self.flat
+        n = lens[idx]
+        ends = np.cumsum(n)
+        total = int(ends[-1]) if ends.size else 0
+        pos = np.repeat(starts[idx] - (ends - n), n) + np.arange(total, dtype=np.int64)
+        return buf[pos], n
+
+    def text(self, ids: List[int], idx: np.ndarray) -> Tuple[str, np.ndarray]:
+        """The token strings of ``ids`` joined, and their lengths (``"text"``)."""
+        if self.flat is not None:
+            cps, n = self.gather(idx)
+            return cps.tobytes().decode("utf-32-le"), n
+        return "".join([self.values[i] for i in ids]), self.lengths[idx]
+
+    def bytes(self, ids: List[int], idx: np.ndarray) -> bytes:
+        """The token bytes of ``ids`` concatenated (``"bytes"``)."""
+        if self.flat is not None:
+            return self.gather(idx)[0].tobytes()
+        return b"".join([self.values[i] for i in ids])
 
 
-def _vocab_table(tokenizer, kind: str):
-    """Per tokenizer, an object array over the vocabulary of each token's text (``kind="text"``: the
-    token string, "" for special tokens) or bytes (``"bytes"``: byte-level BPE), with their lengths;
-    built once (one ``convert_ids_to_tokens`` over the vocabulary) and reused while the size holds."""
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {kind: VocabTable}
+
+
+def vocab_table(tokenizer, kind: str) -> Optional[VocabTable]:
+    """The :class:`VocabTable` of ``tokenizer`` (one ``convert_ids_to_tokens`` over the vocabulary, reused
+    while the size holds); ``None`` for a tokenizer without ``len()`` and ``convert_ids_to_tokens`` (token
+    offsets then come from decoding, token by token: slower, and said once)."""
     try:
         size = len(tokenizer)
-        slot = _VOCAB_CACHE.setdefault(tokenizer, {})
-    except TypeError:
+        slot = _TABLES.setdefault(tokenizer, {})
+        hit = slot.get(kind)
+        if hit is not None and hit.size == size:
+            return hit
+        toks = tokenizer.convert_ids_to_tokens(list(range(size)))
+    except (TypeError, AttributeError, NotImplementedError) as e:  # a tokenizer without a vocabulary to list
+        warn_once(("vocab_table", type(tokenizer)), f"the tokenizer {type(tokenizer).__name__} cannot list its "
+                  f"vocabulary ({type(e).__name__}: {e}); token offsets are found by decoding token by token "
+                  "(slower). Give it __len__ and convert_ids_to_tokens to take the table path")
         return None
-    hit = slot.get(kind)
-    if hit is not None and hit[0] == size:
-        return hit[1], hit[2]
-    toks = tokenizer.convert_ids_to_tokens(list(range(size)))
     special = special_ids(tokenizer)
     if kind == "bytes":
         table = _unicode_to_byte()
@@ -142,69 +187,19 @@ def _vocab_table(tokenizer, kind: str):
                 for i, t in enumerate(toks)]
     else:
         vals = ["" if (i in special or t is None) else str(t) for i, t in enumerate(toks)]
-    arr = np.empty(size, dtype=object)
-    arr[:] = vals
     lens = np.fromiter((len(v) for v in vals), dtype=np.int64, count=size)
-    slot[kind] = (size, arr, lens, vals)
-    return arr, lens
-
-
-def _vocab_flat(tokenizer, kind: str):
-    """The table of :func:`_vocab_table` laid end to end in one NumPy buffer (UTF-32 code points for
-    ``"text"``, bytes for ``"bytes"``) with each token's start and length in it; ``None`` when the
-    texts do not encode (lone surrogates). Gathering a row's tokens from it reads no Python object per
-    token (a vocabulary of 10^5 strings hit at random misses the cache on every one)."""
-    got = _vocab_table(tokenizer, kind)
-    if got is None:
-        return None
-    slot = _VOCAB_CACHE[tokenizer]
-    key = kind + "/flat"
-    hit = slot.get(key)
-    if hit is not None and hit[0] == slot[kind][0]:
-        return hit[1]
-    vals = slot[kind][3]
     try:
         if kind == "bytes":
             buf = np.frombuffer(b"".join(vals), dtype=np.uint8)
         else:
             buf = np.frombuffer("".join(vals).encode("utf-32-le"), dtype=np.uint32)
-    except (UnicodeEncodeError, TypeError):
+    except UnicodeEncodeError:  # lone surrogates: the table is joined per call instead
         flat = None
     else:
-        lens = got[1]
         flat = (buf, (np.cumsum(lens) - lens).astype(np.int32 if buf.size < 2 ** 31 else np.int64),
                 lens.astype(np.int32))  # small tables: gathered at random, they stay in cache
-    slot[key] = (slot[kind][0], flat)
-    return flat
-
-
-def _gather(flat, idx: np.ndarray):
-    """The concatenated entries of the tokens ``idx`` from a :func:`_vocab_flat` buffer, and their lengths."""
-    buf, starts, lens = flat
-    n = lens[idx]
-    ends = np.cumsum(n)
-    total = int(ends[-1]) if ends.size else 0
-    pos = np.repeat(starts[idx] - (ends - n), n) + np.arange(total, dtype=np.int64)
-    return buf[pos], n
-
-
-def _pieces_text(tokenizer, ids: List[int], idx: np.ndarray):
-    """The token strings of ``ids`` joined, and their lengths (the ``"text"`` table)."""
-    flat = _vocab_flat(tokenizer, "text")
-    if flat is not None:
-        cps, n = _gather(flat, idx)
-        return cps.tobytes().decode("utf-32-le"), n
-    table, lens = _VOCAB_CACHE[tokenizer]["text"][3], _VOCAB_CACHE[tokenizer]["text"][2]
-    return "".join([table[i] for i in ids]), lens[idx]
-
-
-def _pieces_bytes(tokenizer, ids: List[int], idx: np.ndarray) -> bytes:
-    """The token bytes of ``ids`` concatenated (the ``"bytes"`` table)."""
-    flat = _vocab_flat(tokenizer, "bytes")
-    if flat is not None:
-        return _gather(flat, idx)[0].tobytes()
-    table = _VOCAB_CACHE[tokenizer]["bytes"][3]
-    return b"".join([table[i] for i in ids])
+    slot[kind] = VocabTable(kind, size, vals, lens, flat)
+    return slot[kind]
 
 
 def offsets_array(tokenizer, ids: Sequence[int], text: Optional[str] = None) -> Tuple[str, np.ndarray]:
@@ -222,27 +217,24 @@ def offsets_of(tokenizer, ids: List[int], idx: np.ndarray, text: Optional[str]) 
         return fast
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     fuse = type(decoder).__name__ == "Fuse"  # the decoded text is the token strings joined: no decode needed
-    full = None if fuse else _decode(tokenizer, ids)
+    full = None if fuse else decode(tokenizer, ids)
     joined = lens = None
     if getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
         # token strings that are the text itself (character-level vocabularies): no decoding
-        try:
-            got = _vocab_table(tokenizer, "text")
-            if got is not None and (not ids or (int(idx.max()) < len(got[0]) and int(idx.min()) >= 0)):
-                joined, lens = _pieces_text(tokenizer, ids, idx)
-        except Exception:  # noqa: BLE001 - any failure just means the slower paths below
-            joined = None
+        table = vocab_table(tokenizer, "text")
+        if table is not None and (not ids or (int(idx.max()) < table.size and int(idx.min()) >= 0)):
+            joined, lens = table.text(ids, idx)
     if fuse and joined is not None:
         full = joined
     elif full is None:
-        full = _decode(tokenizer, ids)
+        full = decode(tokenizer, ids)
     if (joined is None or joined != full) and text is not None and getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if list(enc["input_ids"]) == ids:  # the text hint re-encodes to the ids: its offset mapping
             off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
             return text, _contiguous_array(off[:, 0], off[:, 1], 0, len(text))
     if joined is None or joined != full:
-        pieces = [_decode(tokenizer, [t]) for t in ids]
+        pieces = [decode(tokenizer, [t]) for t in ids]
         lens = np.asarray([len(p) for p in pieces], dtype=np.int64)
         joined = "".join(pieces)
     if joined == full:
@@ -251,7 +243,7 @@ def offsets_of(tokenizer, ids: List[int], idx: np.ndarray, text: Optional[str]) 
     spans: List[Optional[Span]] = []
     committed, pending = 0, 0
     for i in range(len(ids)):
-        cur = _decode(tokenizer, ids[:i + 1])
+        cur = decode(tokenizer, ids[:i + 1])
         pending += 1
         if cur.endswith("\ufffd") and i + 1 < len(ids):
             continue  # a partial multi-byte character: the following token completes it
@@ -285,24 +277,21 @@ def _byte_level_offsets(tokenizer, ids: List[int], idx: np.ndarray) -> Optional[
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     if decoder is None or type(decoder).__name__ != "ByteLevel" or not ids:
         return None
-    try:
-        got = _vocab_table(tokenizer, "bytes")
-    except Exception:  # noqa: BLE001 - the general path handles it
+    table = vocab_table(tokenizer, "bytes")
+    if table is None or int(idx.max()) >= table.size or int(idx.min()) < 0:
         return None
-    if got is None or int(idx.max()) >= len(got[0]) or int(idx.min()) < 0:
-        return None
-    raw = _pieces_bytes(tokenizer, ids, idx)
+    raw = table.bytes(ids, idx)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
     base = getattr(tokenizer, "vocab_size", None)
     plain = isinstance(base, int) and int(idx.max()) < base  # no added token: the bytes are what the decoder yields
-    if not plain and text != _decode(tokenizer, ids):
+    if not plain and text != decode(tokenizer, ids):
         return None
     lead = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80
     chars = np.concatenate([[0], np.cumsum(lead)])
-    lens = got[1][idx]
+    lens = table.lengths[idx]
     ends = np.cumsum(lens)
     return text, _contiguous_array(chars[ends - lens], chars[ends], 0, len(text))
 
@@ -311,54 +300,19 @@ def overlap(a: Span, b: Span) -> int:
     return max(0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
-def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span],
-                 has_text: Optional[Sequence[bool]] = None) -> List[int]:
-    """For each token, the step (index into ``steps``) it overlaps most, or -1 when it overlaps none.
+def assign_steps_array(spans: np.ndarray, steps: np.ndarray, has_text: Optional[np.ndarray] = None,
+                       row_offsets: Optional[np.ndarray] = None) -> np.ndarray:
+    """For each token, the step (index into ``steps``) it overlaps most, or -1 when it overlaps none
+    (``spans`` ``[n, 2]``, ``steps`` ``[K, 2]``, sorted; vectorised over tokens: int64 ``[n]``).
 
     A token whose characters fall in two steps belongs to the step holding most of them (the earlier
     one on a tie). A token with an empty span that has text (``has_text[i]``: a byte-level BPE piece
     of a character the token before it started) belongs to the step of the token before it (of the
     token after it when it leads the response, as a SentencePiece "▁" that decodes to nothing there).
     A token without text (a special token) joins a step only when it lies strictly inside it. Spans
-    are sorted, so each step's tokens form one contiguous run."""
-    out, k = [], 0
-    lead = 0  # leading tokens with text but no characters: they take the step of the first token after them
-    for i, span in enumerate(token_spans):
-        while k < len(steps) and steps[k][1] <= span[0]:
-            k += 1
-        if span[0] == span[1]:
-            if has_text is not None and has_text[i]:  # the rest of a character split over tokens
-                if out:
-                    out.append(out[-1])
-                else:
-                    lead += 1
-                continue
-            # no text (a special token): it joins the step it lies strictly inside
-            inside = k < len(steps) and steps[k][0] < span[0] < steps[k][1]
-            out.append(k if inside else -1)
-            if lead:
-                out, lead = [out[-1]] * lead + out, 0
-            continue
-        best, best_ov = -1, 0
-        j = k
-        while j < len(steps) and steps[j][0] < span[1]:
-            ov = overlap(span, steps[j])
-            if ov > best_ov:
-                best, best_ov = j, ov
-            j += 1
-        out.append(best)
-        if lead:
-            out, lead = [best] * lead + out, 0
-    if lead:
-        out = [-1] * lead
-    return out
-
-
-def assign_steps_array(spans: np.ndarray, steps: np.ndarray, has_text: Optional[np.ndarray] = None,
-                       row_offsets: Optional[np.ndarray] = None) -> np.ndarray:
-    """:func:`assign_steps` on arrays (``spans`` ``[n, 2]``, ``steps`` ``[K, 2]``, sorted), vectorised
-    over tokens: int64 ``[n]``. ``row_offsets`` ``[B + 1]``: the tokens are many rows laid end to end (and
-    their spans and steps in disjoint, increasing character ranges): each row is assigned on its own."""
+    are sorted, so each step's tokens form one contiguous run. ``row_offsets`` ``[B + 1]``: the tokens are
+    many rows laid end to end (and their spans and steps in disjoint, increasing character ranges): each
+    row is assigned on its own. ``tests/reference_layout.py`` holds the list version (the oracle)."""
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     steps = np.asarray(steps, dtype=np.int64).reshape(-1, 2)
     n, K = spans.shape[0], steps.shape[0]
@@ -401,7 +355,7 @@ def assign_steps_array(spans: np.ndarray, steps: np.ndarray, has_text: Optional[
                 first = np.minimum.reduceat(np.where(cont, n, np.arange(n)), starts)  # n: none in the row
                 first_of = np.full(off.size - 1, -1, dtype=np.int64)
                 first_of[np.diff(off) > 0] = np.where(first < n, first, -1)
-                anchor = np.where(anchor < rs, first_of[_row_of(off)], anchor)
+                anchor = np.where(anchor < rs, first_of[row_of(off)], anchor)
             out = np.where(cont, np.where(anchor >= 0, out[np.maximum(anchor, 0)], -1), out)
     return out
 
@@ -442,12 +396,12 @@ def overlap_map(src: Sequence[Span], dst: Sequence[Span]) -> List[Tuple[int, int
 
 
 # ------------------------------------------------------------------ many rows at once
-def _row_of(off: np.ndarray) -> np.ndarray:
+def row_of(off: np.ndarray) -> np.ndarray:
     """The row of every element of rows laid end to end with offsets ``off`` ``[B + 1]``."""
     return np.repeat(np.arange(off.size - 1), np.diff(off))
 
 
-def _within(counts: np.ndarray) -> np.ndarray:
+def within(counts: np.ndarray) -> np.ndarray:
     """0..n-1 for every count n of ``counts``, laid end to end (each element's place in its row)."""
     counts = np.asarray(counts, dtype=np.int64)
     return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -459,7 +413,7 @@ def contiguous_rows(a: np.ndarray, b: np.ndarray, off: np.ndarray, lengths: np.n
     n = a.size
     if n == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    row = _row_of(off)
+    row = row_of(off)
     base = np.concatenate([[0], np.cumsum(lengths)])[:-1]  # rows laid end to end in character space too
     lo, hi = base[row], (base + lengths)[row]
     a, b = a + lo, b + lo
@@ -486,14 +440,15 @@ def offsets_many(tokenizer, flat: np.ndarray, off: np.ndarray) -> Tuple[List[str
     b = np.zeros(n, dtype=np.int64)
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     kind = type(decoder).__name__
-    in_vocab = n == 0 or (int(flat.min()) >= 0 and int(flat.max()) < _table_size(tokenizer))
-    flat_tab = None
-    if in_vocab and kind == "ByteLevel":
-        flat_tab = _safe_flat(tokenizer, "bytes")
-    elif in_vocab and getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
-        flat_tab = _safe_flat(tokenizer, "text")
-    if flat_tab is not None and n:
-        buf, ln = _gather(flat_tab, flat)
+    table = None
+    if kind == "ByteLevel":
+        table = vocab_table(tokenizer, "bytes")
+    elif getattr(tokenizer, "convert_ids_to_tokens", None) is not None:
+        table = vocab_table(tokenizer, "text")
+    if table is not None and (table.flat is None or (n and (int(flat.min()) < 0 or int(flat.max()) >= table.size))):
+        table = None
+    if table is not None and n:
+        buf, ln = table.gather(flat)
         ends = np.cumsum(ln)
         starts = ends - ln
         cut = np.concatenate([[0], ends])[off]  # where each row's bytes / code points start
@@ -510,7 +465,7 @@ def offsets_many(tokenizer, flat: np.ndarray, off: np.ndarray) -> Tuple[List[str
                     continue
                 ids = flat[off[r]:off[r + 1]]
                 if ids.size and not (isinstance(base, int) and int(ids.max()) < base) and \
-                        text != _decode(tokenizer, ids.tolist()):
+                        text != decode(tokenizer, ids.tolist()):
                     continue
                 texts[r] = text
             c0 = chars[cut]
@@ -520,9 +475,9 @@ def offsets_many(tokenizer, flat: np.ndarray, off: np.ndarray) -> Tuple[List[str
             c0 = cut
             for r in range(B):
                 text = buf[cut[r]:cut[r + 1]].tobytes().decode("utf-32-le")
-                if fuse or text == _decode(tokenizer, flat[off[r]:off[r + 1]].tolist()):
+                if fuse or text == decode(tokenizer, flat[off[r]:off[r + 1]].tolist()):
                     texts[r] = text
-        row = _row_of(off)
+        row = row_of(off)
         a, b = ca - c0[row], cb - c0[row]
     spans = np.zeros((n, 2), dtype=np.int64)
     fast = np.asarray([t is not None for t in texts], dtype=bool)
@@ -534,17 +489,3 @@ def offsets_many(tokenizer, flat: np.ndarray, off: np.ndarray) -> Tuple[List[str
         ids = flat[off[r]:off[r + 1]]
         texts[r], spans[off[r]:off[r + 1]] = offsets_of(tokenizer, ids.tolist(), ids, None)
     return texts, spans
-
-
-def _table_size(tokenizer) -> int:
-    try:
-        return len(tokenizer)
-    except TypeError:
-        return -1
-
-
-def _safe_flat(tokenizer, kind: str):
-    try:
-        return _vocab_flat(tokenizer, kind)
-    except Exception:  # noqa: BLE001 - the one-by-one path handles it
-        return None

@@ -114,7 +114,8 @@ class Engine:
         """Padded micro-batches: rows sorted by length under the token budget."""
         return groups(rows, cost, self.micro_batch_tokens)
 
-    def plan(self, live: Sequence[Row], groups_: Sequence[Sequence[int]], out, packed: bool = False) -> List[MicroBatch]:
+    def plan(self, live: Sequence[Row], groups_: Sequence[Sequence[int]], out,
+             packed: bool = False) -> List[MicroBatch]:
         """The micro-batches of a call (``out``: its :class:`~p2t.attribution.batch.Assembly`)."""
         return plan(live, groups_, self.pad_id, self.device, out.dev, out.base, out.scores.shape[1], padded=not packed)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,8 +33,9 @@ import numpy as np
 import torch
 
 from .warn import AttributionWarning
-from .align import (_VOCAB_CACHE, Span, _decode, _row_of, _safe_flat, _within, assign_steps_array,
-                    encode_with_offsets, offsets_many, offsets_of, overlap_map, special_ids, split_steps)
+from .align import (Span, assign_steps_array, decode, encode_with_offsets, offsets_many, offsets_of, overlap_map,
+                    row_of, special_ids, split_steps, vocab_table, within)
+from .warn import AttributionWarning
 
 __all__ = ["Row", "Layout", "AttributionWarning", "groups"]
 
@@ -65,10 +67,6 @@ class Row:
     @property
     def num_policy(self) -> int:
         return int(self.policy_step.shape[0])
-
-
-def _as_array(x, dtype=np.int64) -> np.ndarray:
-    return np.asarray(x, dtype=dtype).reshape(-1)
 
 
 class Layout:
@@ -167,23 +165,41 @@ class Layout:
     def rows(self, prompts: Sequence[str], responses: Sequence[Optional[str]],
              policy_ids: Optional[Sequence[Sequence[int]]], *, hint: bool = True, skip_empty: bool = False,
              stacklevel: int = 4) -> List[Optional[Row]]:
-        """One row per response; ``None`` for a response without a step when ``skip_empty``."""
+        """One row per response; ``None`` for a response without a step when ``skip_empty``. The whole batch
+        is laid out at once (:meth:`_build`); policy ids with the PRM's own tokenizer (``skip_empty``: what
+        ``score_ids``, ``rewards_ids`` and ``advantages_ids`` ask) are decoded for the whole batch too, or
+        laid out by the native kernel where the compiled extension holds it (:meth:`_rows_native`)."""
         parts = self.template_parts_many(prompts)  # prompts repeat (GRPO groups): each encoded once
         if responses is None and policy_ids is not None and skip_empty and self.same_tokenizer:
             return self._rows_ids(prompts, parts, policy_ids, stacklevel + 1)
-        out: List[Optional[Row]] = []
-        for i, prompt in enumerate(prompts):
-            ids = None if policy_ids is None else policy_ids[i]
-            out.append(self.row(i, parts[prompt], None if responses is None else responses[i], ids, hint=hint,
-                                skip_empty=skip_empty, stacklevel=stacklevel + 1))
-        return out
+        got = [self._policy_offsets(i, None if responses is None else responses[i],
+                                    None if policy_ids is None else policy_ids[i], hint, skip_empty, stacklevel + 1)
+               for i in range(len(prompts))]
+        return self._build_from(range(len(prompts)), [parts[p] for p in prompts], got, skip_empty, stacklevel + 1)
+
+    def row(self, i: int, parts, response: Optional[str], policy_ids, *, hint: bool = True,
+            skip_empty: bool = False, stacklevel: int = 5) -> Optional[Row]:
+        """The row of ``responses[i]`` (``parts``: its template's ids before and after the response):
+        :meth:`rows`' layout with a batch of one."""
+        got = self._policy_offsets(i, response, policy_ids, hint, skip_empty, stacklevel + 1)
+        return self._build_from([i], [parts], [got], skip_empty, stacklevel + 1)[0]
+
+    def _build_from(self, index, parts, got, skip_empty: bool, stacklevel: int) -> List[Optional[Row]]:
+        """:meth:`_build` of rows given one by one (``got``: :meth:`_policy_offsets` of each, ``None``: no row)."""
+        live = [g is not None for g in got]
+        texts = [g[0] if g is not None else "" for g in got]
+        n_b = np.fromiter((g[1].shape[0] if g is not None else 0 for g in got), dtype=np.int64, count=len(got))
+        off = np.concatenate([[0], np.cumsum(n_b)])
+        flat = np.concatenate([g[1] for g in got if g is not None] or [np.zeros(0, dtype=np.int64)])
+        spans = np.concatenate([np.asarray(g[2], dtype=np.int64).reshape(-1, 2) for g in got if g is not None]
+                               or [np.zeros((0, 2), dtype=np.int64)])
+        return self._build(np.asarray(index, dtype=np.int64), parts, texts, flat.astype(np.int64, copy=False), off,
+                           spans, np.asarray(live, dtype=bool), skip_empty, stacklevel + 1)
 
     def _rows_ids(self, prompts: Sequence[str], parts, policy_ids, stacklevel: int) -> List[Optional[Row]]:
-        """:meth:`rows` of policy ids with the PRM's own tokenizer (``skip_empty``), built for the whole
-        batch at once: the rows' ids laid end to end in one array (row offsets by cumsum), their texts
-        and spans, step assignment, truncation and the PRM inputs computed on those arrays (no loop over
-        tokens, a few NumPy calls per batch); each :class:`Row` is a set of views into them. Where the
-        compiled extension holds the layout kernel, the same arrays come from one native pass
+        """:meth:`rows` of policy ids with the PRM's own tokenizer (``skip_empty``): the rows' ids laid end
+        to end in one array (row offsets by cumsum), decoded and given their spans for the whole batch
+        (:func:`~.align.offsets_many`), then :meth:`_build`; or the same rows from one native pass
         (:meth:`_rows_native`)."""
         B = len(prompts)
         flat, n_b = _flatten_ids(policy_ids)
@@ -197,9 +213,23 @@ class Layout:
         if native is not None:
             return native
         texts, spans = offsets_many(self.policy_tokenizer, flat, off)
-        row = _row_of(off)
+        return self._build(np.arange(B), [parts[p] for p in prompts], texts, flat, off, spans,
+                           np.ones(B, dtype=bool), True, stacklevel + 1)
+
+    def _build(self, index: np.ndarray, parts, texts: List[str], flat: np.ndarray, off: np.ndarray,
+               spans: np.ndarray, live: np.ndarray, skip_empty: bool, stacklevel: int) -> List[Optional[Row]]:
+        """The rows of a batch laid end to end: ``flat`` policy ids (row ``r`` holds ``off[r]:off[r + 1]``)
+        with their row-local character ``spans`` in ``texts[r]``; ``index`` the response of each row,
+        ``parts`` its template's ids, ``live`` False for a row that is not laid out (``None``). Step
+        assignment, truncation and the PRM inputs are computed on those arrays (no loop over tokens, a few
+        NumPy calls per batch; the PRM tokens of another tokenizer and their overlap map are per step);
+        each :class:`Row` is a set of views into them."""
+        B = len(texts)
+        row = row_of(off)
         split = None if self.read_at == "last" else self.step_split
-        steps = [split_steps(t, split) if t else [] for t in texts]
+        steps = [split_steps(t, split) if (t and live[r]) else [] for r, t in enumerate(texts)]
+        # a response without a step is an error unless it may be skipped; the rows before it are checked first
+        stop = next((r for r in range(B) if live[r] and not steps[r]), None) if not skip_empty else None
         k_b = np.fromiter((len(x) for x in steps), dtype=np.int64, count=B)
         s_off = np.concatenate([[0], np.cumsum(k_b)])
         S = int(s_off[-1])
@@ -213,30 +243,30 @@ class Layout:
         g = assign_steps_array(spans + cbase[row][:, None], st, has_text, row_offsets=off)  # global step ids
         srow = np.repeat(np.arange(B), k_b)
         sel = np.nonzero((g >= 0) & has_text)[0]
-        counts = np.bincount(g[sel], minlength=S).astype(np.int64)
-        head_n = np.asarray([len(parts[p][0]) for p in prompts], dtype=np.int64)
-        tail_n = np.asarray([len(parts[p][1]) for p in prompts], dtype=np.int64)
+        if self.same_tokenizer:  # the PRM input of step k: the policy ids of step k that have text
+            counts = np.bincount(g[sel], minlength=S).astype(np.int64)
+            prm_steps = None
+        else:  # each step's text with the PRM tokenizer
+            prm_steps = [encode_with_offsets(self.tokenizer, texts[r][a:b]) for r in range(B) for a, b in steps[r]]
+            counts = np.fromiter((len(t) for t, _ in prm_steps), dtype=np.int64, count=S)
+        head_n = np.asarray([len(p[0]) for p in parts], dtype=np.int64)
+        tail_n = np.asarray([len(p[1]) for p in parts], dtype=np.int64)
         nsep = len(self.sep_ids)
-        per_sep = nsep + len(self.suffix_ids)
-        per_step = counts + per_sep
-        keep = k_b.copy()
-        if self.max_length is not None and S:
-            cum = np.cumsum(per_step)
-            within = cum - np.repeat(np.concatenate([[0], cum])[s_off[:-1]], k_b)  # inclusive, per row
-            fits = head_n[srow] + within + tail_n[srow] <= self.max_length
-            total = head_n + np.bincount(srow, weights=per_step, minlength=B).astype(np.int64) + tail_n
-            for i in np.nonzero((total > self.max_length) & (k_b > 0))[0]:
-                i = int(i)
-                keep[i] = self._steps_that_fit(i, int(total[i]), int(fits[s_off[i]:s_off[i + 1]].sum()), int(k_b[i]),
-                                               int(head_n[i] + per_step[s_off[i]] + tail_n[i]), stacklevel + 1)
+        per_step = counts + nsep + len(self.suffix_ids)
+        keep = self._truncate(index, k_b, s_off, srow, head_n, tail_n, per_step, B if stop is None else stop,
+                              stacklevel + 1)
+        if stop is not None:
+            raise ValueError(f"responses[{int(index[stop])}] has no step: nothing but whitespace between the step "
+                             f"splits ({self.step_split!r})")
         kept = (np.arange(S) - s_off[:-1][srow]) < keep[srow]
         if not kept.all():
             sel = sel[kept[g[sel]]]
             g = np.where(g >= 0, np.where(kept[np.maximum(g, 0)], g, -1), -1)
             per_step = np.where(kept, per_step, 0)
             counts = np.where(kept, counts, 0)
-        live = k_b > 0
-        L_b = np.where(live, head_n + np.bincount(srow, weights=per_step, minlength=B).astype(np.int64) + tail_n, 0)
+        has_steps = k_b > 0
+        L_b = np.where(has_steps, head_n + np.bincount(srow, weights=per_step, minlength=B).astype(np.int64)
+                       + tail_n, 0)
         P = np.concatenate([[0], np.cumsum(L_b)])
         # step k of row r starts after the row's head, its earlier steps and their separators
         cs = np.concatenate([[0], np.cumsum(per_step)])
@@ -244,33 +274,94 @@ class Layout:
         ids = np.empty(int(P[-1]), dtype=np.int64)
         tstep = np.full(int(P[-1]), -1, dtype=np.int64)
         for which, n_x, at in ((0, head_n, P[:-1]), (1, tail_n, P[1:] - tail_n)):
-            n_x = np.where(live, n_x, 0)
+            n_x = np.where(has_steps, n_x, 0)
             if n_x.any():
-                pos = np.repeat(at, n_x) + _within(n_x)
+                pos = np.repeat(at, n_x) + within(n_x)
                 ids[pos] = np.fromiter(itertools.chain.from_iterable(
-                    parts[prompts[r]][which] for r in np.nonzero(n_x)[0]), dtype=np.int64, count=int(n_x.sum()))
+                    parts[r][which] for r in np.nonzero(n_x)[0]), dtype=np.int64, count=int(n_x.sum()))
         sep_at = start + counts
         for o, t in enumerate(self.sep_ids + self.suffix_ids):
             ids[sep_at[kept] + o] = t
-        sel = sel[np.argsort(g[sel], kind="stable")]  # row by row, step by step (steps hold sorted tokens)
-        gs = g[sel]
-        pos = start[gs] + np.arange(sel.size) - (np.cumsum(counts) - counts)[gs]
-        ids[pos] = flat[sel]
         local = np.where(g >= 0, g - s_off[:-1][row], -1)
-        tstep[pos] = local[sel]
         readout = (sep_at + nsep - 1 - P[srow]) if self.read_at == "separator" else (L_b - 1)[srow]
-        m_off = np.concatenate([[0], np.cumsum(np.bincount(row[sel], minlength=B))])
-        map_prm, map_policy = pos - P[row[sel]], sel - off[row[sel]]
+        if self.same_tokenizer:
+            sel = sel[np.argsort(g[sel], kind="stable")]  # row by row, step by step (steps hold sorted tokens)
+            gs = g[sel]
+            pos = start[gs] + np.arange(sel.size) - (np.cumsum(counts) - counts)[gs]
+            ids[pos] = flat[sel]
+            tstep[pos] = local[sel]
+            m_off = np.concatenate([[0], np.cumsum(np.bincount(row[sel], minlength=B))])
+            map_prm, map_policy, map_weight = pos - P[row[sel]], sel - off[row[sel]], None
+        else:
+            map_prm, map_policy, map_weight, m_off = self._overlap(prm_steps, steps, kept, start, counts, s_off, srow,
+                                                                   P, ids, tstep, spans, off)
         out: List[Optional[Row]] = []
-        for i in range(B):
-            if not live[i]:
+        for r in range(B):
+            if not has_steps[r]:
                 out.append(None)
                 continue
-            a, b, s0, m0, m1 = off[i], off[i + 1], s_off[i], m_off[i], m_off[i + 1]
-            out.append(Row(i, ids[P[i]:P[i + 1]], tstep[P[i]:P[i + 1]], readout[s0:s0 + keep[i]], int(head_n[i]),
-                           map_prm[m0:m1], map_policy[m0:m1], None, local[a:b], spans[a:b], steps[i][:keep[i]],
-                           texts[i]))
+            a, b, s0, m0, m1 = off[r], off[r + 1], s_off[r], m_off[r], m_off[r + 1]
+            out.append(Row(int(index[r]), ids[P[r]:P[r + 1]], tstep[P[r]:P[r + 1]], readout[s0:s0 + keep[r]],
+                           int(head_n[r]), map_prm[m0:m1], map_policy[m0:m1],
+                           None if map_weight is None else map_weight[m0:m1], local[a:b], spans[a:b],
+                           steps[r][:keep[r]], texts[r]))
         return out
+
+    def _truncate(self, index, k_b, s_off, srow, head_n, tail_n, per_step, stop: int, stacklevel: int) -> np.ndarray:
+        """The steps of each row that are kept (``[B]``): all of them, or where the PRM input (head, steps with
+        their separators, tail) is longer than ``max_length``, the leading steps that fit
+        (:meth:`_steps_that_fit`; rows from ``stop`` on are not checked: the call raises there)."""
+        keep = k_b.copy()
+        if self.max_length is None or not per_step.size:
+            return keep
+        cum = np.cumsum(per_step)
+        inside = cum - np.repeat(np.concatenate([[0], cum])[s_off[:-1]], k_b)  # inclusive, per row
+        fits = head_n[srow] + inside + tail_n[srow] <= self.max_length
+        total = head_n + np.bincount(srow, weights=per_step, minlength=k_b.size).astype(np.int64) + tail_n
+        for r in np.nonzero((total > self.max_length) & (k_b > 0))[0]:
+            r = int(r)
+            if r >= stop:
+                break
+            keep[r] = self._steps_that_fit(int(index[r]), int(total[r]), int(fits[s_off[r]:s_off[r + 1]].sum()),
+                                           int(k_b[r]), int(head_n[r] + per_step[s_off[r]] + tail_n[r]),
+                                           stacklevel + 1)
+        return keep
+
+    def _overlap(self, prm_steps, steps, kept, start, counts, s_off, srow, P, ids, tstep, spans, off):
+        """Another tokenizer's PRM tokens of each kept step written into ``ids`` / ``tstep``, and the map of
+        their attributions onto the policy's tokens in proportion to the characters they share
+        (:func:`~.align.overlap_map`): ``(map_prm, map_policy, map_weight, m_off)``, row after row."""
+        S, B = kept.size, off.size - 1
+        src_pos, src_span, maps = [], [], []
+        for s in np.nonzero(kept)[0]:
+            t, sp = prm_steps[s]
+            r, a = int(srow[s]), steps[int(srow[s])][s - s_off[srow[s]]][0]
+            p = start[s] + np.arange(len(t))
+            ids[p] = t
+            tstep[p] = s - s_off[r]
+            src_pos.append((r, p - P[r]))
+            src_span.append((r, [(a + s0, a + s1) for s0, s1 in sp]))
+        per_row_pos = [[] for _ in range(B)]
+        per_row_span = [[] for _ in range(B)]
+        for (r, p), (_, sp) in zip(src_pos, src_span):
+            per_row_pos[r].append(p)
+            per_row_span[r] += sp
+        counts_m = np.zeros(B, dtype=np.int64)
+        for r in range(B):
+            if not per_row_pos[r]:
+                continue
+            pos = np.concatenate(per_row_pos[r])
+            trip = overlap_map(per_row_span[r], [tuple(x) for x in spans[off[r]:off[r + 1]].tolist()])
+            maps.append((pos[np.asarray([x for x, _, _ in trip], dtype=np.int64)],
+                         np.asarray([d for _, d, _ in trip], dtype=np.int64),
+                         np.asarray([w for _, _, w in trip], dtype=np.float64)))
+            counts_m[r] = len(trip)
+        m_off = np.concatenate([[0], np.cumsum(counts_m)])
+        if not maps:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z, np.zeros(0, dtype=np.float64), m_off
+        return (np.concatenate([m[0] for m in maps]), np.concatenate([m[1] for m in maps]),
+                np.concatenate([m[2] for m in maps]), m_off)
 
     def _rows_native(self, prompts: Sequence[str], parts, flat: np.ndarray, off: np.ndarray,
                      stacklevel: int) -> Optional[List[Optional[Row]]]:
@@ -366,89 +457,6 @@ class Layout:
             raise ValueError(f"response_token_ids[{i}] decodes to an empty response")
         return text, ids, spans
 
-    def row(self, i: int, parts, response: Optional[str], policy_ids, *, hint: bool = True,
-            skip_empty: bool = False, stacklevel: int = 5) -> Optional[Row]:
-        got = self._policy_offsets(i, response, policy_ids, hint, skip_empty, stacklevel + 1)
-        if got is None:
-            return None
-        text, ids, pspans = got
-        spans = np.asarray(pspans, dtype=np.int64).reshape(-1, 2)
-        steps = split_steps(text, None if self.read_at == "last" else self.step_split)
-        if not steps:
-            if skip_empty:
-                return None
-            raise ValueError(f"responses[{i}] has no step: nothing but whitespace between the step splits "
-                             f"({self.step_split!r})")
-        special = (self._special_table[ids] if self._special_table is not None else
-                   np.isin(ids, list(self.policy_special)))
-        has_text = (spans[:, 1] > spans[:, 0]) | ~special
-        policy_step = assign_steps_array(spans, np.asarray(steps, dtype=np.int64).reshape(-1, 2), has_text)
-        head, tail = parts
-        nsep, nsuf = len(self.sep_ids), len(self.suffix_ids)
-        per_sep = nsep + nsuf
-
-        if self.same_tokenizer:  # the PRM input of step k: the policy ids of step k that have text
-            sel = np.nonzero((policy_step >= 0) & has_text)[0]
-            counts = np.bincount(policy_step[sel], minlength=len(steps))
-            step_tokens = None
-        else:
-            step_tokens = [encode_with_offsets(self.tokenizer, text[a:b]) for a, b in steps]
-            counts = np.asarray([len(t) for t, _ in step_tokens], dtype=np.int64)
-        per_step = counts + per_sep
-        keep = len(steps)
-        if self.max_length is not None:
-            total = len(head) + int(per_step.sum()) + len(tail)
-            if total > self.max_length:
-                fits = len(head) + np.cumsum(per_step) + len(tail) <= self.max_length
-                first = len(head) + int(per_step[0]) + len(tail)
-                keep = self._steps_that_fit(i, total, int(fits.sum()), len(steps), first, stacklevel + 1)
-        steps = steps[:keep]
-        policy_step = np.where(policy_step < keep, policy_step, -1)
-        counts = counts[:keep]
-
-        # positions: step k's tokens start after the head, the earlier steps and their separators
-        starts = len(head) + np.concatenate([[0], np.cumsum(counts)[:-1]]) + np.arange(keep) * per_sep
-        L = len(head) + int(counts.sum()) + keep * per_sep + len(tail)
-        input_ids = np.empty(L, dtype=np.int64)
-        token_step = np.full(L, -1, dtype=np.int64)
-        input_ids[:len(head)] = head
-        input_ids[L - len(tail):] = tail
-        sep_at = starts + counts  # first separator position of each step
-        for o, t in enumerate(self.sep_ids + self.suffix_ids):
-            input_ids[sep_at + o] = t
-        if self.same_tokenizer:
-            sel = sel[policy_step[sel] >= 0]
-            order = np.argsort(policy_step[sel], kind="stable")  # already sorted unless steps were given unordered
-            sel = sel[order]
-            k = policy_step[sel]
-            rank = np.arange(sel.size) - np.concatenate([[0], np.cumsum(counts)])[k]
-            pos = starts[k] + rank
-            input_ids[pos] = ids[sel]
-            token_step[pos] = k
-            map_prm, map_policy, map_weight = pos, sel, None
-        else:
-            pos_l, span_l = [], []
-            for k in range(keep):
-                t, sp = step_tokens[k]
-                a = steps[k][0]
-                p = starts[k] + np.arange(len(t))
-                input_ids[p] = t
-                token_step[p] = k
-                pos_l.append(p)
-                span_l += [(a + s0, a + s1) for s0, s1 in sp]
-            pos = np.concatenate(pos_l) if pos_l else np.zeros(0, dtype=np.int64)
-            trip = overlap_map(span_l, [tuple(s) for s in spans.tolist()])
-            src = np.asarray([s for s, _, _ in trip], dtype=np.int64)
-            map_prm = pos[src] if src.size else src
-            map_policy = np.asarray([d for _, d, _ in trip], dtype=np.int64)
-            map_weight = np.asarray([w for _, _, w in trip], dtype=np.float64)
-        if self.read_at == "separator":
-            readout = sep_at + nsep - 1
-        else:
-            readout = np.asarray([L - 1], dtype=np.int64)
-        return Row(i, input_ids, token_step, readout.astype(np.int64), len(head), _as_array(map_prm),
-                   _as_array(map_policy), map_weight, policy_step, spans, list(steps), text)
-
 
 def _flatten_ids(policy_ids: Sequence) -> Tuple[np.ndarray, np.ndarray]:
     """Rows of token ids (lists or 1-D tensors) laid end to end: int64 ``[n]`` and each row's length."""
@@ -466,8 +474,8 @@ def _native_table(tokenizer):
     """The policy tokenizer's vocabulary for the native layout (:func:`p2t.ops.host.layout_ids`):
     ``(kind, pieces, table)`` with ``kind`` ``"bytes"`` (byte-level BPE: ``pieces`` uint8 UTF-8 bytes) or
     ``"text"`` (token strings that join into the text, a ``Fuse`` decoder: int32 code points) and ``table``
-    one int64 per id (its piece and whether it is special); built once per tokenizer from the vocabulary
-    table of :mod:`.align`. ``None`` where the pieces are not the text (word pieces, metaspace: the NumPy
+    one int64 per id (its piece and whether it is special); built once per tokenizer from its
+    :class:`~.align.VocabTable`. ``None`` where the pieces are not the text (word pieces, metaspace: the NumPy
     path decodes those rows) or the table cannot be built."""
     decoder = type(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)).__name__
     if decoder == "ByteLevel":
@@ -476,21 +484,24 @@ def _native_table(tokenizer):
         kind = "text"
     else:
         return None
-    flat = _safe_flat(tokenizer, kind)
-    if flat is None:
+    table = vocab_table(tokenizer, kind)
+    if table is None or table.flat is None:
         return None
-    slot = _VOCAB_CACHE[tokenizer]
-    hit = slot.get(kind + "/native")
-    if hit is None or hit[0] is not flat:
+    hit = _NATIVE.get(tokenizer)
+    if hit is None or hit[0] is not table:
         from ..ops.host import piece_table_entries
-        buf, starts, lens = flat
+        buf, starts, lens = table.flat
         special = np.zeros(lens.shape[0], dtype=bool)
         special[[t for t in special_ids(tokenizer) if 0 <= t < lens.shape[0]]] = True
-        table = piece_table_entries(starts.astype(np.int64), lens.astype(np.int64), special)
+        entries = piece_table_entries(starts.astype(np.int64), lens.astype(np.int64), special)
         pieces = torch.from_numpy(np.array(buf if kind == "bytes" else buf.view(np.int32)))  # a writable copy
-        hit = (flat, None if table is None else (kind, pieces, table))
-        slot[kind + "/native"] = hit
+        hit = (table, None if entries is None else (kind, pieces, entries))
+        _NATIVE[tokenizer] = hit
     return hit[1]
+
+
+# tokenizer -> (the VocabTable it was built from, the native layout's (kind, pieces, table) or None)
+_NATIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _texts(tokenizer, kind: str, buf: np.ndarray, u_off: np.ndarray, flat: np.ndarray,
@@ -507,7 +518,7 @@ def _texts(tokenizer, kind: str, buf: np.ndarray, u_off: np.ndarray, flat: np.nd
                 text = raw[u_off[r]:u_off[r + 1]].decode("utf-8")
             except UnicodeDecodeError:
                 return None
-            if added and text != _decode(tokenizer, flat[off[r]:off[r + 1]].tolist()):
+            if added and text != decode(tokenizer, flat[off[r]:off[r + 1]].tolist()):
                 return None
             texts.append(text)
         return texts

@@ -73,8 +73,9 @@ def taylor_per_step(f: Margins, x, null, amask, objective: str, *, step_index: t
                     num_local: int, state) -> Tuple[torch.Tensor, torch.Tensor]:
     """dF_s/dx for the step s of every token, from one forward: K batched gradient outputs (the k-th
     step of every row at once; rows do not interact), one backward each when the model's backward
-    cannot be vmapped (``state.vmap_ok``, a :class:`~p2t.attribution.engine.RunState`, remembers it). ``local``: ``[K]`` step of each readout
-    within its row; ``num_local``: its maximum + 1 (known on the host: no device sync)."""
+    cannot be vmapped (``state.vmap_ok``, a :class:`~p2t.attribution.engine.RunState`, remembers it).
+    ``local``: ``[K]`` step of each readout within its row; ``num_local``: its maximum + 1 (known on the
+    host: no device sync)."""
     K = num_local
     x.requires_grad_(True)
     try:

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .align import _within
+from .align import within
 from .layout import Row
 
 __all__ = ["MicroBatch", "plan"]
@@ -77,7 +77,7 @@ def plan(rows: Sequence[Row], groups: Sequence[Sequence[int]], pad_id: int, devi
     kstart = np.cumsum(k) - k
     first = kstart - kstart[gstart][mb]                      # first step of each row within its micro-batch
     K_mb = np.add.reduceat(k, gstart)
-    local = _within(k)
+    local = within(k)
     ro_pos = _cat([r.readout for r in R])
     m = np.fromiter((r.map_prm.shape[0] for r in R), dtype=np.int64, count=n)
     M_mb = np.add.reduceat(m, gstart)
