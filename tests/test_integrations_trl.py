@@ -597,6 +597,13 @@ def test_heatmap_of_one_sample_per_logging_step(tmp_path):
     trainer.train()
     page = (tmp_path / "out" / "p2t_heatmaps" / "step_000001.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("class='resp'") == 1 and "R=" in page
+    # the page's token rewards are the ones the trainer used (its row of p2t_last), with the options in the legend
+    import re
+    got = [float(x) for x in re.findall(r"data-r='([^']+)'", page)]
+    b = next(i for i, view in enumerate(trainer._p2t_recorder.last.prm) if view is not None)
+    want = trainer.p2t_last["token_rewards"][b, :len(got)].tolist()
+    assert got and got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert "ω=0.6" in page and "ω⁻=0" in page and "null pad" in page and "id='show-rewards'" in page
 
 
 def test_prm_loaded_from_the_config(tmp_path):

@@ -480,8 +480,10 @@ class P2TGRPOTrainer(GRPOTrainer):
         b = next((i for i, view in enumerate(batch.prm) if view is not None), None)
         if b is None:                               # no completion of this batch had a step
             return
+        # the legend names the scorer's own null (the options' is the config's, which may be unset)
+        opts = self.p2t_options.replace(null=getattr(rec.scorer, "null", None))
         page = html_report(_one_row(batch, b), [prompt_text(rec.last_prompts[b])],
-                           title=f"p2t attribution, step {self.state.global_step}", options=self.p2t_options)
+                           title=f"p2t attribution, step {self.state.global_step}", options=opts)
         d = os.path.join(self.args.output_dir, "p2t_heatmaps")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"step_{self.state.global_step:06d}.html"), "w", encoding="utf-8") as f:
