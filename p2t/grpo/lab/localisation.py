@@ -25,17 +25,25 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from p2t.options import METHODS, NULLS
+
 from . import task
+from .cache import checkpoint_settings
+from .layout import LAYOUT
+from .metrics import auroc, spearman
+from .sft import sample
 
-METHODS = ("taylor", "taylor_per_step", "integrated_gradients:4", "integrated_gradients:16", "exact")
-NULLS = ("pad", "eos", "vocab_mean", "zero")
+#: what ``p2t localise`` measures by default (``integrated_gradients:K``: K interpolation steps)
+DEFAULT_METHODS = ("taylor", "taylor_per_step", "integrated_gradients:4", "integrated_gradients:16", "exact")
 
 
-def token_truth(problem: task.Problem, response: str) -> Tuple[List[int], List[bool]]:
+def token_truth(problem: task.Problem, response: str, ops_per_step: int = 1) -> Tuple[List[int], List[bool]]:
     """Per character of ``response``: its line index, and whether it is a wrong token (in a wrong line,
-    at or after the first character where the line stops matching the line the chain calls for)."""
-    labels = task.char_labels(problem, response)[:len(response)]
-    ok_lines = task.step_labels(problem, response)
+    at or after the first character where the line stops matching the line the chain calls for). With
+    several additions a line, the right characters before the first deviation (a right first result,
+    say) stay right tokens of the wrong step."""
+    labels = task.char_labels(problem, response, ops_per_step)[:len(response)]
+    ok_lines = task.step_labels(problem, response, ops_per_step)
     line_of, wrong, line = [], [], 0
     for j, ch in enumerate(response):
         line_of.append(line)
@@ -43,38 +51,6 @@ def token_truth(problem: task.Problem, response: str) -> Tuple[List[int], List[b
         if ch == task.STEP_SEPARATOR:
             line += 1
     return line_of, wrong
-
-
-def _ranks(v: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
-    order = v.argsort(kind="mergesort")
-    sv = v[order]
-    first = np.r_[True, sv[1:] != sv[:-1]]
-    group = np.cumsum(first) - 1
-    starts = np.nonzero(first)[0]
-    ends = np.r_[starts[1:], len(v)]
-    ranks = np.empty(len(v))
-    ranks[order] = ((starts + ends + 1) / 2)[group]
-    return ranks
-
-
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(a positive outscores a negative), ties counting one half (Mann-Whitney U / n_pos n_neg)."""
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    ranks = _ranks(np.concatenate([pos, neg]).astype(np.float64))
-    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (average ranks for ties); nan when either side is constant."""
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def _norm_entropy(values: np.ndarray, standardize: bool) -> float:
@@ -86,7 +62,8 @@ def _norm_entropy(values: np.ndarray, standardize: bool) -> float:
     return float(-(w * np.log(np.clip(w, 1e-300, None))).sum() / np.log(len(v)))
 
 
-def step_records(batch, problems: Sequence[task.Problem], responses: Sequence[str]) -> List[dict]:
+def step_records(batch, problems: Sequence[task.Problem], responses: Sequence[str],
+                 ops_per_step: int = 1) -> List[dict]:
     """One record per step of every response: attributions, wrong-token flags, step reward."""
     out = []
     scores = batch.scores.float().cpu().numpy()
@@ -94,8 +71,8 @@ def step_records(batch, problems: Sequence[task.Problem], responses: Sequence[st
     rewards = batch.segment_rewards.float().cpu().numpy()
     base = 0
     for b, (p, r) in enumerate(zip(problems, responses)):
-        line_of, wrong = token_truth(p, r)
-        ok_lines = task.step_labels(p, r)
+        line_of, wrong = token_truth(p, r, ops_per_step)
+        ok_lines = task.step_labels(p, r, ops_per_step)
         n = min(len(r), seg.shape[1])
         for s in range(batch.steps_per_response[b]):
             cols = [j for j in range(n) if seg[b, j] == base + s]
@@ -133,46 +110,48 @@ def summarise(steps: List[dict], exact_steps: Optional[List[dict]] = None) -> Di
     return out
 
 
-def measure(policy_path: str, prm_path: str, *, samples: int = 512, seed: int = 7, methods: Sequence[str] = METHODS,
-            nulls: Sequence[str] = NULLS, temperature: float = 1.0, log: Optional[Callable[[str], None]] = None,
-            micro_batch_tokens: int = 16384) -> dict:
-    """Sample ``samples`` responses of the policy on fresh problems and score each (method, null)."""
+def measure(policy_path: str, prm_path: str, *, samples: int = 512, seed: int = 7,
+            methods: Sequence[str] = DEFAULT_METHODS, nulls: Sequence[str] = NULLS, temperature: float = 1.0, log: Optional[Callable[[str], None]] = None,
+            micro_batch_tokens: int = 16384, ops_per_step: Optional[int] = None) -> dict:
+    """Sample ``samples`` responses of the policy on fresh problems and score each (method, null).
+    ``ops_per_step``: the step length the truth is judged with (None: the one the policy was built for)."""
     from transformers import AutoModelForCausalLM
 
     from p2t.attribution import P2TScorer
 
-    from .models import sample
     from .tokenizer import CharTokenizer
 
     log = log or (lambda s: None)
     for m in methods:
-        if m.split(":")[0] not in ("taylor", "taylor_per_step", "integrated_gradients", "exact"):
+        if m.split(":")[0] not in METHODS:
             raise ValueError(f"unknown method {m!r}: choose from {', '.join(METHODS)} (integrated_gradients:K)")
     for n in nulls:
         if n not in NULLS:
             raise ValueError(f"unknown null {n!r}: choose from {', '.join(NULLS)}")
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if ops_per_step is None:
+        ops_per_step = checkpoint_settings(policy_path).ops_per_step
+    task.check_ops_per_step(ops_per_step)
     tok = CharTokenizer.from_pretrained(policy_path)
     policy = AutoModelForCausalLM.from_pretrained(policy_path).eval()
     problems = task.problems(seed, samples)
     torch.manual_seed(seed)
     ids = sample(policy, tok, [p.prompt for p in problems], temperature=temperature)
     responses = [tok.decode(r, skip_special_tokens=True) for r in ids]
-    ok = [task.step_labels(p, r) for p, r in zip(problems, responses)]
+    ok = [task.step_labels(p, r, ops_per_step) for p, r in zip(problems, responses)]
     log(f"localise: {samples} responses, {sum(map(len, ok))} steps, {sum(len(o) - sum(o) for o in ok)} wrong")
     rows, exact_cache = [], {}
     order = sorted(methods, key=lambda m: m != "exact")  # exact first: the others are compared with it
     for null in nulls:
-        scorer = P2TScorer.from_pretrained(prm_path, kind="step_classifier", tokenizer=tok, step_separator="\n",
-                                           step_split="\n", template="{prompt}{response}", null=null,
-                                           micro_batch_tokens=micro_batch_tokens)
+        scorer = P2TScorer.from_pretrained(prm_path, kind="step_classifier", tokenizer=tok, null=null,
+                                           micro_batch_tokens=micro_batch_tokens, **LAYOUT)
         for m in order:
             name, _, k = m.partition(":")
             t0 = time.time()
             batch = scorer.score([p.prompt for p in problems], responses, method=name, response_token_ids=ids,
                                  ig_steps=int(k) if k else None)
-            steps = step_records(batch, problems, responses)
+            steps = step_records(batch, problems, responses, ops_per_step)
             if m == "exact":
                 exact_cache[null] = steps
             res = summarise(steps, exact_cache.get(null))
@@ -184,7 +163,7 @@ def measure(policy_path: str, prm_path: str, *, samples: int = 512, seed: int = 
     base = ("taylor", "taylor_per_step", "integrated_gradients", "exact")
     rows.sort(key=lambda r: (base.index(r["method"].split(":")[0]), int(r["method"].partition(":")[2] or 0),
                              NULLS.index(r["null"])))
-    return {"samples": samples, "seed": seed, "temperature": temperature, "rows": rows,
+    return {"samples": samples, "seed": seed, "temperature": temperature, "ops_per_step": ops_per_step, "rows": rows,
             "steps": sum(map(len, ok)), "wrong_steps": sum(len(o) - sum(o) for o in ok)}
 
 
