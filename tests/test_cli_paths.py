@@ -27,28 +27,31 @@ def test_path_or_hub_id(tmp_path):
 
 
 @pytest.mark.parametrize("argv, flag, value", [
-    (["train", "--prm", "/no/such/dir"], "--prm", "/no/such/dir"),
-    (["train", "--policy", "/no/such/dir"], "--policy", "/no/such/dir"),
-    (["train", "--policy", "~/no/such/policy", "--mode", "outcome"], "--policy", "~/no/such/policy"),
-    (["train", "--config", "/no/such/config.yaml"], "--config", "/no/such/config.yaml"),
+    (["train", "--prm", "{missing}/dir"], "--prm", "{missing}/dir"),
+    (["train", "--policy", "{missing}/dir"], "--policy", "{missing}/dir"),
+    (["train", "--policy", "~{missing}/policy", "--mode", "outcome"], "--policy", "~{missing}/policy"),
+    (["train", "--config", "{missing}/config.yaml"], "--config", "{missing}/config.yaml"),
     (["train", "--policy", "/", "--train-data", "no_such_prompts.jsonl", "--reward", "m:f", "--mode", "outcome"],
      "--train-data", "no_such_prompts.jsonl"),
     (["train", "--eval-data", "./no_such_eval.jsonl"], "--eval-data", "./no_such_eval.jsonl"),
-    (["compare", "--config", "/no/such/config.yaml"], "--config", "/no/such/config.yaml"),
-    (["compare", "--modes", "p2t", "--", "--prm", "/no/such/dir"], "--prm", "/no/such/dir"),
-    (["localise", "--policy", "/no/such/dir"], "--policy", "/no/such/dir"),
-    (["localise", "--prm", "./no/such/prm"], "--prm", "./no/such/prm"),
-    (["attribute", "/no/such/input.jsonl"], "input", "/no/such/input.jsonl"),
-    (["attribute", "--prm", "/no/such/dir"], "--prm", "/no/such/dir"),
-    (["attribute", "--prm", "minilm", "--tokenizer", "./no/such/tok"], "--tokenizer", "./no/such/tok"),
-    (["attribute", "--html", "/no/such/dir/out.html"], "--html", "/no/such/dir"),
-    (["bench", "--out", "/no/such/dir/rows.csv"], "--out", "/no/such/dir"),
+    (["compare", "--config", "{missing}/config.yaml"], "--config", "{missing}/config.yaml"),
+    (["compare", "--modes", "p2t", "--", "--prm", "{missing}/dir"], "--prm", "{missing}/dir"),
+    (["localise", "--policy", "{missing}/dir"], "--policy", "{missing}/dir"),
+    (["localise", "--prm", ".{missing}/prm"], "--prm", ".{missing}/prm"),
+    (["attribute", "{missing}/input.jsonl"], "error: input: no such file", "{missing}/input.jsonl"),
+    (["attribute", "--prm", "{missing}/dir"], "--prm", "{missing}/dir"),
+    (["attribute", "--prm", "minilm", "--tokenizer", ".{missing}/tok"], "--tokenizer", ".{missing}/tok"),
+    (["attribute", "--html", "{missing}/dir/out.html"], "--html", "{missing}/dir"),
+    (["bench", "--out", "{missing}/dir/rows.csv"], "--out", "{missing}/dir"),
 ])
 def test_a_missing_path_is_one_line_and_exit_2(argv, flag, value, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no" / "such")                  # "{missing}": an absolute path that does not exist
+    argv = [a.replace("{missing}", missing) for a in argv]
+    value = value.replace("{missing}", missing)
     assert main(argv) == 2
     err = _one_line(capsys, flag, value, f"p2t {argv[0]}: error:")
-    assert "Traceback" not in err
+    assert "Traceback" not in err and not (tmp_path / "no").exists()
 
 
 def test_compare_checks_its_variants_before_running(capsys, tmp_path):
