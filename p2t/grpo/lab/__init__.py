@@ -11,10 +11,11 @@ Modules, one job each: :mod:`.task` (problems, solutions, step labels), :mod:`.t
 build measures), :mod:`.cache` (shipped and cached checkpoints, :func:`ensure_lab`) and
 :mod:`.localisation` (do attributions point at the wrong tokens?).
 """
+from . import task
 from .cache import checkpoint_settings, ensure_lab, packaged_lab
 from .config import LabConfig, lab_tokenizer
 from .layout import LAYOUT, prm_text
 from .tokenizer import CharTokenizer
 
-__all__ = ["LabConfig", "ensure_lab", "packaged_lab", "checkpoint_settings", "lab_tokenizer", "LAYOUT", "prm_text",
+__all__ = ["task", "LabConfig", "ensure_lab", "packaged_lab", "checkpoint_settings", "lab_tokenizer", "LAYOUT", "prm_text",
            "CharTokenizer"]

@@ -231,8 +231,10 @@ def calibrate_head(prm, tok: CharTokenizer, data, lab: LabConfig, log=None):
             ys.append(labels[m].bool())
     hook.remove()
     rho, flag, y = torch.cat(rho), torch.cat(flag), torch.cat(ys)
-    # (several additions a line: the line flag passed through more norms, a wider grid)
-    grid = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2] if lab.ops_per_step == 1 else [10 ** (e / 2) for e in range(-16, -1)]
+    # several additions a line: the line flag passed through more norms; a wider grid, largest first (right
+    # lines sit at <= 0, wrong ones far above: of equally good thresholds the largest keeps the head's
+    # sharpness k moderate)
+    grid = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2] if lab.ops_per_step == 1 else [10 ** (-e / 2) for e in range(4, 17)]
     acc = [float(((flag < t) == y).double().mean()) if len(y) else 0.0 for t in grid]
     tau = grid[int(np.argmax(acc))]
     ref = rho[y] if bool(y.any()) else rho  # (a policy that never writes a right step: any separator)

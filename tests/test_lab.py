@@ -1,0 +1,287 @@
+"""The toy lab: the task at each step length, its labels and token truth, the settings' cache key, the
+shipped checkpoints, the verifier PRM of several-additions lines, the build's thread handling and the
+lab's import graph."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from p2t.grpo.lab import LabConfig, checkpoint_settings, ensure_lab, packaged_lab, task
+from p2t.grpo.lab.layout import LAYOUT, prm_example
+from p2t.grpo.lab.localisation import token_truth
+from p2t.grpo.lab.tokenizer import CharTokenizer
+
+LAB_DIR = os.path.join(os.path.dirname(__file__), "..", "p2t", "grpo", "lab")
+TINY = LabConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, sft_steps=2, sft_batch_size=16,
+                 prm_steps=2, prm_batch_size=16, prm_samples=16, report_samples=8)
+
+
+# ---------------------------------------------------------------- the task, one and two additions a line
+def test_one_addition_a_line_is_unchanged():
+    p = task.Problem([17, 25, 33, 48])
+    good = task.solution(p)
+    assert good == "17+25=42\n42+33=75\n75+48=123\n#123"
+    assert task.step_labels(p, good) == [True] * 4
+    bad = "17+25=43\n43+33=76\n76+48=124\n#124"
+    assert task.step_labels(p, bad) == [False, True, True, True]
+    assert task.char_labels(p, "17+25=4\n#4") == [1] * 7 + [0] + [0, 0, 0]
+    # a line with two additions is malformed here, and leaves no result to continue from
+    assert task.step_labels(p, "17+25=42 42+33=75\n75+48=123\n#123") == [False, False, False]
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    for q in task.problems(0, 20):  # the same draws at every step length
+        one, two = task.solution(q, rng_a, 0.4), task.solution(q, rng_b, 0.4, ops_per_step=2)
+        assert one.split("\n")[-1] == two.split("\n")[-1]
+        assert one.replace("\n", " ").split(" ")[:-1] == two.replace("\n", " ").split(" ")[:-1]
+
+
+def test_two_additions_a_line():
+    p = task.Problem([17, 25, 33, 48])
+    good = task.solution(p, ops_per_step=2)
+    assert good == "17+25=42 42+33=75\n75+48=123\n#123"
+    assert task.step_labels(p, good, 2) == [True, True, True]
+    assert task.outcome_reward([p.prompt], [good]) == [1.0]
+    assert task.solution(task.Problem([17, 25, 33]), ops_per_step=2) == "17+25=42 42+33=75\n#75"
+    assert task.solution(p, ops_per_step=3) == "17+25=42 42+33=75 75+48=123\n#123"
+    # a wrong first result makes the line wrong even when the second addition is right given it;
+    # the next line continues from the line's last written result
+    resp = "17+25=43 43+33=76\n76+48=124\n#124"
+    assert task.step_labels(p, resp, 2) == [False, True, True]
+    assert task.expected_lines(p, resp, 2) == ["17+25=42 42+33=75", "76+48=124", "#124"]
+    # one addition where two are due, too many lines, a line that does not parse
+    assert task.step_labels(p, "17+25=42\n42+33=75\n#75", 2) == [False, False, True]  # the answer repeats the last result
+    assert task.step_labels(p, "17+25=42 42+33=75\n75+48=123\n#123\n#1", 2) == [True, True, True, False]
+    assert task.step_labels(p, "17+25=42 42+33=75\n75+48=12x\n#123", 2) == [True, False, False]
+
+
+def test_two_additions_char_labels_and_token_truth():
+    p = task.Problem([17, 25, 33])
+    resp = "17+25=42 42+33=85\n#85"  # right first result, wrong second one
+    labels = task.char_labels(p, resp, 2)
+    assert len(labels) == len(resp) + 1
+    first_wrong = resp.index("85")
+    assert labels[:first_wrong] == [1] * first_wrong and labels[first_wrong:len("17+25=42 42+33=85") + 1] == [0] * 3
+    line_of, wrong = token_truth(p, resp, 2)
+    assert line_of == [0] * 17 + [0] + [1] * 3
+    assert [i for i, w in enumerate(wrong) if w] == [first_wrong, first_wrong + 1]
+    # the right, uncertain first result is a right token of the wrong step
+    assert not any(wrong[6:8])
+    resp = "17+25=43 43+33=76\n#76"  # the first result is where the line leaves the right one
+    assert [i for i, w in enumerate(token_truth(p, resp, 2)[1]) if w] == list(range(7, 17))
+    assert not any(token_truth(p, "17+25=42 42+33=75\n#75", 2)[1])
+
+
+def test_wrong_step_kinds_at_each_step_length():
+    p = task.Problem([17, 25, 33])
+    assert task.wrong_step_kinds(p, "17+25=43\n43+33=76\n#76") == ["+1"]
+    assert task.wrong_step_kinds(p, "17+25=42\n42+3=45\n#45\n1") == ["malformed", "extra"]
+    assert task.wrong_step_kinds(p, "17+25=42 42+33=65\n#65", 2) == ["-10"]
+    assert task.wrong_step_kinds(p, "17+25=44 44+33=77\n#77", 2) == ["+2"]
+    assert task.wrong_step_kinds(p, "17+25=42\n42+33=75\n#75", 2) == ["malformed", "answer", "extra"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_ops_per_step_is_checked(bad):
+    with pytest.raises(ValueError, match="ops_per_step"):
+        task.solution(task.Problem([1, 2]), ops_per_step=bad)
+    with pytest.raises(ValueError, match="ops_per_step"):
+        LabConfig(ops_per_step=bad)
+
+
+def test_prm_example_two_additions():
+    tok = CharTokenizer()
+    sep = tok.convert_tokens_to_ids(task.STEP_SEPARATOR)
+    p = task.Problem([17, 25, 33, 48])
+    for resp in ["17+25=42 42+33=75\n75+48=123\n#123", "17+25=42 42+33=76\n76+48=124\n#124",
+                 "17+25=42\n42+33=75\n#75"]:
+        ids, labels = prm_example(tok, p, resp, 2)
+        assert ids == [tok.bos_token_id] + tok.convert_tokens_to_ids(list(p.prompt + resp + "\n"))
+        assert len(labels) == len(ids)
+        at_sep = [lab for i, lab in zip(ids, labels) if i == sep and lab != -100]
+        assert at_sep == [int(ok) for ok in task.step_labels(p, resp, 2)], resp
+
+
+# ---------------------------------------------------------------- settings, cache key, shipped checkpoints
+def test_cache_key_of_the_default_lab_is_unchanged():
+    """The shipped checkpoints are found by this key: a new setting must leave it alone at its default."""
+    assert LabConfig().key("sft") == "9453c21a2731" and LabConfig().key() == "29881e3dfe3b"
+    two = LabConfig(ops_per_step=2)
+    assert two.key("sft") != LabConfig().key("sft") and two.key() != LabConfig().key()
+    assert LabConfig(ops_per_step=2, prm_margin=0.5).key("sft") == two.key("sft")
+
+
+@pytest.mark.parametrize("ops", [1, 2])
+def test_packaged_lab_is_shipped_for_each_step_length(ops):
+    lab = LabConfig(ops_per_step=ops)
+    paths = packaged_lab(lab)
+    assert paths is not None, f"no packaged lab for ops_per_step={ops}"
+    root = os.path.join(os.path.dirname(LAB_DIR), "..", "data", "lab", lab.key("sft"))
+    assert os.path.samefile(paths["root"], root)
+    assert os.path.basename(paths["prm"]) == "prm-" + lab.key()
+    for part in ("policy", "prm"):
+        assert checkpoint_settings(paths[part]).ops_per_step == ops
+        metrics = json.load(open(os.path.join(paths[part], "lab_metrics.json")))
+        assert metrics["samples"] == lab.report_samples
+    pol = json.load(open(os.path.join(paths["policy"], "lab_metrics.json")))
+    prm = json.load(open(os.path.join(paths["prm"], "lab_metrics.json")))
+    assert 0.35 <= pol["sampled_accuracy"] <= 0.55 and pol["greedy_accuracy"] >= 0.95
+    assert prm["step_accuracy"] >= 0.90 and prm["wrong_step_recall"] >= 0.80
+
+
+def test_checkpoint_settings(tmp_path):
+    assert checkpoint_settings(str(tmp_path)) == LabConfig()  # no lab.json: the settings before it existed
+    (tmp_path / "lab.json").write_text(json.dumps({**dataclasses.asdict(LabConfig(ops_per_step=2)), "gone": 1}))
+    assert checkpoint_settings(str(tmp_path)).ops_per_step == 2
+
+
+def test_packaged_lab_is_used_when_settings_match(tmp_path, monkeypatch):
+    from p2t.grpo.lab import cache
+    monkeypatch.setattr(cache, "build_policy", lambda *a, **k: pytest.fail("built although checkpoints ship"))
+    monkeypatch.setattr(cache, "PACKAGED_DIR", str(tmp_path / "pkg"))
+    paths = cache.lab_paths(str(tmp_path / "pkg"), TINY)
+    for part in ("policy", "prm"):
+        os.makedirs(paths[part])
+        open(os.path.join(paths[part], "config.json"), "w").write("{}")
+    assert ensure_lab(TINY, str(tmp_path / "cache")) == paths
+    with pytest.raises(pytest.fail.Exception):
+        ensure_lab(TINY, str(tmp_path / "cache"), packaged=False)
+
+
+def test_ensure_lab_restores_the_thread_count_when_the_build_fails(tmp_path, monkeypatch):
+    from p2t.grpo.lab import cache
+    seen = []
+
+    def boom(*a, **k):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("build failed")
+
+    monkeypatch.setattr(cache, "build_policy", boom)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="build failed"):
+            ensure_lab(TINY, str(tmp_path), packaged=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("ops", [1, 2])
+def test_tiny_lab_builds_and_localises_at_each_step_length(tmp_path, ops):
+    """A tiny lab (two SFT steps, the verifier PRM) builds at each step length, writes its settings, and
+    ``measure`` judges the truth with the step length the policy was built for."""
+    from p2t.grpo.lab.localisation import measure
+    lab = dataclasses.replace(TINY, ops_per_step=ops, prm_kind="verifier")
+    paths = ensure_lab(lab, str(tmp_path), packaged=False)
+    assert checkpoint_settings(paths["prm"]) == lab
+    res = measure(paths["policy"], paths["prm"], samples=4, methods=["taylor"], nulls=["pad"])
+    assert res["ops_per_step"] == ops and res["rows"][0]["steps"] > 0
+
+
+def test_layout_is_the_one_the_prm_reads():
+    from p2t.grpo.lab.layout import prm_text
+    assert LAYOUT == {"template": "{prompt}{response}", "step_separator": "\n", "step_split": "\n"}
+    assert prm_text("1+2=", "1+2=3\n#3") == LAYOUT["template"].format(prompt="1+2=", response="1+2=3\n#3") + "\n"
+
+
+# ---------------------------------------------------------------- the verifier PRM
+def test_shipped_one_addition_prm_is_the_verifier_built_on_its_policy():
+    from transformers import Qwen2ForCausalLM, Qwen2ForTokenClassification
+    from p2t.grpo.lab import lab_tokenizer
+    from p2t.grpo.lab.prm import verifier_prm
+    paths = packaged_lab(LabConfig())
+    policy = Qwen2ForCausalLM.from_pretrained(paths["policy"]).eval()
+    built = verifier_prm(policy, lab_tokenizer(), LabConfig()).state_dict()
+    shipped = Qwen2ForTokenClassification.from_pretrained(paths["prm"]).state_dict()
+    assert shipped.keys() == built.keys()
+    assert [k for k in built if k != "score.weight" and not torch.equal(built[k], shipped[k])] == []
+
+
+def test_two_additions_verifier_sums_the_flags_of_its_own_line():
+    """The shipped two-additions PRM is the verifier built on its policy: at every separator its line flag
+    is > 0 when some checked token of that line was beaten by a rival by more than 0.5 logits in the
+    policy's own prediction, and <= 0 when every checked token of the line beat all rivals by more than
+    0.5 (whatever the lines before it hold)."""
+    from transformers import Qwen2ForCausalLM, Qwen2ForTokenClassification
+    from p2t.grpo.lab import lab_tokenizer
+    from p2t.grpo.lab.layout import pad, prm_text, token_ids
+    from p2t.grpo.lab.prm import verifier_prm, verifier_tokens
+    lab, tok = LabConfig(ops_per_step=2), lab_tokenizer()
+    paths = packaged_lab(lab)
+    assert paths is not None
+    policy = Qwen2ForCausalLM.from_pretrained(paths["policy"]).eval()
+    prm = verifier_prm(policy, tok, lab).eval()
+    rng = random.Random(0)
+    texts = [prm_text(p.prompt, task.solution(p, rng, error_rate=0.4, ops_per_step=2)) for p in task.problems(5, 48)]
+    ids = pad([[tok.bos_token_id] + token_ids(tok, t) for t in texts], tok.pad_token_id)
+    am = ids != tok.pad_token_id
+    seen = {}
+    hook = prm.model.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("n", o.detach()))
+    with torch.no_grad():
+        prm(input_ids=ids, attention_mask=am)
+        logits = policy(input_ids=ids, attention_mask=am).logits[:, :-1]
+    hook.remove()
+    V, H = len(tok), lab.hidden_size
+    line_flag = seen["n"][..., H + 2 * V + 2] / seen["n"][..., H + 2 * V]
+    checked, rivals = (torch.tensor(tok.convert_tokens_to_ids(list(t))) for t in verifier_tokens(lab))
+    written = ids[:, 1:]
+    own = logits.gather(-1, written[..., None])[..., 0]
+    best_rival = logits[..., rivals].masked_fill(rivals == written[..., None], float("-inf")).max(-1).values
+    gap = torch.cat([torch.zeros(len(ids), 1), best_rival - own], 1)  # per position of ids
+    on = torch.cat([torch.zeros(len(ids), 1, dtype=torch.bool), torch.isin(written, checked)], 1) & am
+    sep = tok.convert_tokens_to_ids("\n")
+    beaten_lines = clear_lines = 0
+    for b in range(len(ids)):
+        start = None
+        for t in range(ids.shape[1]):
+            if ids[b, t] == tok.convert_tokens_to_ids("=") and start is None:
+                start = t + 1  # the response starts after the prompt's "="
+            if ids[b, t] != sep or not am[b, t]:
+                continue
+            g = gap[b, start:t][on[b, start:t]]
+            if bool((g > 0.5).any()):
+                beaten_lines += 1
+                assert line_flag[b, t] > 0, (texts[b], t)
+            elif bool((g < -0.5).all()):
+                clear_lines += 1
+                assert line_flag[b, t] <= 1e-6, (texts[b], t, float(line_flag[b, t]))
+            start = t + 1
+    assert beaten_lines > 20 and clear_lines > 40
+    shipped = Qwen2ForTokenClassification.from_pretrained(paths["prm"]).state_dict()
+    built = prm.state_dict()
+    assert [k for k in built if k != "score.weight" and not torch.equal(built[k], shipped[k])] == []
+
+
+# ---------------------------------------------------------------- the lab's import graph
+def test_lab_modules_import_no_circle():
+    """No module of the lab imports (at any level, in a function or not) one that imports it back."""
+    graph = {}
+    for name in os.listdir(LAB_DIR):
+        if not name.endswith(".py"):
+            continue
+        mod = name[:-3]
+        deps = set()
+        for node in ast.walk(ast.parse(open(os.path.join(LAB_DIR, name)).read())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("p2t.grpo.lab."):
+                deps.add(node.module.rsplit(".", 1)[1])
+        graph[mod] = deps - {"__init__"}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph.get(todo.pop(), ()):
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    circles = sorted(m for m in graph if m != "models" and m in reach(m))
+    assert circles == [], circles
+    assert "models" not in set().union(*(graph[m] for m in graph if m != "__init__"))
