@@ -274,6 +274,34 @@ def test_process_mode_rewards_and_row_placement():
         _common.completion_rewards(Scorer(), ["q"], ["a"], [[1, 2, 3]], length=2, setup=opts)
 
 
+def test_a_mode_without_attributions_calls_the_forward_only_scorer(tmp_path):
+    """mode="process" reads R_s only: a P2TScorer is called through rewards_ids (no backward), and the token
+    rewards equal those of the attributed batch; mode="p2t" calls score_ids."""
+    tok = _gpt2_tokenizer(tmp_path)
+    scorer = _tiny_prm_scorer(tmp_path, tok)
+    calls = []
+    for name in ("score_ids", "rewards_ids"):
+        fn = getattr(scorer, name)
+        setattr(scorer, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    prompts, ids = ["What is 2+2?", "Say hi"], [tok.encode(" two plus two is four"), tok.encode(" hi there")]
+    responses = [tok.decode(x) for x in ids]
+    got = _common.completion_rewards(scorer, prompts, responses, ids, length=9,
+                                     setup=_common.RewardSetup(p2t.P2TOptions(mode="process")))
+    assert calls == ["rewards_ids"]
+    full = scorer.score_ids(prompts, ids, length=9)
+    torch.testing.assert_close(got, p2t.token_rewards(full, mode="process").float())
+    assert got.abs().sum() > 0
+    calls.clear()
+    got = _common.completion_rewards(scorer, prompts, responses, ids, length=9,
+                                     setup=_common.RewardSetup(p2t.P2TOptions(omega=0.6, temperature=0.5)))
+    assert calls == ["score_ids"]
+    torch.testing.assert_close(got, p2t.token_rewards(full, omega=0.6, temperature=0.5).float())
+    calls.clear()
+    assert not _common.completion_rewards(scorer, prompts, responses, ids, length=9,
+                                          setup=_common.RewardSetup(p2t.P2TOptions(mode="outcome"))).any()
+    assert calls == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # P2TGRPOConfig: the P2T options in TRL's config (YAML / command line / saved with the training arguments)
 

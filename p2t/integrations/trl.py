@@ -9,8 +9,9 @@ then scores each process's own completions with a :class:`p2t.P2TScorer` and han
 
     A~[b, i] = A^_b + alpha * r_i        (0 on padding and masked tokens)
 
-with ``r_i`` the P2T token rewards (``mode="p2t"``), or the step reward ``R_s`` of the token's step
-(``mode="process"``). ``mode="outcome"`` leaves TRL's advantages as they are. On one process with
+with ``r_i`` the P2T token rewards (``mode="p2t"``; ``p2t_omega_neg > 0`` adds the signed blame term), or
+the step reward ``R_s`` of the token's step (``mode="process"``). ``mode="outcome"`` leaves TRL's advantages
+as they are. The options are one :class:`p2t.P2TOptions` (``trainer.p2t_options``). On one process with
 ``multi_objective_aggregation="sum_then_normalize"`` this equals
 ``p2t.token_advantages(rewards, r, group_size=num_generations, alpha=alpha, scale=scale_rewards, eps=1e-4)``.
 
