@@ -23,7 +23,8 @@ def configure(parser):
     parser.add_argument("--host-time", action="store_true",
                         help="also measure the host time per call (on a GPU: the Python layer and launches)")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                        help="CPU timer: wall time, or this process's CPU time (use with --threads 1 on a shared machine)")
+                        help="CPU timer: wall time, or this process's CPU time (use with --threads 1 on a shared "
+                             "machine)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", default=None, help="write the rows as CSV here")
 

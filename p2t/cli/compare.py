@@ -244,7 +244,8 @@ def _reach(vals: List[Optional[float]], cap: float) -> str:
         return "not reached"
     filled = np.array([cap if v is None else v for v in vals])
     miss = len(vals) - len(got)
-    return f"{filled.mean():.0f} ± {filled.std():.0f}" + (f" ({miss} not reached, counted as {cap:.0f})" if miss else "")
+    note = f" ({miss} not reached, counted as {cap:.0f})" if miss else ""
+    return f"{filled.mean():.0f} ± {filled.std():.0f}" + note
 
 
 def table(summary: dict, settings: str) -> str:
@@ -265,7 +266,8 @@ def table(summary: dict, settings: str) -> str:
                      f"{thr} | {sa} | {sr} |")
     tests = [(mode, ref, t) for mode, s in summary.items() for ref, t in s.get("vs", {}).items()]
     if tests:
-        lines += ["", "| comparison | Δ final acc [95 % bootstrap CI] | Welch p | Δ AUC [95 % bootstrap CI] | Welch p |",
+        lines += ["",
+                  "| comparison | Δ final acc [95 % bootstrap CI] | Welch p | Δ AUC [95 % bootstrap CI] | Welch p |",
                   "|---|---|---|---|---|"]
         def cell(d):
             ci = "n/a" if np.isnan(d["ci95"][0]) else f"{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}"
