@@ -57,7 +57,9 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: the kernels' `omp simd` loops (at::parallel_for, were it used, is an inline OpenMP region in
     # ATen's headers); the CPU kernels' threads come from csrc/parallel.h. It links torch's libgomp.so.1.
-    cxx = opt + ["-fopenmp", "-DNDEBUG" if not debug else "-UNDEBUG"]
+    # -ffp-contract=off: no multiply-add is fused unless the code says so (std::fma in the attribution's AVX2 /
+    # AVX-512 clones), so the ISA clones of the other CPU kernels round as the portable code does.
+    cxx = opt + ["-fopenmp", "-ffp-contract=off", "-DNDEBUG" if not debug else "-UNDEBUG"]
     link = ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if _cuda_wanted():

@@ -158,7 +158,7 @@ def stage_direct(bench, device: str, env: dict, backends: list, rep: float, warm
         out = torch.empty(B, N, device=device)
 
         def direct(i=0, ops=ops, out=out):
-            tr = ops.segment_redistribute(s.reshape(-1), ids.reshape(-1), r, 0.6, 1.0, False, False)
+            tr = ops.segment_redistribute(s.reshape(-1), ids.reshape(-1), r, 0.6, 1.0, False, False, 0.0)
             ops.token_advantages_out(o, tr.reshape(B, N), mask, G, 0.1, 0, 1e-6, out)
             return out
 

@@ -23,12 +23,15 @@ def test_contention_dry_run(tmp_path):
     assert "load average" in log
     for d in ("fp32", "bf16"):
         assert sum(ln.startswith(f"TARGET {d} busy") for ln in log.splitlines()) == 2, log[-4000:]
+        assert sum(ln.startswith(f"TARGET {d} quiet") for ln in log.splitlines()) == 1, log[-4000:]
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     cells = {(r["phase"], r["dtype"], r["provider"]) for r in rows}
     assert cells == {(ph, d, pr) for ph in ("quiet", "busy") for d in ("fp32", "bf16")
-                     for pr in ("cpp-1t", "cpp-2t", "compile-2t", "cpp-2t-all")}, cells
+                     for pr in ("cpp-1t", "compile-1t", "cpp-2t", "compile-2t", "cpp-2t-all")}, cells
     assert all(float(r["median_ms"]) > 0 and float(r["p90_ms"]) >= float(r["median_ms"]) for r in rows)
+    assert all(float(r["gbps"]) > 0 for r in rows)
+    assert {r["isa"] for r in rows if r["provider"].startswith("cpp")} <= {"default", "avx2", "avx512"}
     # the busy process was stopped
     pids = [int(ln.split()[2]) for ln in log.splitlines() if ln.startswith("busy process")]
     assert len(pids) == 1, log[-4000:]

@@ -90,6 +90,11 @@ inline void check_segment_args(const at::Tensor& scores, const at::Tensor& ids, 
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
 }
 
+// The weight of the signed blame term: finite and >= 0 (the Python layer names it for users).
+inline void check_omega_neg(double omega_neg) {
+  TORCH_CHECK(std::isfinite(omega_neg) && omega_neg >= 0, "omega_neg must be finite and >= 0, got ", omega_neg);
+}
+
 inline void check_out(const at::Tensor& out, at::IntArrayRef shape) {
   TORCH_CHECK(out.sizes() == shape && out.is_contiguous(), "out must be a contiguous tensor of shape ", shape);
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "out must be float32 or float64");

@@ -7,7 +7,13 @@
 //               runs starting in them (a run is never split, no atomics). Pass 2: the runs grouped by
 //               segment, in token order (a counting sort, skipped when every segment is one run).
 //               Pass 3, one task per segment (or several small ones): (standardise), / temperature, max,
-//               sum of exp, write r_i = c (R_s + omega R_s w_i) through an epilogue.
+//               sum of exp, write r_i = c (R_s + omega R_s w_i) through an epilogue. With omega_neg > 0 the same
+//               passes also take the min and the sum of exp(min - x): r_i = c (R_s + omega R_s w_i
+//               - omega_neg (1 - R_s) v_i), v = softmax(-x); omega_neg = 0 runs the unsigned passes alone.
+// ISA clones:   the attribution row loop, the segment passes and the advantage loop each have a portable, an
+//               AVX2 + FMA and an AVX-512 clone; cpu_isa() (csrc/cpu_isa.h) picks one per call: the best the CPU
+//               has, or the one P2T_CPU_ISA names. Only the attribution's clones differ in their results (the
+//               width of the reduction, FMAs); the others run the same scalar arithmetic (no contraction).
 // threads:      work is cut into many small tasks, each thread a fixed block of them, leftovers taken by
 //               whichever thread is running (csrc/parallel.h): a core kept busy by another process delays
 //               one small task, not a static half of the work; no more threads than free cores.
@@ -23,6 +29,7 @@
 #include <limits>
 
 #include "common.h"
+#include "cpu_isa.h"
 #include "parallel.h"
 
 namespace p2t {
@@ -46,40 +53,51 @@ inline float load_as<float, c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
 }
 
 // n_t: null's type in memory (the embeddings' bf16 / fp16 when null comes in it: half the cache footprint
-// of an fp32 copy, read once per row), else acc_t.
-template <typename g_t, typename e_t, typename acc_t, typename n_t>
+// of an fp32 copy, read once per row), else acc_t. FMA: fused multiply-adds (the clones for CPUs that have
+// them; the file is built with -ffp-contract=off, so nothing else is fused and every clone of the segment
+// and advantage passes rounds as the portable code does).
+template <typename g_t, typename e_t, typename acc_t, typename n_t, bool FMA>
 __attribute__((always_inline)) inline acc_t row_dot(const g_t* __restrict__ gr, const e_t* __restrict__ er,
                                                     const n_t* __restrict__ nul, int64_t D) {
   acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < D; ++d) {
-    acc += (load_as<acc_t>(er, d) - load_as<acc_t>(nul, d)) * load_as<acc_t>(gr, d);
+    if constexpr (FMA) {
+      acc = std::fma(load_as<acc_t>(er, d) - load_as<acc_t>(nul, d), load_as<acc_t>(gr, d), acc);
+    } else {
+      acc += (load_as<acc_t>(er, d) - load_as<acc_t>(nul, d)) * load_as<acc_t>(gr, d);
+    }
   }
   return acc;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// The same loop compiled for AVX2 + FMA, picked at run time on CPUs that have them (the extension is
-// built for the baseline x86-64 ISA, so this is where 256-bit vectors come from).
+#if P2T_X86_CLONES
+// The same loop compiled for AVX2 + FMA and for AVX-512, picked at run time (cpu_isa.h), one call per row. GCC
+// sizes an `omp simd` loop's lanes by the ISA of the function that holds the loop when it lowers the pragma,
+// before inlining: the AVX2 clone inlines row_dot (16 lanes, as 2 x 256-bit vectors), the AVX-512 clone holds
+// its own copy of the loop (512-bit vectors).
 template <typename g_t, typename e_t, typename acc_t, typename n_t>
-__attribute__((target("avx2,fma"))) acc_t row_dot_avx2(const g_t* gr, const e_t* er, const n_t* nul, int64_t D) {
-  return row_dot<g_t, e_t, acc_t, n_t>(gr, er, nul, D);
+P2T_TARGET_AVX2 acc_t row_dot_avx2(const g_t* gr, const e_t* er, const n_t* nul, int64_t D) {
+  return row_dot<g_t, e_t, acc_t, n_t, true>(gr, er, nul, D);
 }
-inline bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+template <typename g_t, typename e_t, typename acc_t, typename n_t>
+P2T_TARGET_AVX512 acc_t row_dot_avx512(const g_t* __restrict__ gr, const e_t* __restrict__ er,
+                                       const n_t* __restrict__ nul, int64_t D) {
+  acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) {
+    acc = std::fma(load_as<acc_t>(er, d) - load_as<acc_t>(nul, d), load_as<acc_t>(gr, d), acc);
+  }
+  return acc;
 }
 #endif
 
 template <typename g_t, typename e_t, typename acc_t, typename n_t = acc_t>
 void attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* __restrict__ e, int64_t e_stride,
                         const n_t* __restrict__ nul, const bool* __restrict__ mask, acc_t* __restrict__ out,
-                        int64_t R, int64_t D) {
+                        int64_t R, int64_t D, Isa isa) {
   // ~128 KB of grad + embeds per task (~5 us at one core's memory bandwidth)
   const int64_t grain = grain_for_bytes(D * static_cast<int64_t>(sizeof(g_t) + sizeof(e_t)));
-#if defined(__x86_64__) && defined(__GNUC__)
-  const bool avx2 = has_avx2();
-#endif
   parallel_ranges(R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (mask != nullptr && !mask[r]) {
@@ -88,11 +106,12 @@ void attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* 
       }
       const g_t* gr = g + r * g_stride;
       const e_t* er = e + r * e_stride;
-#if defined(__x86_64__) && defined(__GNUC__)
-      out[r] = avx2 ? row_dot_avx2<g_t, e_t, acc_t, n_t>(gr, er, nul, D)
-                    : row_dot<g_t, e_t, acc_t, n_t>(gr, er, nul, D);
+#if P2T_X86_CLONES
+      out[r] = isa == Isa::kAvx512 ? row_dot_avx512<g_t, e_t, acc_t, n_t>(gr, er, nul, D)
+               : isa == Isa::kAvx2 ? row_dot_avx2<g_t, e_t, acc_t, n_t>(gr, er, nul, D)
+                                   : row_dot<g_t, e_t, acc_t, n_t, false>(gr, er, nul, D);
 #else
-      out[r] = row_dot<g_t, e_t, acc_t, n_t>(gr, er, nul, D);
+      out[r] = row_dot<g_t, e_t, acc_t, n_t, false>(gr, er, nul, D);
 #endif
     }
   });
@@ -100,7 +119,7 @@ void attribution_kernel(const g_t* __restrict__ g, int64_t g_stride, const e_t* 
 
 // Writes I [R] (compute dtype) into `out`; grad/embeds [R, D] with unit stride on the last dim.
 void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, const at::Tensor& null_in,
-                      const bool* mask, at::Tensor& out) {
+                      const bool* mask, at::Tensor& out, Isa isa) {
   const auto cd = out.scalar_type();
   auto grad = rows_unit_stride(as_compute(grad_in, cd));
   auto embeds = rows_unit_stride(as_compute(embeds_in, cd));
@@ -115,7 +134,7 @@ void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, co
       attribution_kernel<scalar_t, scalar_t, float, scalar_t>(grad.data_ptr<scalar_t>(), grad.stride(0),
                                                                embeds.data_ptr<scalar_t>(), embeds.stride(0),
                                                                nul.data_ptr<scalar_t>(), mask, out.data_ptr<float>(),
-                                                               R, D);
+                                                               R, D, isa);
     });
     return;
   }
@@ -128,7 +147,7 @@ void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, co
         using acc_t = scalar_t;
         attribution_kernel<g_t, e_t, acc_t>(grad.data_ptr<g_t>(), grad.stride(0), embeds.data_ptr<e_t>(),
                                             embeds.stride(0), nul.data_ptr<acc_t>(), mask, out.data_ptr<acc_t>(),
-                                            R, D);
+                                            R, D, isa);
       });
     });
   });
@@ -139,7 +158,7 @@ at::Tensor token_attribution_cpu(const at::Tensor& grad, const at::Tensor& embed
   check_attribution_args(grad, embeds, null_embed, mask);
   auto out = at::empty({grad.size(0)}, grad.options().dtype(compute_dtype({grad, embeds, null_embed})));
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
-  attribution_into(grad, embeds, null_embed, m.defined() ? m.data_ptr<bool>() : nullptr, out);
+  attribution_into(grad, embeds, null_embed, m.defined() ? m.data_ptr<bool>() : nullptr, out, cpu_isa());
   return out;
 }
 
@@ -149,6 +168,8 @@ at::Tensor token_attribution_cpu(const at::Tensor& grad, const at::Tensor& embed
 struct SegmentOptions {
   double omega, temperature;
   bool standardize, normalize_sum;
+  double omega_neg;  // 0: the blame term is skipped (the paper's formula, unchanged code path)
+  Isa isa;           // the clone that runs passes 1 and 3
 };
 
 // Effective id of token i: -1 when masked out, negative, or >= S.
@@ -173,13 +194,15 @@ template <typename s_t, typename acc_t, typename Ids, typename Epi>
 void segment_kernel(const s_t* __restrict__ scores, const Ids& eff, const acc_t* __restrict__ rewards, int64_t R,
                     const SegmentOptions& o, const Epi& epi) {
   const acc_t omega = static_cast<acc_t>(o.omega);
+  const acc_t omega_neg = static_cast<acc_t>(o.omega_neg);
+  const bool signed_ = o.omega_neg != 0.0;
   const acc_t inv_t = static_cast<acc_t>(1.0 / o.temperature);
   const int64_t S = eff.S;
   // pass 1: the runs of each chunk (a chunk owns the runs that start in it); tokens in no segment
   constexpr int64_t kChunk = 4096;
   const int64_t n_chunks = (R + kChunk - 1) / kChunk;
   std::vector<std::vector<Run>> chunk_runs(n_chunks);
-  parallel_tasks(n_chunks, [&](int64_t c) {
+  parallel_tasks(n_chunks, [&](int64_t c) { with_isa(o.isa, [&] {
     const int64_t end = std::min(R, (c + 1) * kChunk);
     int64_t i = c * kChunk;
     if (i > 0) {  // a run that started in the previous chunk belongs to that chunk
@@ -199,7 +222,7 @@ void segment_kernel(const s_t* __restrict__ scores, const Ids& eff, const acc_t*
       runs.push_back({s, i, j});
       i = j;
     }
-  });
+  }); });
   std::vector<Run> runs;
   for (auto& v : chunk_runs) runs.insert(runs.end(), v.begin(), v.end());
   if (runs.empty()) return;
@@ -254,14 +277,37 @@ void segment_kernel(const s_t* __restrict__ scores, const Ids& eff, const acc_t*
       const acc_t v = static_cast<acc_t>(scores[t]);
       return (o.standardize ? (v - mean) * inv_std : v) * inv_t;
     };
-    acc_t mx = -std::numeric_limits<acc_t>::infinity();
-    each([&](int64_t t) { mx = std::max(mx, x(t)); });
-    acc_t den = 0;
-    each([&](int64_t t) { den += std::exp(x(t) - mx); });
     const acc_t Rs = rewards[s];
     const acc_t c = o.normalize_sum ? acc_t(1) / (static_cast<acc_t>(n) + omega) : acc_t(1);
-    const acc_t inv_den = acc_t(1) / den;
-    each([&](int64_t t) { epi(t, c * (Rs + omega * Rs * (std::exp(x(t) - mx) * inv_den)), true); });
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+    if (!signed_) {
+      each([&](int64_t t) { mx = std::max(mx, x(t)); });
+      acc_t den = 0;
+      each([&](int64_t t) { den += std::exp(x(t) - mx); });
+      const acc_t inv_den = acc_t(1) / den;
+      each([&](int64_t t) { epi(t, c * (Rs + omega * Rs * (std::exp(x(t) - mx) * inv_den)), true); });
+      return;
+    }
+    // both softmaxes in the same passes: max and min of x, then the sums of exp(x - max) and exp(min - x)
+    acc_t mn = std::numeric_limits<acc_t>::infinity();
+    each([&](int64_t t) {
+      const acc_t v = x(t);
+      mx = std::max(mx, v);
+      mn = std::min(mn, v);
+    });
+    acc_t den = 0, den_neg = 0;
+    each([&](int64_t t) {
+      const acc_t v = x(t);
+      den += std::exp(v - mx);
+      den_neg += std::exp(mn - v);
+    });
+    const acc_t inv_den = acc_t(1) / den, inv_den_neg = acc_t(1) / den_neg;
+    const acc_t blame = omega_neg * (acc_t(1) - Rs);
+    each([&](int64_t t) {
+      const acc_t v = x(t);
+      const acc_t w = std::exp(v - mx) * inv_den, u = std::exp(mn - v) * inv_den_neg;
+      epi(t, c * (Rs + omega * Rs * w - blame * u), true);
+    });
   };
   // pass 3: tasks of whole segments, ~4096 tokens each
   std::vector<int64_t> task_first{0};
@@ -275,7 +321,9 @@ void segment_kernel(const s_t* __restrict__ scores, const Ids& eff, const acc_t*
   }
   if (task_first.back() != n_seg) task_first.push_back(n_seg);
   parallel_tasks(static_cast<int64_t>(task_first.size()) - 1, [&](int64_t t) {
-    for (int64_t k = task_first[t]; k < task_first[t + 1]; ++k) segment(k);
+    with_isa(o.isa, [&] {
+      for (int64_t k = task_first[t]; k < task_first[t + 1]; ++k) segment(k);
+    });
   });
 }
 
@@ -294,15 +342,16 @@ void with_segments(const at::Tensor& scores, const at::Tensor& ids, const bool* 
 
 at::Tensor segment_redistribute_cpu(const at::Tensor& scores_in, const at::Tensor& ids_in,
                                     const at::Tensor& rewards_in, double omega, double temperature, bool standardize,
-                                    bool normalize_sum) {
+                                    bool normalize_sum, double omega_neg) {
   check_segment_args(scores_in, ids_in, rewards_in, temperature);
+  check_omega_neg(omega_neg);
   const auto cd = compute_dtype({scores_in, rewards_in});
   auto scores = as_compute(scores_in, cd).contiguous();
   auto ids = ids_in.contiguous();
   auto rewards = rewards_in.to(cd).contiguous();
   auto out = at::empty(scores.sizes(), scores.options().dtype(cd));
   const int64_t R = scores.numel();
-  const SegmentOptions o{omega, temperature, standardize, normalize_sum};
+  const SegmentOptions o{omega, temperature, standardize, normalize_sum, omega_neg, cpu_isa()};
   AT_DISPATCH_FLOATING_TYPES(cd, "p2t_segment_acc", [&] {
     using acc_t = scalar_t;
     acc_t* po = out.data_ptr<acc_t>();
@@ -334,8 +383,9 @@ void token_advantages_into(const at::Tensor& outcome, const at::Tensor& token_re
       using acc_t = scalar_t;  // float32 math for a float32 out
       const acc_t a = static_cast<acc_t>(alpha);
       const int64_t B = tr.size(0);
+      const Isa isa = cpu_isa();
       parallel_ranges(B, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
+        with_isa(isa, [&] { for (int64_t b = b0; b < b1; ++b) {
           const acc_t ab = static_cast<acc_t>(adv[b]);
           const t_t* row = pt + b * N;
           scalar_t* orow = po + b * N;
@@ -347,7 +397,7 @@ void token_advantages_into(const at::Tensor& outcome, const at::Tensor& token_re
             _Pragma("omp simd")
             for (int64_t i = 0; i < N; ++i) orow[i] = mrow[i] ? ab + a * load_as<acc_t>(row, i) : acc_t(0);
           }
-        }
+        } });
       });
     });
   });
@@ -377,8 +427,9 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
                          const at::Tensor& ids_in, const at::Tensor& rewards_in, const at::Tensor& outcome,
                          const c10::optional<at::Tensor>& mask_in, int64_t group_size, double omega, double alpha,
                          double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
-                         at::Tensor& out) {
+                         double omega_neg, at::Tensor& out) {
   check_p2t_args(grad, embeds, null_embed, ids_in, rewards_in, outcome, mask_in, group_size, temperature, scale, out);
+  check_omega_neg(omega_neg);
   const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2);
   const int64_t R = B * N;
   if (R == 0) return;
@@ -386,12 +437,13 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
   const auto mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const bool* pm = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   // attribution of every token (masked tokens are skipped: they get advantage 0 anyway)
+  const Isa isa = cpu_isa();
   auto scores = at::empty({R}, grad.options().dtype(cd));
-  attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, pm, scores);
+  attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, pm, scores, isa);
   const auto adv = group_advantages_host(outcome, group_size, scale, eps, cd);
   auto ids = ids_in.reshape({R}).contiguous();
   auto rewards = rewards_in.to(cd).contiguous();
-  const SegmentOptions o{omega, temperature, standardize, normalize_sum};
+  const SegmentOptions o{omega, temperature, standardize, normalize_sum, omega_neg, isa};
   AT_DISPATCH_FLOATING_TYPES(cd, "p2t_fused_acc", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "p2t_fused_out", [&] {
@@ -410,10 +462,11 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
 at::Tensor p2t_advantages_cpu(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
                               const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
                               const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
-                              double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps) {
+                              double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
+                              double omega_neg) {
   auto out = new_p2t_out(grad, embeds, null_embed, rewards, outcome);
   p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
-                      standardize, normalize_sum, scale, eps, out);
+                      standardize, normalize_sum, scale, eps, omega_neg, out);
   return out;
 }
 
@@ -421,12 +474,28 @@ void p2t_advantages_out_cpu(const at::Tensor& grad, const at::Tensor& embeds, co
                             const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
                             const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
                             double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
-                            at::Tensor out) {
+                            double omega_neg, at::Tensor out) {
   p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
-                      standardize, normalize_sum, scale, eps, out);
+                      standardize, normalize_sum, scale, eps, omega_neg, out);
+}
+
+std::string cpu_isa_op() { return isa_name(cpu_isa()); }
+
+std::string cpu_isas_op() {
+  std::string out;
+  for (Isa isa : {Isa::kDefault, Isa::kAvx2, Isa::kAvx512}) {
+    if (cpu_supports(isa)) out += (out.empty() ? "" : ",") + std::string(isa_name(isa));
+  }
+  return out;
 }
 
 }  // namespace
+
+// Which clone of the CPU kernels runs (P2T_CPU_ISA, else the best this CPU and build have), and which exist here.
+TORCH_LIBRARY_FRAGMENT(p2t_host, m) {
+  m.def("cpu_isa() -> str", &cpu_isa_op);
+  m.def("cpu_isas() -> str", &cpu_isas_op);
+}
 
 TORCH_LIBRARY_IMPL(p2t, CPU, m) {
   m.impl("token_attribution", &token_attribution_cpu);

@@ -47,13 +47,19 @@ def variants():
                         dict(HAS_MASK=mask, FUSED=fused, BLOCK_R=8, BLOCK_D=512, HEAD=16 // _BYTES[g])))
     out.append(("run_bounds", _run_bounds_kernel, dict(ids_ptr="*i32", mask_ptr="*i32", pos_ptr="*i32", R="i32",
                                                        N="i32", S="i32"), dict(HAS_MASK=False, BLOCK=1024)))
-    for cd, mask, adv, std, nsum, scale in [("fp32", False, False, False, False, 2), ("fp32", True, True, True, True, 0),
-                                            ("fp64", True, True, False, True, 1), ("fp32", False, True, True, False, 1)]:
+    for cd, mask, adv, std, nsum, scale, sgn in [("fp32", False, False, False, False, 2, False),
+                                                 ("fp32", True, True, True, True, 0, False),
+                                                 ("fp64", True, True, False, True, 1, False),
+                                                 ("fp32", False, True, True, False, 1, False),
+                                                 ("fp32", True, True, True, True, 0, True),
+                                                 ("fp64", False, False, False, True, 2, True)]:
         args = dict(x_ptr="*" + cd, ids_ptr="*i64", mask_ptr="*u8", rewards_ptr="*" + cd, o_ptr="*" + cd,
                     pos_ptr="*i32", out_ptr="*fp32", R="i32", N="i32", S="i32", B="i32", G="i32", n_chunks="i32",
-                    omega="fp64", temperature="fp64", alpha="fp64", eps="fp64")
-        out.append((f"segment {cd} mask={mask} adv={adv} std={std} sum={nsum} scale={scale}", _segment_kernel, args,
-                    dict(HAS_MASK=mask, HAS_ADV=adv, STANDARDIZE=std, NORMALIZE_SUM=nsum, SCALE=scale, BLOCK=128,
+                    omega="fp64", temperature="fp64", alpha="fp64", eps="fp64", omega_neg="fp64")
+        out.append((f"segment {cd} mask={mask} adv={adv} std={std} sum={nsum} scale={scale} signed={sgn}",
+                    _segment_kernel, args,
+                    dict(HAS_MASK=mask, SIGNED=sgn, HAS_ADV=adv, STANDARDIZE=std, NORMALIZE_SUM=nsum, SCALE=scale,
+                         BLOCK=128,
                          FILL_BLOCK=1024, BLOCK_G=16, CONST_RTOL=1e-12 if cd == "fp64" else 1e-6)))
     for cd, mask, scale in [("fp32", True, 0), ("fp64", False, 1)]:
         args = dict(o_ptr="*" + cd, tr_ptr="*" + cd, mask_ptr="*u8", out_ptr="*fp32", N="i32", B="i32", G="i32",

@@ -15,7 +15,7 @@ from .segment import launch_segment
 def p2t_advantages_into(grad, embeds, null_embed, segment_ids, segment_rewards, outcome_rewards,
                         mask: Optional[torch.Tensor], group_size: int, omega: float, alpha: float,
                         temperature: float, standardize: bool, normalize_sum: bool, scale: int, eps: float,
-                        out: torch.Tensor) -> torch.Tensor:
+                        omega_neg: float, out: torch.Tensor) -> torch.Tensor:
     """grad, embeds [B, N, D]; null_embed [D]; segment_ids, mask [B, N]; segment_rewards [S];
     outcome_rewards [B]; writes out (contiguous [B, N]) and returns it. Masked tokens are in no
     segment and get 0; tokens with id -1 (or >= S) get A^_b."""
@@ -37,16 +37,17 @@ def p2t_advantages_into(grad, embeds, null_embed, segment_ids, segment_rewards, 
         launch_attribution(g, e, nl, m, scores, ids=ids, pos=pos, N=N, S=S)
         launch_segment(scores, ids, m, segment_rewards.contiguous(), outcome_rewards.to(cd).contiguous(), pos,
                        out.reshape(R), B, N, group_size, omega, temperature, alpha, standardize, normalize_sum,
-                       scale, eps)
+                       scale, eps, omega_neg)
     return out
 
 
 def p2t_advantages(grad, embeds, null_embed, segment_ids, segment_rewards, outcome_rewards, mask, group_size,
-                   omega, alpha, temperature, standardize, normalize_sum, scale, eps):
+                   omega, alpha, temperature, standardize, normalize_sum, scale, eps, omega_neg=0.0):
     """As :func:`p2t_advantages_into`, returning a new [B, N] float32 tensor (float64 when every
     floating input is float64)."""
     B, N, _ = grad.shape
     cd = compute_dtype(grad, embeds, null_embed, segment_rewards, outcome_rewards)
     out = torch.empty((B, N), device=grad.device, dtype=cd)
     return p2t_advantages_into(grad, embeds, null_embed, segment_ids, segment_rewards, outcome_rewards, mask,
-                               group_size, omega, alpha, temperature, standardize, normalize_sum, scale, eps, out)
+                               group_size, omega, alpha, temperature, standardize, normalize_sum, scale, eps, omega_neg,
+                               out)

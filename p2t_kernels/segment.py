@@ -1,5 +1,6 @@
-"""Segment softmax redistribution r_i = R_s + omega * R_s * softmax_{j in s}(x_j / T)_i, fused with
-the GRPO token advantage A~ = A^_b + alpha * r when asked (p2t_advantages)."""
+"""Segment softmax redistribution r_i = R_s + omega * R_s * softmax_{j in s}(x_j / T)_i
+- omega_neg * (1 - R_s) * softmax_{j in s}(-x_j / T)_i, fused with the GRPO token advantage
+A~ = A^_b + alpha * r when asked (p2t_advantages)."""
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,9 @@ def _softmax_logits(x_ptr, ids_ptr, mask_ptr, offs, end, s, S, mean, std, const,
 def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_ptr,
                     R, N, S, B, G, n_chunks,
                     omega: tl.float64, temperature: tl.float64, alpha: tl.float64, eps: tl.float64,  # exact for fp64
+                    omega_neg: tl.float64,
                     HAS_MASK: tl.constexpr,  # masked tokens are in no segment (and get 0)
+                    SIGNED: tl.constexpr,  # omega_neg != 0: the blame term (else the kernel without it)
                     HAS_ADV: tl.constexpr,  # write A^_b + alpha * r (p2t_advantages), else r
                     STANDARDIZE: tl.constexpr, NORMALIZE_SUM: tl.constexpr, SCALE: tl.constexpr,
                     BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -42,7 +45,9 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
     (tokens of other segments in that range, e.g. inside a hole of s, are skipped):
         x = scores (or (scores - mean_s) / std_s, population std, 0 for a constant segment) / T
         w = exp(x - max_s x) / sum_s exp(x - max_s x)
-        r = R_s (1 + omega w)  [/ (n_s + omega) with NORMALIZE_SUM];  out = r  or  A^_b + alpha r
+        v = exp(-x - max_s(-x)) / sum_s exp(-x - max_s(-x))   (SIGNED: the same passes)
+        r = R_s (1 + omega w) - omega_neg (1 - R_s) v  [/ (n_s + omega) with NORMALIZE_SUM]
+        out = r  or  A^_b + alpha r
     A segment with no tokens keeps the INT32_MAX bounds of ``init_bounds`` and the program does
     nothing. Programs S..S+B*n_chunks-1: one per (row b, FILL_BLOCK chunk), writing the
     tokens in no segment: 0, or with HAS_ADV A^_b where mask is True and 0 where it is False."""
@@ -53,6 +58,7 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
     temperature = (temperature + tl.zeros([], CD)).to(CD)
     alpha = (alpha + tl.zeros([], CD)).to(CD)
     eps = (eps + tl.zeros([], CD)).to(CD)
+    omega_neg = (omega_neg + tl.zeros([], CD)).to(CD)
     pid = tl.program_id(0)
     if pid < S:
         s = pid
@@ -66,6 +72,7 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
         cnt = tl.zeros([BLOCK], CD)
         tot = tl.zeros([BLOCK], CD)
         mx = tl.full([BLOCK], float("-inf"), CD)
+        nmx = tl.full([BLOCK], float("-inf"), CD)
         for k in range(start, end, BLOCK):
             offs = k + tl.arange(0, BLOCK)
             inb = offs < end
@@ -74,8 +81,11 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
             cnt += tl.where(mine, 1, 0).to(CD)
             tot += x
             mx = tl.maximum(mx, tl.where(mine, x, float("-inf")))
+            if SIGNED:
+                nmx = tl.maximum(nmx, tl.where(mine, -x, float("-inf")))
         n = tl.sum(cnt, 0)
         xmax = tl.max(mx, 0)
+        nxmax = tl.max(nmx, 0)  # max of -x
         mean = tl.sum(tot, 0) / tl.maximum(n, 1)
         std = mean * 0 + 1
         const = mean != mean  # False
@@ -92,15 +102,21 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
             const = var <= lim * lim
             std = tl.sqrt(tl.where(const, 1, var))
             xmax = tl.where(const, 0, (xmax - mean) / std)
+            nxmax = tl.where(const, 0, (nxmax + mean) / std)
         xmax = xmax / temperature
-        # pass 2: softmax denominator
+        nxmax = nxmax / temperature
+        # pass 2: softmax denominators
         accs = tl.zeros([BLOCK], CD)
+        accn = tl.zeros([BLOCK], CD)
         for k in range(start, end, BLOCK):
             offs = k + tl.arange(0, BLOCK)
             mine, x = _softmax_logits(x_ptr, ids_ptr, mask_ptr, offs, end, s, S, mean, std, const, temperature,
                                       xmax, CD, HAS_MASK, STANDARDIZE)
             accs += tl.where(mine, tl.exp(x - xmax), 0)
+            if SIGNED:
+                accn += tl.where(mine, tl.exp(tl.where(mine, -x, nxmax) - nxmax), 0)
         den = tl.sum(accs, 0)
+        den_neg = tl.sum(accn, 0)
         rew = tl.load(rewards_ptr + s).to(CD)
         scale_r = rew * 0 + 1
         if NORMALIZE_SUM:
@@ -114,6 +130,9 @@ def _segment_kernel(x_ptr, ids_ptr, mask_ptr, rewards_ptr, o_ptr, pos_ptr, out_p
                                       xmax, CD, HAS_MASK, STANDARDIZE)
             w = tl.exp(x - xmax) / den
             r = rew + omega * rew * w
+            if SIGNED:
+                v = tl.exp(tl.where(mine, -x, nxmax) - nxmax) / den_neg
+                r = r - omega_neg * (1 - rew) * v
             if NORMALIZE_SUM:
                 r = r * scale_r
             if HAS_ADV:
@@ -148,7 +167,7 @@ def segment_blocks():
 
 
 def launch_segment(x, ids, mask, rewards, outcome, pos, out, B, N, group_size, omega, temperature, alpha,
-                   standardize, normalize_sum, scale, eps):
+                   standardize, normalize_sum, scale, eps, omega_neg=0.0):
     """Run the segment kernel over x [B*N] (run bounds already in pos [2S]); rows of N tokens."""
     R = x.shape[0]
     S = rewards.shape[0]
@@ -162,7 +181,7 @@ def launch_segment(x, ids, mask, rewards, outcome, pos, out, B, N, group_size, o
     _segment_kernel[grid](
         x, ids, mask if mask is not None else ids, rewards, outcome if has_adv else rewards, pos, out,
         R, N, S, B, group_size, n_chunks, float(omega), float(temperature), float(alpha), float(eps),
-        HAS_MASK=mask is not None, HAS_ADV=has_adv, STANDARDIZE=bool(standardize),
+        float(omega_neg), HAS_MASK=mask is not None, SIGNED=float(omega_neg) != 0.0, HAS_ADV=has_adv, STANDARDIZE=bool(standardize),
         NORMALIZE_SUM=bool(normalize_sum), SCALE=int(scale),
         BLOCK=block, FILL_BLOCK=fill_block, BLOCK_G=group_block(group_size, B, scale),
         CONST_RTOL=CONST_RTOL[x.dtype], num_warps=warps)
@@ -170,7 +189,8 @@ def launch_segment(x, ids, mask, rewards, outcome, pos, out, B, N, group_size, o
 
 
 def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segment_rewards: torch.Tensor,
-                         omega: float, temperature: float, standardize: bool, normalize_sum: bool) -> torch.Tensor:
+                         omega: float, temperature: float, standardize: bool, normalize_sum: bool,
+                         omega_neg: float = 0.0) -> torch.Tensor:
     """scores [R] (any float dtype), segment_ids int32/int64 [R] (ids outside [0, S) are in no segment),
     segment_rewards [S] -> [R] float32 (float64 when scores and rewards are float64). Two launches:
     run bounds, then the segment kernel; no host synchronisation."""
@@ -189,4 +209,4 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
             block = 4096 if INTERPRET else 1024
             _run_bounds_kernel[(triton.cdiv(R, block),)](ids, ids, pos, R, R, S, HAS_MASK=False, BLOCK=block)
         return launch_segment(x, ids, None, rewards, None, pos, out, 1, R, 1, omega, temperature, 0.0, standardize,
-                              normalize_sum, 2, 0.0)
+                              normalize_sum, 2, 0.0, omega_neg)

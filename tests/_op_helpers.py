@@ -87,11 +87,12 @@ def pipeline(B, N, D, lengths, device, dtype=torch.float32, seed=0, **kw):
 
 def oracle_p2t(g, e, n, ids, R, o, mask, G, **kw):
     """p2t_advantages in float64 through the reference."""
-    args = dict(omega=0.6, alpha=0.1, temperature=1.0, standardize=False, normalize_sum=False, scale=0, eps=1e-6)
+    args = dict(omega=0.6, alpha=0.1, temperature=1.0, standardize=False, normalize_sum=False, scale=0, eps=1e-6,
+                omega_neg=0.0)
     args.update(kw)
     return ref.p2t_advantages(g.double(), e.double(), n.double(), ids, R.double(), o.double(), mask, G,
                               args["omega"], args["alpha"], args["temperature"], args["standardize"],
-                              args["normalize_sum"], args["scale"], args["eps"])
+                              args["normalize_sum"], args["scale"], args["eps"], args["omega_neg"])
 
 
 def sample_args(op, device, requires_grad=False):
@@ -103,11 +104,11 @@ def sample_args(op, device, requires_grad=False):
     tr = torch.randn(4, 11, device=device)
     samples = {
         "token_attribution": (g.reshape(44, 9), e.reshape(44, 9), n, mask.reshape(44)),
-        "segment_redistribute": (tr.reshape(44), ids.reshape(44), R, 0.6, 0.9, True, False),
+        "segment_redistribute": (tr.reshape(44), ids.reshape(44), R, 0.6, 0.9, True, False, 0.4),
         "token_advantages": (o, tr, mask, 2, 0.3, 0, 1e-6),
         "token_advantages_out": (o, tr, mask, 2, 0.3, 1, 1e-6, torch.empty(4, 11, device=device)),
-        "p2t_advantages": (g, e, n, ids, R, o, mask, 2, 0.6, 0.1, 1.0, False, True, 0, 1e-6),
-        "p2t_advantages_out": (g, e, n, ids, R, o, mask, 2, 0.6, 0.1, 1.0, False, True, 2, 1e-6,
+        "p2t_advantages": (g, e, n, ids, R, o, mask, 2, 0.6, 0.1, 1.0, False, True, 0, 1e-6, 0.3),
+        "p2t_advantages_out": (g, e, n, ids, R, o, mask, 2, 0.6, 0.1, 1.0, False, True, 2, 1e-6, 0.0,
                                torch.empty(4, 11, device=device)),
     }
     args = list(samples[op])
@@ -117,3 +118,39 @@ def sample_args(op, device, requires_grad=False):
             i = names.index(k)
             args[i] = args[i].clone().requires_grad_(True)
     return tuple(args)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# omega_neg = 0: the outputs of the kernels before the signed term existed (tests/data), bit for bit
+# ------------------------------------------------------------------------------------------------ #
+GOLDEN = __import__("os").path.join(__import__("os").path.dirname(__file__), "data", "omega_neg_zero_golden.pt")
+GOLDEN_OPTIONS = [(False, "paper", 1.0), (True, "sum", 0.7), (False, "sum", 1.3)]
+
+
+def golden_cases():
+    """(key, segment_redistribute args, p2t_advantages args, kwargs) of the recorded omega_neg = 0 outputs:
+    float32 and bfloat16, three option sets, 5x37 tokens, steps of 3, 1, 7 and 12 tokens, masked tokens. The
+    outputs were recorded by every backend (the C++ one with its AVX2 clone) before omega_neg was added."""
+    for dt in (torch.float32, torch.bfloat16):
+        for st, ns, T in GOLDEN_OPTIONS:
+            g, e, n, ids, R, o = pipeline(5, 37, 33, [3, 1, 7, 12], "cpu", dtype=dt, seed=3)
+            mask = torch.rand(5, 37, generator=torch.Generator().manual_seed(1)) > 0.2
+            s = torch.randn(5, 37, generator=torch.Generator().manual_seed(2)).to(dt)
+            R = torch.rand(R.shape, generator=torch.Generator().manual_seed(4))
+            kw = dict(omega=0.6, temperature=T, standardize=st, normalize=ns)
+            yield (f"{dt}|{st}|{ns}|{T}", (s, ids, R), (g, e, n, ids, R, o),
+                   dict(kw, group_size=5, alpha=0.3, mask=mask, validate=False), kw)
+
+
+def check_golden(name, seg_fn, p2t_fn):
+    """seg_fn(*args, **kw) / p2t_fn(*args, **kw) with omega_neg=0.0 equal the recorded outputs of ``name``."""
+    want = torch.load(GOLDEN)
+    bad = []
+    for key, seg_args, p2t_args, p2t_kw, seg_kw in golden_cases():
+        got_s = seg_fn(*seg_args, omega_neg=0.0, **seg_kw)
+        got_p = p2t_fn(*p2t_args, omega_neg=0.0, **p2t_kw)
+        for op, got in (("seg", got_s), ("p2t", got_p)):
+            w = want[f"{op}|{name}|{key}"]
+            if not torch.equal(got, w):
+                bad.append(f"{op} {key}: max diff {(got.double() - w.double()).abs().max().item():.3g}")
+    assert not bad, "omega_neg=0 differs from the recorded outputs:\n" + "\n".join(bad)

@@ -23,7 +23,7 @@ def test_cmake_library_registers_the_ops():
         out = torch.ops.p2t.token_attribution(g, e, n, None)
         torch.testing.assert_close(out, ((e - n) * g).sum(-1))
         ids = torch.tensor([0, 0, -1, 1, 1, 1, -1])
-        r = torch.ops.p2t.segment_redistribute(torch.randn(7), ids, torch.tensor([0.5, 1.0]), 0.6, 1.0, False, True)
+        r = torch.ops.p2t.segment_redistribute(torch.randn(7), ids, torch.tensor([0.5, 1.0]), 0.6, 1.0, False, True, 0.0)
         assert abs(r[:2].sum().item() - 0.5) < 1e-6 and abs(r[3:6].sum().item() - 1.0) < 1e-6 and r[2] == 0
         print("ok")
     """)
@@ -66,3 +66,20 @@ def test_readme_example_runs():
     exec(code, ns)
     torch.testing.assert_close(ns["A"], ns["A_fused"], rtol=1e-5, atol=1e-5)
     assert ns["A"].shape == (8, 512) and ns["A"].std() > 0
+
+
+def test_extension_has_avx512_code():
+    """The built extension carries AVX-512 clones of the CPU kernels (zmm registers) next to the portable code."""
+    import glob
+    import platform
+    import shutil
+
+    so = glob.glob(os.path.join(ROOT, "p2t", "_C*.so"))
+    if not so or shutil.which("objdump") is None or platform.machine() != "x86_64":
+        pytest.skip("needs the in-place built extension, objdump and x86-64")
+    import p2t
+    if "avx512" not in p2t.ops.cpu_isas():
+        pytest.skip(f"this CPU has no AVX-512 (clones here: {p2t.ops.cpu_isas()}); the check reads the code only")
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so[0]], capture_output=True, text=True,
+                         timeout=300).stdout
+    assert asm.count("zmm") > 100 and asm.count("ymm") > 100, (asm.count("zmm"), asm.count("ymm"))

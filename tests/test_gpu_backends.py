@@ -87,9 +87,9 @@ class _Emulated:
         return out.reshape(g.shape[:-1])
 
     def segment_redistribute(self, scores, ids, R, *, omega=0.6, temperature=1.0, standardize=False,
-                             normalize="paper", validate=True):
+                             normalize="paper", validate=True, omega_neg=0.0):
         return self.ops.segment_redistribute(scores.reshape(-1), ids.reshape(-1), R, omega, temperature, standardize,
-                                             normalize == "sum").reshape(scores.shape)
+                                             normalize == "sum", omega_neg).reshape(scores.shape)
 
     def token_advantages(self, o, tr, *, group_size, alpha=0.1, mask=None, scale="group", eps=1e-6, out=None):
         s = ("group", "batch", "none").index(scale)
@@ -100,9 +100,9 @@ class _Emulated:
 
     def p2t_advantages(self, g, e, n, ids, R, o, *, group_size, omega=0.6, alpha=0.1, temperature=1.0,
                        standardize=False, normalize="paper", mask=None, scale="group", eps=1e-6, out=None,
-                       validate=True):
+                       validate=True, omega_neg=0.0):
         args = (g, e, n, ids, R, o, mask, group_size, omega, alpha, temperature, standardize, normalize == "sum",
-                ("group", "batch", "none").index(scale), eps)
+                ("group", "batch", "none").index(scale), eps, omega_neg)
         if out is None:
             return self.ops.p2t_advantages(*args)
         self.ops.p2t_advantages_out(*args, out)
@@ -198,17 +198,20 @@ def test_attribution_odd_d_and_shifted_rows(backend, device, dtype, D, offset):
 # segments: long runs (several blocks), long rows (several fill chunks), stale bounds, ids >= S
 # ------------------------------------------------------------------------------------------------ #
 @pytest.mark.parametrize("backend,device", GPU_BACKENDS)
-@pytest.mark.parametrize("standardize,normalize,temperature", [(False, "paper", 0.7), (True, "sum", 1.3)])
-def test_segment_long_runs_and_rows(backend, device, standardize, normalize, temperature):
+@pytest.mark.parametrize("standardize,normalize,temperature,omega_neg", [(False, "paper", 0.7, 0.0),
+                                                                         (True, "sum", 1.3, 0.0),
+                                                                         (False, "sum", 0.7, 0.8),
+                                                                         (True, "paper", 1.3, 0.5)])
+def test_segment_long_runs_and_rows(backend, device, standardize, normalize, temperature, omega_neg):
     # rows of 4500 tokens (> the fill chunk), runs of 1..700 tokens (> the segment block)
     ids, S = segments(2, 4500, [700, 1, 3, 261, 1, 513], gaps=2, first=1, device=device)
     scores = 3 * torch.randn(2, 4500, device=device)
     scores[0, 705:708] = 0.25  # a constant 3-token segment: zero std
     R = torch.randn(S, device=device)
-    kw = dict(omega=0.6, temperature=temperature, standardize=standardize, normalize=normalize)
+    kw = dict(omega=0.6, temperature=temperature, standardize=standardize, normalize=normalize, omega_neg=omega_neg)
     out = api(backend).segment_redistribute(scores, ids, R, **kw)
     oracle = ref.segment_redistribute(scores.double().reshape(-1), ids.reshape(-1), R.double(), 0.6, temperature,
-                                      standardize, normalize == "sum").reshape(2, 4500)
+                                      standardize, normalize == "sum", omega_neg).reshape(2, 4500)
     check(out, p2t.segment_redistribute(scores, ids, R, backend="reference", **kw), oracle)
     assert (out[ids < 0] == 0).all()
 
@@ -548,9 +551,12 @@ def _row_stage_ids(B, N, gen):
 
 
 @pytest.mark.parametrize("backend,device", ROW_BACKENDS)
-@pytest.mark.parametrize("standardize,normalize,scale", [(False, "paper", "group"), (True, "sum", "batch"),
-                                                         (True, "paper", "none")])
-def test_row_stage_sets_windows_and_edges(backend, device, standardize, normalize, scale):
+@pytest.mark.parametrize("standardize,normalize,scale,omega_neg", [(False, "paper", "group", 0.0),
+                                                                   (True, "sum", "batch", 0.0),
+                                                                   (True, "paper", "none", 0.0),
+                                                                   (True, "sum", "group", 0.7),
+                                                                   (False, "paper", "batch", 0.4)])
+def test_row_stage_sets_windows_and_edges(backend, device, standardize, normalize, scale, omega_neg):
     """p2t_advantages (validate=False, out poisoned) on rows of odd length with holes, -1 ids, one-token
     steps, step ids 300 and more apart in one row, a constant step, masked tokens cutting steps, an all-masked
     row, a constant group, against the float64 oracle."""
@@ -570,12 +576,12 @@ def test_row_stage_sets_windows_and_edges(backend, device, standardize, normaliz
     ids[5, 10:30] = torch.arange(40, 50).repeat_interleave(2)  # two-token steps, some cut by the mask
     g, e, n, ids, R, o, mask = (t.to(device) for t in (g, e, n, ids, R, o, mask))
     kw = dict(group_size=2, omega=0.6, alpha=0.3, temperature=0.7, standardize=standardize, normalize=normalize,
-              scale=scale, mask=mask)
+              scale=scale, mask=mask, omega_neg=omega_neg)
     out = torch.full((B, N), float("nan"), device=device)
     api(backend).p2t_advantages(g, e, n, ids, R, o, out=out, validate=False, **kw)
     s = ("group", "batch", "none").index(scale)
     oracle = oracle_p2t(g, e, n, ids, R, o, mask, 2, alpha=0.3, temperature=0.7, standardize=standardize,
-                        normalize_sum=normalize == "sum", scale=s)
+                        normalize_sum=normalize == "sum", scale=s, omega_neg=omega_neg)
     check(out, p2t.p2t_advantages(g, e, n, ids, R, o, backend="reference", **kw), oracle)
     assert (out[~mask] == 0).all()
 
@@ -594,11 +600,13 @@ def test_row_stage_more_steps_than_slots(backend, device):
     x = (3 * torch.randn(B, N, generator=gen)).to(device)
     R = torch.randn(S, generator=gen).to(device)
     ids = ids.to(device)
-    for standardize in (False, True):
-        got = api(backend).segment_redistribute(x, ids, R, standardize=standardize, normalize="sum", validate=False)
+    for standardize, omega_neg in ((False, 0.0), (True, 0.0), (True, 0.6)):
+        got = api(backend).segment_redistribute(x, ids, R, standardize=standardize, normalize="sum", validate=False,
+                                                omega_neg=omega_neg)
         oracle = ref.segment_redistribute(x.double().reshape(-1), ids.reshape(-1), R.double(), 0.6, 1.0,
-                                          standardize, True).reshape(B, N)
-        want = p2t.segment_redistribute(x, ids, R, standardize=standardize, normalize="sum", backend="reference")
+                                          standardize, True, omega_neg).reshape(B, N)
+        want = p2t.segment_redistribute(x, ids, R, standardize=standardize, normalize="sum", omega_neg=omega_neg,
+                                        backend="reference")
         check(got, want, oracle)
     g, e = torch.randn(B, N, 3, generator=gen).to(device), torch.randn(B, N, 3, generator=gen).to(device)
     n, o = torch.randn(3, generator=gen).to(device), torch.randn(B, generator=gen).to(device)

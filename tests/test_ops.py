@@ -11,7 +11,7 @@ import torch
 import p2t
 from p2t.ops import reference as ref
 from p2t.ops._spec import SPECS
-from _op_helpers import assert_close_to_oracle, backend_device_params, max_err_report, sample_args
+from _op_helpers import assert_close_to_oracle, backend_device_params, check_golden, max_err_report, sample_args
 
 BACKENDS = backend_device_params()
 FUSED = backend_device_params(include_reference=False)
@@ -36,7 +36,7 @@ def make_segments(B, N, *, device="cpu", empty_rows=(), gen=None, max_len=9):
     return ids.to(device), s
 
 
-def loop_oracle(scores, ids, rewards, omega, temperature, standardize, normalize_sum):
+def loop_oracle(scores, ids, rewards, omega, temperature, standardize, normalize_sum, omega_neg=0.0):
     """Independent float64 oracle by explicit loops over segments (checks the reference too)."""
     x = scores.double().reshape(-1).tolist()
     flat = ids.reshape(-1).tolist()
@@ -51,12 +51,13 @@ def loop_oracle(scores, ids, rewards, omega, temperature, standardize, normalize
             sd = math.sqrt(sum((a - m) ** 2 for a in v) / len(v))
             v = [0.0 if sd <= 1e-6 * abs(m) else (a - m) / sd for a in v]
         v = [a / temperature for a in v]
-        mx = max(v)
+        mx, mn = max(v), min(v)
         e = [math.exp(a - mx) for a in v]
+        en = [math.exp(mn - a) for a in v]  # softmax of -x
         Rs = float(rewards[s])
         c = 1.0 / (len(v) + omega) if normalize_sum else 1.0
-        for i, ei in zip(pos, e):
-            out[i] = c * (Rs + omega * Rs * ei / sum(e))
+        for i, ei, eni in zip(pos, e, en):
+            out[i] = c * (Rs + omega * Rs * ei / sum(e) - omega_neg * (1 - Rs) * eni / sum(en))
     return torch.tensor(out, dtype=torch.float64).reshape(scores.shape)
 
 
@@ -114,9 +115,10 @@ def test_reference_matches_loop_oracle():
     R = torch.rand(S, dtype=torch.float64)
     for st in (False, True):
         for ns in (False, True):
-            got = ref.segment_redistribute(scores.reshape(-1), ids.reshape(-1), R, 0.6, 0.7, st, ns)
-            want = loop_oracle(scores, ids, R, 0.6, 0.7, st, ns)
-            torch.testing.assert_close(got.reshape(4, 29), want, rtol=1e-12, atol=1e-12)
+            for on in (0.0, 0.8):
+                got = ref.segment_redistribute(scores.reshape(-1), ids.reshape(-1), R, 0.6, 0.7, st, ns, on)
+                want = loop_oracle(scores, ids, R, 0.6, 0.7, st, ns, on)
+                torch.testing.assert_close(got.reshape(4, 29), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -300,6 +302,102 @@ def test_p2t_advantages_group_size_one_and_constant_rewards(backend, device):
 
 
 # ------------------------------------------------------------------------------------------------ #
+# signed redistribution: omega_neg (the blame term)
+# ------------------------------------------------------------------------------------------------ #
+SIGNED_OPTIONS = [(False, "paper", 1.0), (True, "sum", 0.7), (False, "sum", 1.3)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("standardize,normalize,temperature", SIGNED_OPTIONS)
+def test_signed_segment_redistribute_vs_oracle(backend, device, dtype, standardize, normalize, temperature):
+    """r = R_s + omega R_s softmax(x/T) - omega_neg (1 - R_s) softmax(-x/T) [/ (n_s + omega)], x standardised
+    when asked, on odd shapes with one-token steps, a constant step and a row without steps."""
+    B, N = 5, 41
+    ids, S = make_segments(B, N, empty_rows=(3,))
+    s64 = torch.randn(B, N, dtype=torch.float64) * 2
+    s64[0, ids[0] == ids[0][ids[0] >= 0][0]] = 1.5  # one constant segment (zero std)
+    R64 = torch.rand(S, dtype=torch.float64)  # step rewards are probabilities
+    scores, R = s64.to(dtype), R64.float()
+    kw = dict(omega=0.6, omega_neg=0.8, temperature=temperature, standardize=standardize, normalize=normalize)
+    oracle = loop_oracle(s64.to(dtype).double(), ids, R64.float().double(), 0.6, temperature, standardize,
+                         normalize == "sum", 0.8)
+    out = p2t.segment_redistribute(scores.to(device), ids.to(device), R.to(device), backend=backend, **kw).cpu()
+    ref_out = p2t.segment_redistribute(scores, ids, R, backend="reference", **kw)
+    assert out.dtype == torch.float32 and out.shape == (B, N)
+    assert (out[ids < 0] == 0).all()
+    assert_close_to_oracle(out, ref_out, oracle, floor=1e-5)
+    unsigned = p2t.segment_redistribute(scores, ids, R, backend="reference", **dict(kw, omega_neg=0.0))
+    assert (ref_out[ids >= 0] < unsigned[ids >= 0]).any()  # the term takes something away
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_signed_sums_and_one_token_steps(backend, device):
+    """normalize="sum": a step's rewards sum to R_s - omega_neg (1 - R_s) / (n_s + omega); a one-token step
+    gets (R_s (1 + omega) - omega_neg (1 - R_s)) / (1 + omega); R_s = 1 leaves nothing to blame."""
+    ids = torch.tensor([[0, 0, 0, -1, 1, -1, 2, 2], [3, -1, 4, 4, 4, 4, -1, -1]], device=device)
+    R = torch.tensor([0.9, 0.3, 0.05, 0.25, 1.0], device=device)
+    scores = torch.randn(2, 8, device=device)
+    out = p2t.segment_redistribute(scores, ids, R, omega=0.6, omega_neg=0.7, normalize="sum", backend=backend).cpu()
+    idc, Rc = ids.cpu(), R.cpu().double()
+    n = torch.bincount(idc[idc >= 0], minlength=5).double()
+    sums = torch.zeros(5, dtype=torch.float64).index_add_(0, idc[idc >= 0], out[idc >= 0].double())
+    torch.testing.assert_close(sums, Rc - 0.7 * (1 - Rc) / (n + 0.6), rtol=1e-6, atol=1e-6)
+    one = (0.3 * 1.6 - 0.7 * 0.7) / 1.6
+    torch.testing.assert_close(out[0, 4].double(), torch.tensor(one, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    plain = p2t.segment_redistribute(scores, ids, R, omega=0.6, normalize="sum", backend=backend).cpu()
+    torch.testing.assert_close(out[1, 2:6], plain[1, 2:6])  # R_s = 1
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("standardize,normalize", [(False, "paper"), (True, "sum")])
+def test_signed_packed_steps_with_holes(backend, device, standardize, normalize):
+    """Packed [T] int32 ids, steps with holes (the blame softmax runs over the step's set of tokens)."""
+    ids, S = _holes()
+    ids = ids.reshape(-1).to(torch.int32)
+    scores = torch.randn(18, dtype=torch.float64)
+    R = torch.rand(S, dtype=torch.float64)
+    oracle = loop_oracle(scores.float().double(), ids.long(), R.float().double(), 0.6, 0.9, standardize,
+                         normalize == "sum", 0.5)
+    out = p2t.segment_redistribute(scores.float().to(device), ids.to(device), R.float().to(device), temperature=0.9,
+                                   omega_neg=0.5, standardize=standardize, normalize=normalize, backend=backend).cpu()
+    torch.testing.assert_close(out.double(), oracle, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("standardize,normalize,temperature", SIGNED_OPTIONS[:2])
+def test_signed_p2t_advantages_vs_oracle(backend, device, dtype, standardize, normalize, temperature):
+    x = _pipeline_inputs(dtype=dtype)
+    kw = dict(group_size=3, omega=0.6, omega_neg=0.9, alpha=0.7, temperature=temperature, standardize=standardize,
+              normalize=normalize, scale="group")
+    args = [t.to(dtype) for t in (x["g64"], x["e64"], x["n64"])] + [x["ids"], x["R"].float(), x["o"].float()]
+    oracle = ref.p2t_advantages(*[a.double() if a.is_floating_point() else a for a in args], x["mask"], 3, 0.6, 0.7,
+                                temperature, standardize, normalize == "sum", 0, 1e-6, 0.9)
+    out = p2t.p2t_advantages(*[a.to(device) for a in args], mask=x["mask"].to(device), backend=backend, **kw).cpu()
+    ref_out = p2t.p2t_advantages(*args, mask=x["mask"], backend="reference", **kw)
+    assert (out[~x["mask"]] == 0).all()
+    assert_close_to_oracle(out, ref_out, oracle, floor=2e-5)
+    free = x["mask"] & (x["ids"] < 0)  # tokens in no step: A^_b, the blame term does not reach them
+    a_hat = ref.group_advantages(x["o"].float(), 3, 0, 1e-6)
+    torch.testing.assert_close(out[free], a_hat[:, None].expand_as(out)[free])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_omega_neg_zero_is_bitwise_unchanged(backend, device, monkeypatch):
+    """omega_neg=0 gives the recorded outputs of the kernels before the signed term existed, bit for bit (the
+    C++ backend with its AVX2 clone, the one that recorded them)."""
+    if device != "cpu":
+        pytest.skip("recorded on CPU")
+    if backend == "cpu":
+        if "avx2" not in p2t.ops.cpu_isas():
+            pytest.skip("the outputs were recorded with the AVX2 clone, which this CPU lacks")
+        monkeypatch.setenv("P2T_CPU_ISA", "avx2")
+    check_golden(backend, lambda *a, **kw: p2t.segment_redistribute(*a, backend=backend, **kw),
+                 lambda *a, **kw: p2t.p2t_advantages(*a, backend=backend, **kw))
+
+
+# ------------------------------------------------------------------------------------------------ #
 # gradients
 # ------------------------------------------------------------------------------------------------ #
 def _grads(fn, inputs):
@@ -336,6 +434,18 @@ def test_gradients_match_reference_autograd(backend, device):
             lambda g_, e_, n_, r_, o_: ref.p2t_advantages(g_, e_, n_, ids, r_, o_, mask, 2, 0.6, 0.1, 1.0, True,
                                                           False, 0, 1e-6),
             [g, e, n, R, o]),
+        "segment_redistribute signed": (
+            lambda s_, r_: p2t.segment_redistribute(s_, ids, r_, omega_neg=0.7, standardize=True, normalize="sum",
+                                                    temperature=0.8, backend=backend),
+            lambda s_, r_: ref.segment_redistribute(s_.reshape(-1), ids.reshape(-1), r_, 0.6, 0.8, True,
+                                                    True, 0.7).reshape(s_.shape),
+            [torch.randn(4, 19, device=device), R]),
+        "p2t_advantages signed": (
+            lambda g_, e_, n_, r_, o_: p2t.p2t_advantages(g_, e_, n_, ids, r_, o_, group_size=2, mask=mask,
+                                                          omega_neg=0.5, temperature=0.7, backend=backend),
+            lambda g_, e_, n_, r_, o_: ref.p2t_advantages(g_, e_, n_, ids, r_, o_, mask, 2, 0.6, 0.1, 0.7, False,
+                                                          False, 0, 1e-6, 0.5),
+            [g, e, n, R, o]),
     }
     assert S > 0
     for name, (fused, plain, inputs) in cases.items():
@@ -363,12 +473,17 @@ def test_gradcheck_float64(backend):
     for st in (False, True):
         assert torch.autograd.gradcheck(
             lambda s_, r_: p2t.segment_redistribute(s_, ids, r_, standardize=st, normalize="sum", **f), (sc, R))
+    for st, ns in ((False, "paper"), (True, "sum")):  # the blame term
+        assert torch.autograd.gradcheck(
+            lambda s_, r_: p2t.segment_redistribute(s_, ids, r_, omega_neg=0.8, temperature=0.7, standardize=st,
+                                                    normalize=ns, **f), (sc, R))
     for scale in ("group", "batch", "none"):
         assert torch.autograd.gradcheck(
             lambda o_, t_: p2t.token_advantages(o_, t_, group_size=2, alpha=0.3, scale=scale, **f), (o, sc))
-    assert torch.autograd.gradcheck(
-        lambda a, b, c, r_, o_: p2t.p2t_advantages(a, b, c, ids, r_, o_, group_size=2, mask=mask, standardize=True,
-                                                   **f), (g, e, n, R, o))
+    for on in (0.0, 0.6):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, r_, o_: p2t.p2t_advantages(a, b, c, ids, r_, o_, group_size=2, mask=mask,
+                                                       standardize=True, omega_neg=on, **f), (g, e, n, R, o))
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -411,11 +526,13 @@ def test_spec_table_is_complete():
 
 
 @pytest.mark.skipif("cpu" not in p2t.available_backends(), reason="C++ extension not built")
-def test_torch_compile_fullgraph_dynamic():
+@pytest.mark.parametrize("omega_neg", [0.0, 0.6])
+def test_torch_compile_fullgraph_dynamic(omega_neg):
     torch._dynamo.reset()
 
     def step(g, e, n, ids, R, o, mask):
-        return p2t.p2t_advantages(g, e, n, ids, R, o, group_size=2, mask=mask, validate=False, backend="cpu")
+        return p2t.p2t_advantages(g, e, n, ids, R, o, group_size=2, mask=mask, validate=False, omega_neg=omega_neg,
+                                  backend="cpu")
 
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -457,6 +574,13 @@ def _bad_cases():
         ("temperature", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, temperature=0.0)),
         ("normalize", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, normalize="mean")),
         ("omega", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, omega=float("nan"))),
+        ("omega_neg", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, omega_neg=float("nan"))),
+        ("omega_neg", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, omega_neg=float("inf"))),
+        ("omega_neg", ValueError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, omega_neg=-0.1)),
+        ("omega_neg", TypeError, lambda: p2t.segment_redistribute(g[..., 0], ids, R, omega_neg="0.5")),
+        ("omega_neg", ValueError, lambda: p2t.p2t_advantages(g, g, n, ids, R, o, omega_neg=float("nan"), **ok)),
+        ("omega_neg", ValueError, lambda: p2t.p2t_advantages(g, g, n, ids, R, o, omega_neg=-float("inf"), **ok)),
+        ("omega_neg", ValueError, lambda: p2t.p2t_advantages(g, g, n, ids, R, o, omega_neg=-1.0, **ok)),
         ("group_size", ValueError, lambda: p2t.group_advantages(torch.rand(5), 2)),
         ("group_size", ValueError, lambda: p2t.group_advantages(torch.rand(4), 0)),
         ("scale", ValueError, lambda: p2t.group_advantages(torch.rand(4), 2, scale="std")),
@@ -690,6 +814,95 @@ def test_process_token_rewards_shares_segment_checks():
     # validate=False: ids outside [0, S) are in no step, never an IndexError
     torch.testing.assert_close(p2t.process_token_rewards(torch.tensor([0, 3, -2, 2]), R, validate=False),
                                torch.tensor([0.2, 0.0, 0.0, 0.9]))
+
+
+# ------------------------------------------------------------------------------------------------ #
+# the ISA clones of the C++ CPU kernels (csrc/cpu_isa.h): each one against the reference, on this CPU
+# ------------------------------------------------------------------------------------------------ #
+CPU_ISAS = ["default", "avx2", "avx512"]
+
+
+def _use_isa(monkeypatch, isa):
+    if "cpu" not in p2t.available_backends():
+        pytest.skip("C++ extension not built")
+    if isa not in p2t.ops.cpu_isas():
+        pytest.skip(f"this CPU (or build) has no {isa} clone: it has {p2t.ops.cpu_isas()}")
+    monkeypatch.setenv("P2T_CPU_ISA", isa)
+    assert p2t.ops.cpu_isa() == isa
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_isa_clone_attribution(isa, monkeypatch):
+    """Every dtype path of the attribution (fp32, bf16 and fp16 with null in their dtype, fp64, mixed), D below,
+    at and above the vector widths, odd D, strided rows, masks: the clone vs the float64 oracle, within 2x the
+    reference's own error."""
+    _use_isa(monkeypatch, isa)
+    gen = torch.Generator().manual_seed(5)
+    for D in (1, 7, 16, 33, 1000, 1531):
+        for gd, ed in [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16,) * 2, (torch.float64,) * 2,
+                       (torch.bfloat16, torch.float32)]:
+            g64, e64 = torch.randn(37, D, generator=gen, dtype=torch.float64), torch.randn(37, D, generator=gen,
+                                                                                          dtype=torch.float64)
+            n64 = torch.randn(D, generator=gen, dtype=torch.float64)
+            g, e, n = g64.to(gd), e64.to(ed), n64.to(ed)
+            mask = torch.rand(37, generator=gen) > 0.2
+            oracle = ((e.double() - n.double()) * g.double()).sum(-1) * mask
+            out = p2t.token_attribution(g, e, n, mask=mask, backend="cpu")
+            ref_out = p2t.token_attribution(g, e, n, mask=mask, backend="reference")
+            assert (out[~mask] == 0).all()
+            assert_close_to_oracle(out, ref_out, oracle, floor=2e-6 * (1 + oracle.abs().max().item()))
+    base = torch.randn(9, 2, 301, generator=gen)
+    g, e = base[:, 0], base[:, 1] * 0.5  # rows 602 floats apart
+    n = torch.randn(301, generator=gen)
+    torch.testing.assert_close(p2t.token_attribution(g, e, n, backend="cpu").double(),
+                               ((e.double() - n.double()) * g.double()).sum(-1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_isa_clone_segments_and_fused(isa, monkeypatch):
+    """The segment passes, the advantage loop and the fused op through the clone: against the oracle, and the
+    segment / advantage results bit for bit those of the portable clone (the same scalar arithmetic)."""
+    _use_isa(monkeypatch, isa)
+    x = _pipeline_inputs(B=6, N=33, D=70)
+    ids, S = make_segments(3, 5003, max_len=700, gen=torch.Generator().manual_seed(3))  # runs over chunks
+    scores, R = torch.randn(3, 5003), torch.rand(S)
+    o, tr = torch.rand(6), torch.randn(6, 33).to(torch.bfloat16)
+    for on in (0.0, 0.7):
+        for st, ns in ((False, "paper"), (True, "sum")):
+            kw = dict(omega_neg=on, standardize=st, normalize=ns, temperature=0.8)
+            seg = p2t.segment_redistribute(scores, ids, R, backend="cpu", **kw)
+            torch.testing.assert_close(seg.double(), loop_oracle(scores, ids, R.double(), 0.6, 0.8, st, ns == "sum",
+                                                                 on), rtol=1e-5, atol=1e-6)
+            args = [x[k].float() for k in ("g64", "e64", "n64")] + [x["ids"], x["R"].float(), x["o"].float()]
+            pk = dict(kw, group_size=3, alpha=0.4, mask=x["mask"])
+            fused = p2t.p2t_advantages(*args, backend="cpu", **pk)
+            torch.testing.assert_close(fused, p2t.p2t_advantages(*args, backend="reference", **pk), rtol=1e-5,
+                                       atol=1e-5)
+            adv = p2t.token_advantages(o, tr, group_size=3, alpha=0.3, mask=x["mask"], backend="cpu")
+            monkeypatch.setenv("P2T_CPU_ISA", "default")
+            assert torch.equal(seg, p2t.segment_redistribute(scores, ids, R, backend="cpu", **kw))
+            assert torch.equal(adv, p2t.token_advantages(o, tr, group_size=3, alpha=0.3, mask=x["mask"],
+                                                         backend="cpu"))
+            monkeypatch.setenv("P2T_CPU_ISA", isa)
+
+
+def test_cpu_isa_choice_and_errors(monkeypatch):
+    if "cpu" not in p2t.available_backends():
+        pytest.skip("C++ extension not built")
+    have = p2t.ops.cpu_isas()
+    assert have[0] == "default" and set(have) <= set(CPU_ISAS)
+    for unset in ("", "auto"):
+        monkeypatch.setenv("P2T_CPU_ISA", unset)
+        assert p2t.ops.cpu_isa() == have[-1]  # the best one
+    g = torch.randn(3, 8)
+    monkeypatch.setenv("P2T_CPU_ISA", "sse2")
+    with pytest.raises(RuntimeError, match="P2T_CPU_ISA must be auto, default, avx2 or avx512"):
+        p2t.token_attribution(g, g, torch.zeros(8), backend="cpu")
+    missing = [i for i in CPU_ISAS if i not in have]
+    if missing:
+        monkeypatch.setenv("P2T_CPU_ISA", missing[0])
+        with pytest.raises(RuntimeError, match="no .* clone"):
+            p2t.token_attribution(g, g, torch.zeros(8), backend="cpu")
 
 
 @pytest.mark.skipif("cpu" not in p2t.available_backends() or not hasattr(__import__("os"), "fork"),

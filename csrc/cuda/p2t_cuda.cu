@@ -10,7 +10,8 @@
 //               pos[S+s] = -(last token + 1), pos filled with INT32_MAX first); then one block per
 //               segment runs over [pos[s], -pos[S+s]), skipping the tokens of other ids: (standardise),
 //               / temperature, max, sum of exp, write r_i = R_s (1 + omega w_i) [/ (n_s + omega)], or
-//               A^_b + alpha r_i. Extra blocks, one per (row, chunk), write the tokens in no segment.
+//               A^_b + alpha r_i. With omega_neg > 0 the same passes take the max of -x and the sum of
+//               exp(-x - max) too, and r_i gets - omega_neg (1 - R_s) softmax(-x)_i (before the division). Extra blocks, one per (row, chunk), write the tokens in no segment.
 //               That path serves segment_redistribute beyond kRowStageMaxFlat tokens (its ids have no
 //               rows); up to it, and in p2t_advantages, the row stage does it all in one launch.
 // row stage:    one block per row: the row's steps in shared-memory slots by shared-memory atomics
@@ -362,6 +363,7 @@ struct SegParams {
   int64_t R, N, S, B, G, n_chunks, scale;
   double omega, temperature, alpha, eps;
   bool standardize, normalize_sum, has_adv;
+  double omega_neg;  // 0: the blame term is skipped (the unsigned passes alone)
 };
 
 // Blocks 0..S-1: segment s over its run (see the file comment); blocks S..: one per (row b, chunk of
@@ -378,18 +380,21 @@ segment_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__ r
     const int64_t start = pos[s], end = -static_cast<int64_t>(pos[p.S + s]);
     const bool ok = start >= 0 && start < end && end <= p.R && ids(start) == s;
     if (!ok) return;  // uniform over the block
-    // pass 1: count, sum, max
-    acc_t cnt = 0, tot = 0, mx = acc_t(-INFINITY);
+    const bool sgn = p.omega_neg != 0.0;  // uniform over the block
+    // pass 1: count, sum, max (and min with the blame term)
+    acc_t cnt = 0, tot = 0, mx = acc_t(-INFINITY), nmx = acc_t(-INFINITY);
     for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
       if (ids(i) != s) continue;
       const acc_t v = x[i];
       cnt += 1;
       tot += v;
       mx = max(mx, v);
+      if (sgn) nmx = max(nmx, -v);
     }
     const acc_t n = block_sum(cnt);
     const acc_t mean = block_sum(tot) / max(n, acc_t(1));
     acc_t xmax = block_max(mx);
+    acc_t nxmax = sgn ? block_max(nmx) : acc_t(0);  // max of -x
     bool cnst = false;
     acc_t sd = 1;
     if (p.standardize) {
@@ -404,28 +409,35 @@ segment_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__ r
       cnst = var <= lim * lim;
       sd = cnst ? acc_t(1) : sqrt(var);
       xmax = cnst ? acc_t(0) : (xmax - mean) / sd;
+      nxmax = cnst ? acc_t(0) : (nxmax + mean) / sd;
     }
     xmax = xmax / temperature;
+    nxmax = nxmax / temperature;
     auto xs = [&](acc_t v) -> acc_t {
       if (p.standardize) v = cnst ? acc_t(0) : (v - mean) / sd;
       return v / temperature;
     };
-    // pass 2: softmax denominator
-    acc_t se = 0;
+    // pass 2: softmax denominators
+    acc_t se = 0, sne = 0;
     for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
       if (ids(i) != s) continue;
-      se += exp(xs(x[i]) - xmax);
+      const acc_t z = xs(x[i]);
+      se += exp(z - xmax);
+      if (sgn) sne += exp(-z - nxmax);
     }
     const acc_t den = block_sum(se);
+    const acc_t den_neg = sgn ? block_sum(sne) : acc_t(1);
     const acc_t rew = rewards[s];
     const acc_t c = p.normalize_sum ? acc_t(1) / (n + omega) : acc_t(1);
     acc_t adv = 0;
     if (p.has_adv) adv = group_advantage(outcome, start / p.N, p.B, p.G, p.scale, eps);
+    const acc_t blame = static_cast<acc_t>(p.omega_neg) * (acc_t(1) - rew);
     // pass 3: write
     for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
       if (ids(i) != s) continue;
       const acc_t w = exp(xs(x[i]) - xmax) / den;
       acc_t r = rew + omega * rew * w;
+      if (sgn) r = r - blame * (exp(-xs(x[i]) - nxmax) / den_neg);
       if (p.normalize_sum) r = r * c;
       if (p.has_adv) r = adv + alpha * r;
       out[i] = static_cast<out_t>(r);
@@ -540,6 +552,21 @@ __device__ __forceinline__ void warp_add_to_slots(int k, acc_t v, acc_t* s_sum, 
   }
 }
 
+// s_max[k] = max(s_max[k], v) for each lane's slot k >= 0 (k = -1: none), warp-aggregated as warp_add_to_slots.
+// Every lane of the warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ void warp_max_to_slots(int k, acc_t v, acc_t* s_max) {
+  int rest = k;
+  while (true) {
+    const int kk = warp_max(rest);  // warp-uniform
+    if (kk < 0) break;
+    const bool mine = rest == kk;
+    const acc_t mx = warp_max(mine ? v : acc_t(-INFINITY));
+    if (threadIdx.x % kWarp == 0) atomic_max_acc(s_max + kk, mx);
+    if (mine) rest = -1;
+  }
+}
+
 // min over the block of an int64 (every thread calls it and gets the result)
 __device__ __forceinline__ int64_t block_min_i64(int64_t v) { return -block_max<int64_t>(-v); }
 
@@ -548,7 +575,9 @@ __global__ void __launch_bounds__(kRowThreads)
 row_stage_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__ rewards,
                  const acc_t* __restrict__ outcome, out_t* __restrict__ out, SegParams p) {
   __shared__ acc_t s_cnt[kRowSlots], s_mean[kRowSlots], s_max[kRowSlots], s_sd[kRowSlots], s_se[kRowSlots];
+  __shared__ acc_t s_nmax[kRowSlots], s_nse[kRowSlots];  // max of -x and sum of exp(-x - max), with omega_neg
   __shared__ bool s_const[kRowSlots];
+  const bool sgn = p.omega_neg != 0.0;
   const acc_t omega = p.omega, temperature = p.temperature, alpha = p.alpha;
   const int64_t b = blockIdx.x, row0 = b * p.N;
   acc_t adv = 0;
@@ -574,6 +603,8 @@ row_stage_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__
       s_max[k] = acc_t(-INFINITY);
       s_sd[k] = 0;
       s_se[k] = 0;
+      s_nmax[k] = acc_t(-INFINITY);
+      s_nse[k] = 0;
     }
     __syncthreads();
     // pass 1: count, sum, max per step; the smallest id past the window
@@ -587,6 +618,7 @@ row_stage_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__
       const int k = in ? static_cast<int>(s - base) : -1;
       const acc_t v = in ? x[i] : acc_t(0);
       warp_add_to_slots<true, true>(k, v, s_mean, s_cnt, s_max);
+      if (sgn) warp_max_to_slots(k, -v, s_nmax);
     }
     __syncthreads();
     for (int k = threadIdx.x; k < kRowSlots; k += blockDim.x) s_mean[k] = s_mean[k] / max(s_cnt[k], acc_t(1));
@@ -603,7 +635,7 @@ row_stage_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__
       __syncthreads();
     }
     for (int k = threadIdx.x; k < kRowSlots; k += blockDim.x) {
-      acc_t xmax = s_max[k];
+      acc_t xmax = s_max[k], nxmax = s_nmax[k];
       bool cnst = false;
       acc_t sd = 1;
       if (p.standardize) {
@@ -612,8 +644,10 @@ row_stage_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__
         cnst = var <= lim * lim;
         sd = cnst ? acc_t(1) : sqrt(var);
         xmax = cnst ? acc_t(0) : (xmax - s_mean[k]) / sd;
+        nxmax = cnst ? acc_t(0) : (nxmax + s_mean[k]) / sd;
       }
       s_max[k] = xmax / temperature;
+      s_nmax[k] = nxmax / temperature;
       s_sd[k] = sd;
       s_const[k] = cnst;
     }
@@ -628,8 +662,10 @@ row_stage_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__
       const int64_t s = col < p.N ? ids(i) : -1;
       const bool in = s >= base && s < top;
       const int k = in ? static_cast<int>(s - base) : -1;
-      const acc_t e = in ? exp(xs(x[i], k) - s_max[k]) : acc_t(0);
+      const acc_t z = in ? xs(x[i], k) : acc_t(0);
+      const acc_t e = in ? exp(z - s_max[k]) : acc_t(0);
       warp_add_to_slots<false, false>(k, e, s_se, s_cnt, s_max);
+      if (sgn) warp_add_to_slots<false, false>(k, in ? exp(-z - s_nmax[k]) : acc_t(0), s_nse, s_cnt, s_max);
     }
     __syncthreads();
     // pass 3: write
@@ -641,6 +677,7 @@ row_stage_kernel(const acc_t* __restrict__ x, Ids ids, const acc_t* __restrict__
       const acc_t w = exp(xs(x[i], k) - s_max[k]) / s_se[k];
       const acc_t rew = rewards[s];
       acc_t r = rew + omega * rew * w;
+      if (sgn) r = r - static_cast<acc_t>(p.omega_neg) * (acc_t(1) - rew) * (exp(-xs(x[i], k) - s_nmax[k]) / s_nse[k]);
       if (p.normalize_sum) r = r * (acc_t(1) / (s_cnt[k] + omega));
       if (p.has_adv) r = adv + alpha * r;
       out[i] = static_cast<out_t>(r);
@@ -703,8 +740,9 @@ at::Tensor token_attribution_cuda(const at::Tensor& grad, const at::Tensor& embe
 
 at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tensor& ids_in,
                                      const at::Tensor& rewards_in, double omega, double temperature,
-                                     bool standardize, bool normalize_sum) {
+                                     bool standardize, bool normalize_sum, double omega_neg) {
   check_segment_args(scores_in, ids_in, rewards_in, temperature);
+  check_omega_neg(omega_neg);
   check_cuda(ids_in, scores_in, "segment_ids");
   check_cuda(rewards_in, scores_in, "segment_rewards");
   P2T_DEVICE_GUARD(scores_in.device());
@@ -718,7 +756,7 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
   if (R == 0) return out;
   const Ids id = make_ids(ids, nullptr, S);
   if (R <= kRowStageMaxFlat) {  // one row, one block, one launch
-    SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false};
+    SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false, omega_neg};
     launch_row_stage(x, id, rewards, nullptr, out, p);
     return out;
   }
@@ -729,7 +767,7 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
                pos.data_ptr<int32_t>(), R, R);
     P2T_LAUNCH_CHECK();
   }
-  SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false};
+  SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false, omega_neg};
   launch_segment(x, id, rewards, nullptr, pos, out, p);
   return out;
 }
@@ -816,8 +854,9 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
                          const at::Tensor& ids_in, const at::Tensor& rewards_in, const at::Tensor& outcome_in,
                          const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
                          double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
-                         at::Tensor& out) {
+                         double omega_neg, at::Tensor& out) {
   check_p2t_args(grad, embeds, null_embed, ids_in, rewards_in, outcome_in, mask, group_size, temperature, scale, out);
+  check_omega_neg(omega_neg);
   const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2), R = B * N;
   TORCH_CHECK(R < std::numeric_limits<int32_t>::max(), "too many tokens: ", R);
   for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&embeds, "embeds"}, {&null_embed, "null_embed"},
@@ -838,7 +877,7 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
   const Ids id = make_ids(ids, m.defined() ? &m : nullptr, S);
   // reshape: a view for the usual contiguous layouts; rows_unit_stride inside copies only when needed
   attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, id.mask, scores);
-  SegParams p{R, N, S, B, group_size, 0, scale, omega, temperature, alpha, eps, standardize, normalize_sum, true};
+  SegParams p{R, N, S, B, group_size, 0, scale, omega, temperature, alpha, eps, standardize, normalize_sum, true, omega_neg};
   auto flat = out.view({R});
   launch_row_stage(scores, id, rewards, &outcome, flat, p);
 }
@@ -846,10 +885,11 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
 at::Tensor p2t_advantages_cuda(const at::Tensor& grad, const at::Tensor& embeds, const at::Tensor& null_embed,
                                const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
                                const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
-                               double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps) {
+                               double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
+                               double omega_neg) {
   auto out = new_p2t_out(grad, embeds, null_embed, rewards, outcome);
   p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
-                      standardize, normalize_sum, scale, eps, out);
+                      standardize, normalize_sum, scale, eps, omega_neg, out);
   return out;
 }
 
@@ -857,9 +897,9 @@ void p2t_advantages_out_cuda(const at::Tensor& grad, const at::Tensor& embeds, c
                              const at::Tensor& ids, const at::Tensor& rewards, const at::Tensor& outcome,
                              const c10::optional<at::Tensor>& mask, int64_t group_size, double omega, double alpha,
                              double temperature, bool standardize, bool normalize_sum, int64_t scale, double eps,
-                             at::Tensor out) {
+                             double omega_neg, at::Tensor out) {
   p2t_advantages_into(grad, embeds, null_embed, ids, rewards, outcome, mask, group_size, omega, alpha, temperature,
-                      standardize, normalize_sum, scale, eps, out);
+                      standardize, normalize_sum, scale, eps, omega_neg, out);
 }
 
 }  // namespace

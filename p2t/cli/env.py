@@ -28,6 +28,8 @@ def run(args) -> int:
     except ImportError:
         print("transformers not installed")
     print(f"cpu threads  {torch.get_num_threads()}")
+    print(f"cpu kernels  {p2t.ops.cpu_isa()} clone (here: {', '.join(p2t.ops.cpu_isas()) or 'none'}; "
+          f"P2T_CPU_ISA forces one)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}       {torch.cuda.get_device_name(i)}")

@@ -10,12 +10,15 @@ from typing import Optional
 
 import torch
 
+from p2t.options import DEFAULTS
+
 from . import _backends, _checks as chk, reference
 from ._backends import available_backends
+from .host import cpu_isa, cpu_isas
 
 __all__ = [
     "token_attribution", "segment_redistribute", "process_token_rewards", "group_advantages", "token_advantages",
-    "p2t_advantages", "available_backends",
+    "p2t_advantages", "available_backends", "cpu_isa", "cpu_isas",
 ]
 
 _backends.register(_backends.Backend(
@@ -85,7 +88,7 @@ def token_attribution(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torc
     return out.reshape(lead)
 
 
-def _segment_args(scores, segment_ids, segment_rewards, omega, temperature, standardize, normalize):
+def _segment_args(scores, segment_ids, segment_rewards, omega, omega_neg, temperature, standardize, normalize):
     chk.tensor("scores", scores, dims=(1, 2))
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating tensor (float32, bfloat16, float16 or float64), got {scores.dtype}")
@@ -94,18 +97,28 @@ def _segment_args(scores, segment_ids, segment_rewards, omega, temperature, stan
     chk.same_shape("segment_ids", segment_ids, "scores", scores.shape)
     chk.floating("segment_rewards", segment_rewards, dims=(1,))
     chk.same_device(scores=scores, segment_ids=segment_ids, segment_rewards=segment_rewards)
+    omega, omega_neg, temperature, normalize_sum = _redistribution_args(omega, omega_neg, temperature, standardize,
+                                                                         normalize)
+    return omega, omega_neg, temperature, normalize_sum
+
+
+def _redistribution_args(omega, omega_neg, temperature, standardize, normalize):
     omega = chk.finite("omega", omega)
+    omega_neg = chk.finite("omega_neg", omega_neg, nonnegative=True)
     temperature = chk.finite("temperature", temperature, positive=True)
     if not isinstance(standardize, bool):
         raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
     normalize_sum = chk.choice("normalize", normalize, chk.NORMALIZE) == 1
-    return omega, temperature, normalize_sum
+    return omega, omega_neg, temperature, normalize_sum
 
 
 def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segment_rewards: torch.Tensor, *,
-                         omega: float = 0.6, omega_neg: float = 0.0, temperature: float = 1.0, standardize: bool = False,
-                         normalize: str = "paper", validate: bool = True, backend: str = "auto") -> torch.Tensor:
-    """Token rewards ``r_i = R_s + omega * R_s * softmax_{j in s}(x_j / temperature)_i``.
+                         omega: float = DEFAULTS.omega, omega_neg: float = DEFAULTS.omega_neg,
+                         temperature: float = DEFAULTS.temperature, standardize: bool = DEFAULTS.standardize,
+                         normalize: str = DEFAULTS.normalize, validate: bool = True,
+                         backend: str = "auto") -> torch.Tensor:
+    """Token rewards ``r_i = R_s + omega * R_s * softmax_{j in s}(x_j / temperature)_i
+    - omega_neg * (1 - R_s) * softmax_{j in s}(-x_j / temperature)_i``.
 
     Args:
         scores: float ``[B, N]`` or ``[T]`` attributions I.
@@ -115,11 +128,15 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
             a tool call), but with ``[B, N]`` ids they lie inside one row.
         segment_rewards: float ``[S]``, the step rewards R_s.
         omega: redistribution strength (0.6 in the paper).
-        temperature: softmax temperature (> 0).
+        omega_neg: weight of the signed blame term (>= 0; 0, the default, is the paper's formula and skips
+            the term). ``1 - R_s`` (a step reward in [0, 1] read as a probability) is taken from the tokens with
+            the lowest x, through the same x and temperature as the credit term.
+        temperature: temperature of both softmaxes (> 0).
         standardize: use ``x = (scores - mean_s) / std_s`` (population std; x = 0 for constant or
-            one-token segments) instead of the raw scores.
-        normalize: ``"paper"`` (Eq. 3 as written) or ``"sum"`` (divided by ``n_s + omega`` so a segment's
-            token rewards sum to R_s).
+            one-token segments) instead of the raw scores, in both softmaxes.
+        normalize: ``"paper"`` (Eq. 3 as written) or ``"sum"``: the whole r_i (blame term included) divided
+            by ``n_s + omega``, so a segment's token rewards sum to R_s when omega_neg = 0 and to
+            ``R_s - omega_neg (1 - R_s) / (n_s + omega)`` otherwise.
         validate: check that ids are in ``[-1, S)`` and no segment crosses rows (one device sync;
             skipped under torch.compile). With ``validate=False`` ids outside ``[0, S)`` count as -1
             and a segment crossing rows gets unspecified (finite) values.
@@ -127,15 +144,13 @@ def segment_redistribute(scores: torch.Tensor, segment_ids: torch.Tensor, segmen
         float32 tensor shaped like scores, 0 for tokens with id -1. Differentiable w.r.t. scores and
         segment_rewards.
     """
-    omega, temperature, normalize_sum = _segment_args(scores, segment_ids, segment_rewards, omega, temperature,
-                                                      standardize, normalize)
-    if chk.finite("omega_neg", omega_neg, nonnegative=True) != 0.0:
-        raise NotImplementedError("omega_neg > 0 is not implemented yet")
+    omega, omega_neg, temperature, normalize_sum = _segment_args(scores, segment_ids, segment_rewards, omega,
+                                                                 omega_neg, temperature, standardize, normalize)
     if validate:
         chk.segment_values(segment_ids, segment_rewards.shape[0], rows=scores.shape[0] if scores.dim() == 2 else None)
     fn = _backends.get(backend, "segment_redistribute", _device_type(scores))
     out = fn(scores.reshape(-1), segment_ids.reshape(-1), segment_rewards, omega, temperature, standardize,
-             normalize_sum)
+             normalize_sum, omega_neg)
     return out.reshape(scores.shape)
 
 
@@ -167,8 +182,8 @@ def process_token_rewards(segment_ids: torch.Tensor, segment_rewards: torch.Tens
     return torch.where(keep, gathered, torch.zeros_like(gathered))
 
 
-def group_advantages(outcome_rewards: torch.Tensor, group_size: int, *, scale: str = "group",
-                     eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(outcome_rewards: torch.Tensor, group_size: int, *, scale: str = DEFAULTS.scale,
+                     eps: float = DEFAULTS.eps) -> torch.Tensor:
     """GRPO advantages per sequence: ``(o - mean_g) / (std + eps)``.
 
     Groups are contiguous blocks of ``group_size`` rows. ``scale="group"``: unbiased std of the group
@@ -203,8 +218,9 @@ def _out(out, shape, device, op, **inputs):
 
 
 def token_advantages(outcome_rewards: torch.Tensor, token_rewards: torch.Tensor, *, group_size: int,
-                     alpha: float = 0.1, mask: Optional[torch.Tensor] = None, scale: str = "group",
-                     eps: float = 1e-6, out: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+                     alpha: float = DEFAULTS.alpha, mask: Optional[torch.Tensor] = None,
+                     scale: str = DEFAULTS.scale, eps: float = DEFAULTS.eps, out: Optional[torch.Tensor] = None,
+                     backend: str = "auto") -> torch.Tensor:
     """Token advantages ``A~[b, i] = A^_b + alpha * token_rewards[b, i]`` (0 where mask is False).
 
     Args:
@@ -232,10 +248,11 @@ def token_advantages(outcome_rewards: torch.Tensor, token_rewards: torch.Tensor,
 
 def p2t_advantages(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torch.Tensor, segment_ids: torch.Tensor,
                    segment_rewards: torch.Tensor, outcome_rewards: torch.Tensor, *, group_size: int,
-                   omega: float = 0.6, omega_neg: float = 0.0, alpha: float = 0.1, temperature: float = 1.0,
-                   standardize: bool = False, normalize: str = "paper", mask: Optional[torch.Tensor] = None, scale: str = "group",
-                   eps: float = 1e-6, out: Optional[torch.Tensor] = None, validate: bool = True,
-                   backend: str = "auto") -> torch.Tensor:
+                   omega: float = DEFAULTS.omega, omega_neg: float = DEFAULTS.omega_neg,
+                   alpha: float = DEFAULTS.alpha, temperature: float = DEFAULTS.temperature,
+                   standardize: bool = DEFAULTS.standardize, normalize: str = DEFAULTS.normalize,
+                   mask: Optional[torch.Tensor] = None, scale: str = DEFAULTS.scale, eps: float = DEFAULTS.eps,
+                   out: Optional[torch.Tensor] = None, validate: bool = True, backend: str = "auto") -> torch.Tensor:
     """The whole P2T pipeline: attribution -> redistribution -> token advantages, fused.
 
     Args:
@@ -243,7 +260,8 @@ def p2t_advantages(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torch.T
         outcome_rewards ``[B]``. Tokens where ``mask`` is False are treated as in no segment and get
         advantage 0; tokens with id -1 and mask True get ``A^_b``.
         Segments follow :func:`segment_redistribute`: a segment is the set of its tokens inside one
-        row (need not be contiguous; masked tokens leave holes).
+        row (need not be contiguous; masked tokens leave holes); omega, omega_neg, temperature,
+        standardize and normalize are its redistribution options.
         out: optional float32/float64 ``[B, N]`` written in place; not differentiable (a ValueError
         when an input requires grad under grad mode, as torch's own ``out=`` ops).
     Returns:
@@ -266,14 +284,9 @@ def p2t_advantages(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torch.T
     chk.mask("mask", mask, (B, N))
     chk.same_device(grad=grad, embeds=embeds, null_embed=null_embed, segment_ids=segment_ids,
                     segment_rewards=segment_rewards, outcome_rewards=outcome_rewards, mask=mask)
-    omega = chk.finite("omega", omega)
-    if chk.finite("omega_neg", omega_neg, nonnegative=True) != 0.0:
-        raise NotImplementedError("omega_neg > 0 is not implemented yet")
+    omega, omega_neg, temperature, normalize_sum = _redistribution_args(omega, omega_neg, temperature, standardize,
+                                                                         normalize)
     alpha = chk.finite("alpha", alpha)
-    temperature = chk.finite("temperature", temperature, positive=True)
-    if not isinstance(standardize, bool):
-        raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
-    normalize_sum = chk.choice("normalize", normalize, chk.NORMALIZE) == 1
     s = chk.choice("scale", scale, chk.SCALES)
     eps = chk.finite("eps", eps, nonnegative=True)
     out = _out(out, (B, N), grad.device, "p2t_advantages", grad=grad, embeds=embeds, null_embed=null_embed,
@@ -283,4 +296,4 @@ def p2t_advantages(grad: torch.Tensor, embeds: torch.Tensor, null_embed: torch.T
         chk.segment_values(ids, segment_rewards.shape[0], rows=B)
     fn = _backends.get(backend, "p2t_advantages", _device_type(grad))
     return fn(grad, embeds, null_embed, segment_ids, segment_rewards, outcome_rewards, mask, group_size, omega,
-              alpha, temperature, standardize, normalize_sum, s, eps, out=out)
+              alpha, temperature, standardize, normalize_sum, s, eps, omega_neg, out=out)

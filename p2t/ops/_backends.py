@@ -3,10 +3,11 @@
 A backend provides four functions over normalised arguments (see ``p2t.ops.reference``):
 
 * ``token_attribution(grad [R, D], embeds [R, D], null_embed [D], mask [R] | None) -> [R]``
-* ``segment_redistribute(scores [R], ids [R], rewards [S], omega, temperature, standardize, normalize_sum) -> [R]``
+* ``segment_redistribute(scores [R], ids [R], rewards [S], omega, temperature, standardize, normalize_sum,
+  omega_neg) -> [R]``
 * ``token_advantages(outcome [B], token_rewards [B, N], mask | None, group_size, alpha, scale, eps, out | None)``
 * ``p2t_advantages(grad [B, N, D], embeds, null, ids [B, N], rewards [S], outcome [B], mask | None,
-  group_size, omega, alpha, temperature, standardize, normalize_sum, scale, eps, out | None)``
+  group_size, omega, alpha, temperature, standardize, normalize_sum, scale, eps, omega_neg, out | None)``
 
 Backends register themselves with :func:`register`; ``p2t.ops`` imports the modules that do.
 """

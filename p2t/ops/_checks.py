@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from p2t.options import NORMALIZE, SCALES, check_float as finite  # noqa: F401  (one declaration of each)
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
-SCALES = ("group", "batch", "none")
-NORMALIZE = ("paper", "sum")
 
 
 def tensor(name, t, *, dtypes=None, dims=None, kind=None):
@@ -56,19 +56,6 @@ def positive_int(name, v):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
-
-
-def finite(name, v, *, positive=False, nonnegative=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
-    v = float(v)
-    if v != v or abs(v) == float("inf"):  # (math.isfinite does not trace under torch.compile)
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    if nonnegative and v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
     return v
 
 

@@ -8,7 +8,8 @@ register_autograd), the Triton registration (``_triton``), the dispatch table's 
 
 Tensors are the normalised ones ``p2t.ops`` passes: grad/embeds ``[R, D]`` for token_attribution and
 ``[B, N, D]`` for p2t_advantages; ``scale`` 0 group, 1 batch, 2 none. Outputs are float32, float64 when
-every floating input is float64 (``reference.compute_dtype``). The ``*_out`` twins write into ``out``
+every floating input is float64 (``reference.compute_dtype``). ``omega_neg`` (the blame term's weight) is the
+last scalar of segment_redistribute and p2t_advantages (appended, so calls written before it keep their order). The ``*_out`` twins write into ``out``
 (it may alias token_rewards) and are not differentiable.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _fake_attribution(grad, embeds, null_embed, mask):
     return grad.new_empty(grad.shape[:1], dtype=_cd(grad, embeds, null_embed))
 
 
-def _fake_segment(scores, segment_ids, segment_rewards, omega, temperature, standardize, normalize_sum):
+def _fake_segment(scores, segment_ids, segment_rewards, omega, temperature, standardize, normalize_sum, omega_neg):
     torch._check(segment_ids.shape == scores.shape, lambda: "segment_ids must match scores")
     return scores.new_empty(scores.shape, dtype=_cd(scores, segment_rewards))
 
@@ -60,7 +61,7 @@ def _fake_advantages(outcome_rewards, token_rewards, mask, group_size, alpha, sc
 
 
 def _fake_p2t(grad, embeds, null_embed, segment_ids, segment_rewards, outcome_rewards, mask, group_size, omega,
-              alpha, temperature, standardize, normalize_sum, scale, eps):
+              alpha, temperature, standardize, normalize_sum, scale, eps, omega_neg):
     torch._check(grad.dim() == 3, lambda: "grad must be [B, N, D]")
     return grad.new_empty(grad.shape[:2], dtype=_cd(grad, embeds, null_embed, segment_rewards, outcome_rewards))
 
@@ -71,11 +72,11 @@ def _fake_none(*args):
 
 _ATTR = "(Tensor grad, Tensor embeds, Tensor null_embed, Tensor? mask) -> Tensor"
 _SEG = ("(Tensor scores, Tensor segment_ids, Tensor segment_rewards, float omega, float temperature, "
-        "bool standardize, bool normalize_sum) -> Tensor")
+        "bool standardize, bool normalize_sum, float omega_neg) -> Tensor")
 _ADV_ARGS = "Tensor outcome_rewards, Tensor token_rewards, Tensor? mask, int group_size, float alpha, int scale, float eps"
 _P2T_ARGS = ("Tensor grad, Tensor embeds, Tensor null_embed, Tensor segment_ids, Tensor segment_rewards, "
              "Tensor outcome_rewards, Tensor? mask, int group_size, float omega, float alpha, float temperature, "
-             "bool standardize, bool normalize_sum, int scale, float eps")
+             "bool standardize, bool normalize_sum, int scale, float eps, float omega_neg")
 
 SPECS = {s.name: s for s in [
     OpSpec("token_attribution", _ATTR, reference.token_attribution, _fake_attribution,

@@ -1,4 +1,5 @@
-"""Host kernels of the attribution engine (CPU, from the compiled extension ``p2t._C``).
+"""Host kernels of the attribution engine (CPU, from the compiled extension ``p2t._C``), and which
+instruction-set clone the C++ CPU kernels run (:func:`cpu_isa`).
 
 :func:`layout_ids` lays out the PRM inputs of rows of policy token ids in one native pass
 (``csrc/layout_cpu.cpp``): the token pieces gathered into text, character spans, steps split and
@@ -13,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["has_layout", "layout_ids", "piece_table_entries"]
+__all__ = ["has_layout", "layout_ids", "piece_table_entries", "cpu_isa", "cpu_isas"]
 
 _HAS: Optional[bool] = None
 
@@ -28,6 +29,31 @@ def has_layout() -> bool:
         except RuntimeError:  # the op does not exist: no extension, or one built before the kernel
             _HAS = False
     return _HAS
+
+
+def _has_op(name: str) -> bool:
+    from . import _cpp  # noqa: F401  (imports p2t._C when it is built)
+    try:
+        return bool(torch._C._dispatch_has_kernel(f"p2t_host::{name}"))
+    except RuntimeError:
+        return False
+
+
+def cpu_isa() -> str:
+    """The instruction-set clone the C++ CPU kernels run now: ``"avx512"``, ``"avx2"`` or ``"default"`` (the
+    portable build); ``"none"`` without the compiled extension. The best one the CPU has unless the environment
+    variable ``P2T_CPU_ISA`` (read at every call: ``auto``, ``default``, ``avx2``, ``avx512``) names another; a
+    name the CPU lacks raises a RuntimeError."""
+    if not _has_op("cpu_isa"):
+        return "none"
+    return torch.ops.p2t_host.cpu_isa()
+
+
+def cpu_isas() -> List[str]:
+    """The clones this CPU can run (``"default"`` first); empty without the compiled extension."""
+    if not _has_op("cpu_isas"):
+        return []
+    return torch.ops.p2t_host.cpu_isas().split(",")
 
 
 def piece_table_entries(starts, lengths, special) -> Optional[torch.Tensor]:

@@ -50,12 +50,18 @@ def _segment_sum(values, index, num_buckets):
     return values.new_zeros(num_buckets).index_add(0, index, values)
 
 
-def segment_weights(scores, segment_ids, num_segments, temperature=1.0, standardize=False):
-    """Within-segment softmax weights w [R] (0 for tokens with id -1) and the bucket index [R].
+def _segment_softmax(x, idx, S1):
+    """softmax of x within each bucket of ``idx`` (max-subtracted; the max is a constant of autograd)."""
+    mx = torch.full((S1,), float("-inf"), dtype=x.dtype, device=x.device)
+    mx = mx.scatter_reduce(0, idx, x.detach(), reduce="amax", include_self=True)
+    e = torch.exp(x - mx[idx])
+    return e / _segment_sum(e, idx, S1)[idx]
 
-    Segment ``s`` has bucket ``s``; tokens in no segment (ids outside ``[0, S)``) go to the dummy bucket
-    ``num_segments``. A segment is the set of its tokens: they need not be contiguous.
-    """
+
+def _logits(scores, segment_ids, num_segments, temperature=1.0, standardize=False):
+    """The softmax logits x / temperature [R] (x standardised within its segment when asked) and the
+    bucket index [R]: segment ``s`` has bucket ``s``; tokens in no segment (ids outside ``[0, S)``) go to the
+    dummy bucket ``num_segments``. A segment is the set of its tokens: they need not be contiguous."""
     S1 = num_segments + 1
     valid = (segment_ids >= 0) & (segment_ids < num_segments)
     idx = torch.where(valid, segment_ids.long(), torch.full_like(segment_ids, num_segments, dtype=torch.long))
@@ -68,28 +74,34 @@ def segment_weights(scores, segment_ids, num_segments, temperature=1.0, standard
         const = var <= (ZERO_STD_RTOL * mean.detach().abs()) ** 2
         std = torch.where(const, torch.ones_like(var), var).sqrt()
         x = torch.where(const[idx], torch.zeros_like(x), d / std[idx])
-    x = x / temperature
-    mx = torch.full((S1,), float("-inf"), dtype=x.dtype, device=x.device)
-    mx = mx.scatter_reduce(0, idx, x.detach(), reduce="amax", include_self=True)
-    e = torch.exp(x - mx[idx])
-    den = _segment_sum(e, idx, S1)
-    w = e / den[idx]
+    return x / temperature, idx, valid
+
+
+def segment_weights(scores, segment_ids, num_segments, temperature=1.0, standardize=False, negative=False):
+    """Within-segment softmax weights w [R] (0 for tokens with id -1) and the bucket index [R]
+    (see :func:`_logits`). ``negative``: the weights of the blame term, softmax of ``-x / temperature``."""
+    z, idx, valid = _logits(scores, segment_ids, num_segments, temperature, standardize)
+    w = _segment_softmax(-z if negative else z, idx, num_segments + 1)
     return torch.where(valid, w, torch.zeros_like(w)), idx
 
 
 def segment_redistribute(scores, segment_ids, segment_rewards, omega=0.6, temperature=1.0,
-                         standardize=False, normalize_sum=False):
-    """r_i = R_s + omega * R_s * w_i (divided by n_s + omega when normalize_sum); 0 for id -1."""
+                         standardize=False, normalize_sum=False, omega_neg=0.0):
+    """r_i = R_s + omega R_s w_i - omega_neg (1 - R_s) v_i, w = softmax_s(x / T), v = softmax_s(-x / T)
+    (all divided by n_s + omega when normalize_sum); 0 for id -1. omega_neg = 0: the term is not computed."""
     dt = compute_dtype(scores, segment_rewards)
     scores = scores.to(dt)
     S = segment_rewards.shape[0]
-    w, idx = segment_weights(scores, segment_ids, S, temperature, standardize)
+    z, idx, valid = _logits(scores, segment_ids, S, temperature, standardize)
+    w = _segment_softmax(z, idx, S + 1)
     R = torch.cat([segment_rewards.to(dt), scores.new_zeros(1)])[idx]
     r = R + omega * R * w
+    if omega_neg != 0.0:
+        r = r - omega_neg * (1 - R) * _segment_softmax(-z, idx, S + 1)
     if normalize_sum:
         count = _segment_sum(torch.ones_like(scores), idx, S + 1)
         r = r / (count[idx] + omega)
-    return torch.where(idx < S, r, torch.zeros_like(r))
+    return torch.where(valid, r, torch.zeros_like(r))
 
 
 def group_advantages(outcome_rewards, group_size, scale=0, eps=1e-6):
@@ -129,14 +141,14 @@ def token_advantages(outcome_rewards, token_rewards, mask=None, group_size=1, al
 
 def p2t_advantages(grad, embeds, null_embed, segment_ids, segment_rewards, outcome_rewards, mask=None,
                    group_size=1, omega=0.6, alpha=0.1, temperature=1.0, standardize=False,
-                   normalize_sum=False, scale=0, eps=1e-6):
+                   normalize_sum=False, scale=0, eps=1e-6, omega_neg=0.0):
     """attribution -> redistribution -> token advantages; tokens with ~mask are in no segment."""
     B, N, D = grad.shape
     scores = token_attribution(grad.reshape(B * N, D), embeds.reshape(B * N, D), null_embed)
     ids = segment_ids.reshape(B * N)
     if mask is not None:
         ids = torch.where(mask.reshape(B * N), ids, torch.full_like(ids, -1))
-    r = segment_redistribute(scores, ids, segment_rewards, omega, temperature, standardize, normalize_sum)
+    r = segment_redistribute(scores, ids, segment_rewards, omega, temperature, standardize, normalize_sum, omega_neg)
     return token_advantages(outcome_rewards, r.reshape(B, N), mask, group_size, alpha, scale, eps)
 
 
@@ -159,8 +171,12 @@ def token_attribution_backward(grad_out, grad, embeds, null_embed, mask=None):
 
 
 def segment_redistribute_backward(grad_out, scores, segment_ids, segment_rewards, omega=0.6, temperature=1.0,
-                                  standardize=False, normalize_sum=False):
-    """Returns (d_scores, d_segment_rewards) of segment_redistribute."""
+                                  standardize=False, normalize_sum=False, omega_neg=0.0):
+    """Returns (d_scores, d_segment_rewards) of segment_redistribute.
+
+    With c = 1 (or 1 / (n_s + omega)), w = softmax_s(z), v = softmax_s(-z), z = x / T:
+    dR_s = sum_s g c (1 + omega w + omega_neg v);
+    dz = w (a - sum_s w a) + v (b - sum_s v b), a = g c omega R_s, b = g c omega_neg (1 - R_s)."""
     dt = compute_dtype(scores, segment_rewards)
     x = scores.detach().to(dt)
     S = segment_rewards.shape[0]
@@ -171,9 +187,16 @@ def segment_redistribute_backward(grad_out, scores, segment_ids, segment_rewards
     count = _segment_sum(torch.ones_like(x), idx, S1)
     c = 1.0 / (count[idx] + omega) if normalize_sum else torch.ones_like(x)
     R = torch.cat([segment_rewards.detach().to(dt), x.new_zeros(1)])[idx]
-    d_rewards = _segment_sum(g * c * (1 + omega * w), idx, S1)[:S].to(segment_rewards.dtype)
     gw = g * c * omega * R
-    dx = w * (gw - _segment_sum(w * gw, idx, S1)[idx]) / temperature
+    dx = w * (gw - _segment_sum(w * gw, idx, S1)[idx])
+    if omega_neg != 0.0:
+        v, _ = segment_weights(x, segment_ids, S, temperature, standardize, negative=True)
+        d_rewards = _segment_sum(g * c * (1 + omega * w + omega_neg * v), idx, S1)[:S].to(segment_rewards.dtype)
+        gv = g * c * omega_neg * (1 - R)
+        dx = dx + v * (gv - _segment_sum(v * gv, idx, S1)[idx])
+    else:
+        d_rewards = _segment_sum(g * c * (1 + omega * w), idx, S1)[:S].to(segment_rewards.dtype)
+    dx = dx / temperature
     if standardize:
         n = count.clamp_min(1)
         mean = _segment_sum(x, idx, S1) / n
@@ -232,7 +255,7 @@ def token_advantages_backward(grad_out, outcome_rewards, token_rewards, mask=Non
 
 def p2t_advantages_backward(grad_out, grad, embeds, null_embed, segment_ids, segment_rewards, outcome_rewards,
                             mask=None, group_size=1, omega=0.6, alpha=0.1, temperature=1.0, standardize=False,
-                            normalize_sum=False, scale=0, eps=1e-6):
+                            normalize_sum=False, scale=0, eps=1e-6, omega_neg=0.0):
     """Returns (d_grad, d_embeds, d_null_embed, d_segment_rewards, d_outcome_rewards)."""
     B, N, D = grad.shape
     flat = lambda t: t.reshape(B * N, D)  # noqa: E731
@@ -245,6 +268,6 @@ def p2t_advantages_backward(grad_out, grad, embeds, null_embed, segment_ids, seg
     d_o, d_r = token_advantages_backward(grad_out, outcome_rewards, scores.reshape(B, N), mask, group_size,
                                          alpha, scale, eps)
     d_scores, d_rewards = segment_redistribute_backward(d_r.reshape(B * N), scores, ids, segment_rewards, omega,
-                                                        temperature, standardize, normalize_sum)
+                                                        temperature, standardize, normalize_sum, omega_neg)
     d_grad, d_embeds, d_null = token_attribution_backward(d_scores, flat(grad), flat(embeds), null_embed)
     return d_grad.reshape(B, N, D), d_embeds.reshape(B, N, D), d_null, d_rewards, d_o
