@@ -224,7 +224,9 @@ def test_setup_resolves_and_a_saved_lab_policy_continues(tmp_path):
     tr.save_pretrained(saved)
     assert is_lab_policy(saved) and not is_lab_policy(str(tmp_path)) and not is_lab_policy(None)
     cfg = tiny_config(tmp_path, cache, mode="p2t", policy=saved)
-    assert uses_lab(cfg) and cfg.uses_lab  # validate() accepts it: no prm, train_data or reward needed
+    # the config names a policy (its checks read no disk); the set-up reads that it is a lab policy, so no
+    # prm, train_data or reward is needed
+    assert uses_lab(cfg) and not cfg.uses_lab
     setup = resolve(cfg, reward_fn=digit_reward)
     assert setup.lab and setup.scorer is not None and len(setup.eval_rows) == cfg.eval_prompts
     sd = setup.policy.state_dict()
@@ -232,8 +234,9 @@ def test_setup_resolves_and_a_saved_lab_policy_continues(tmp_path):
         assert torch.equal(sd[k].cpu(), v.cpu()), k
     again = GRPOTrainer(cfg, reward_fn=digit_reward)
     assert again.step()["update"] == 1
+    from p2t.grpo.setup import check
     with pytest.raises(ValueError, match="train_data"):
-        GRPOConfig(policy=str(tmp_path), mode="outcome", lab=TINY_LAB)
+        check(GRPOConfig(policy=str(tmp_path), mode="outcome", lab=TINY_LAB))
 
 
 def test_token_rewards_is_public():

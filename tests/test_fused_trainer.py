@@ -211,11 +211,10 @@ def test_trainer_p2t_step_goes_through_the_fused_op(tmp_path, cache, monkeypatch
     rec = tr.step()
     r = tr.last_rollout
     assert calls, "the trainer's p2t step did not reach p2t.p2t_advantages"
-    c = tr.config
-    want, _ = __import__("p2t.grpo.advantages", fromlist=["x"]).advantages_from_scored(
-        "p2t", r.outcome_rewards, r.completion_mask, r.scored, group_size=c.group_size, alpha=c.alpha,
-        scale=c.scale_rewards, omega=c.omega, temperature=c.attr_temperature, standardize=c.standardize,
-        normalize=c.normalize)
+    from p2t.grpo.advantages import advantages_from_scored
+    assert tr.options == tr.config.p2t_options(lab=True)  # the config's options reach the scorer
+    want, _ = advantages_from_scored(r.scored, r.outcome_rewards, r.completion_mask, tr.options,
+                                     group_size=tr.config.group_size)
     torch.testing.assert_close(r.advantages, want, rtol=0, atol=1e-6)
     assert (r.advantages[~r.completion_mask] == 0).all() and "attr_entropy" in rec and "step_reward" in rec
 

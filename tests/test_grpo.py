@@ -14,9 +14,22 @@ from p2t.grpo import loss as loss_mod
 from p2t.grpo.checkpoint import load_checkpoint, save_checkpoint
 from p2t.grpo.lab import task
 from p2t.grpo.lab.tokenizer import CharTokenizer
-from p2t.grpo.trainer import fill_step_holes
 
 from _grpo_helpers import TINY_LAB, digit_reward, tiny_config
+
+
+def fill_step_holes(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Tokens with id -1 lying between two tokens of the same step join that step (tokens with no text of
+    their own, e.g. a special token sampled mid-line): the independent recomputation below needs them."""
+    B, N = segment_ids.shape
+    pos = torch.arange(N).expand(B, N)
+    valid = segment_ids >= 0
+    last = torch.where(valid, pos, torch.full_like(pos, -1)).cummax(-1).values
+    nxt = torch.where(valid, pos, torch.full_like(pos, N)).flip(-1).cummin(-1).values.flip(-1)
+    prev_id = torch.where(last >= 0, segment_ids.gather(1, last.clamp(min=0)), torch.full_like(pos, -1))
+    next_id = torch.where(nxt < N, segment_ids.gather(1, nxt.clamp(max=N - 1)), torch.full_like(pos, -2))
+    hole = ~valid & (prev_id == next_id)
+    return torch.where(hole, prev_id, segment_ids)
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +281,16 @@ def test_unknown_loss_type():
 
 
 def test_p2t_without_prm(tmp_path, cache):
+    from p2t.grpo.setup import check
+    cfg = GRPOConfig(mode="p2t", policy="some/policy", train_data="x.jsonl", reward="m:f")  # nothing read yet
     with pytest.raises(ValueError, match="prm"):
-        GRPOConfig(mode="p2t", policy="some/policy", train_data="x.jsonl", reward="m:f")
+        check(cfg)
+    with pytest.raises(ValueError, match="prm"):
+        GRPOTrainer(cfg)
+    assert check(cfg, scorer=object()) is False  # a scorer passed in is the PRM
+    check(cfg.replace(mode="outcome"))
+    with pytest.raises(ValueError, match="train_data"):
+        check(cfg.replace(mode="outcome", train_data=None, reward=None))
     from transformers import AutoModelForCausalLM
     paths = ensure_lab(TINY_LAB, str(cache))
     model = AutoModelForCausalLM.from_pretrained(paths["policy"])

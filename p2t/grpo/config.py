@@ -8,26 +8,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
-from .lab.models import LabConfig
-
-from ..attribution.batch import MODES, NORMALIZE, SCALES  # noqa: F401  (defined once)
-from ..attribution.options import NULLS
+from ..attribution import KINDS as PRM_KINDS
+from ..options import MODES, SCALES, P2TOptions, check_float  # noqa: F401  (MODES, SCALES re-exported: defined once)
+from .lab import LabConfig
 from .sampling import SAMPLERS
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-PRM_KINDS = ("step_classifier", "value_head", "lm_judge")
+JUDGE_LOGITS = ("all", "readout")
+# the toy lab's alpha (see GRPOConfig.alpha): its PRM's step rewards are the lab's own verified signal,
+# and at 1.0 they move the tiny policy within the short runs of `p2t train` / `p2t compare`
+LAB_ALPHA = 1.0
+# GRPOConfig field -> P2TOptions field, where the names differ (the config keeps TRL's / its YAML's names)
+OPTION_FIELDS = {"mode": "mode", "alpha": "alpha", "omega": "omega", "omega_neg": "omega_neg",
+                 "attr_temperature": "temperature", "standardize": "standardize", "normalize": "normalize",
+                 "scale_rewards": "scale", "attribution_method": "method", "prm_null": "null"}
 
 
 @dataclass
 class GRPOConfig:
     """GRPO with outcome, process or P2T token advantages. Options follow TRL's meanings."""
     # what is trained and rewarded
-    mode: str = "p2t"                    # outcome (A^ only) | process (A^ + alpha*R_s) | p2t (A^ + alpha*r_i)
-    policy: Optional[str] = None         # HF id or local path; None = the lab's SFT policy
+    mode: str = "p2t"                    # a registered mode (p2t.rewards): outcome (A^ only) | process (A^ + alpha*R_s) | p2t (A^ + alpha*r_i)
+    policy: Optional[str] = None         # HF id or local path; None = the lab's SFT policy (so is a policy directory saved by a lab run)
     prm: Optional[str] = None            # HF id or local path; None = the lab's PRM when training the lab policy
     prm_kind: str = "step_classifier"    # step_classifier | value_head | lm_judge
     step_separator: Optional[str] = None  # PRM step separator; None = the kind's convention (the lab: newline)
@@ -38,7 +46,8 @@ class GRPOConfig:
     prm_judge_logits: str = "all"         # lm_judge logits at every position (all) or at the step tags only (readout)
     prm_image_column: Optional[str] = None  # train-data column of each prompt's image file: a vision-language PRM
     prm_null: Optional[str] = None       # null embedding: pad | eos | vocab_mean | zero; None = the scorer's (pad)
-    reward: Optional[str] = None         # outcome reward "module:function", fn(prompts, responses, **columns); None = the lab's
+    reward: Optional[str] = None         # outcome reward "module:function", fn(prompts, responses, **columns) -> a float per response, or a (reward, correct) pair per response; None = the lab's
+    correct_threshold: float = 1.0       # a response counts as correct (accuracy, eval_accuracy) when its reward >= this; a reward function returning (reward, correct) pairs decides itself
     train_data: Optional[str] = None     # JSONL of {"prompt": ..., other columns}; None = the lab's generated task
     eval_data: Optional[str] = None      # JSONL for evaluation; None = held-out lab prompts
     trust_remote_code: bool = False
@@ -60,19 +69,23 @@ class GRPOConfig:
     epsilon: float = 0.2                 # lower clip range of the ratio
     epsilon_high: Optional[float] = None  # upper clip range; None = epsilon
     beta: float = 0.0                    # k3 KL to a frozen reference; 0 = no reference model loaded
-    scale_rewards: str = "group"         # group | batch | none
+    scale_rewards: str = "group"         # group (std, as TRL) | batch | none (Dr. GRPO)
     num_iterations: int = 1              # optimisation passes per batch (mu); >1 stores old log-probs
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     mask_truncated_completions: bool = True  # completions cut at max_new_tokens (no EOS) are left out of the loss
-    # process / P2T advantages
-    alpha: float = 1.0                   # weight of the token (or step) rewards
+    # process / P2T advantages (checked and used as one p2t.P2TOptions: GRPOConfig.p2t_options)
+    # alpha: None = the toy lab's 1.0 when the run trains the lab's policy (the figures of `p2t train` and
+    # `p2t compare`), else P2TOptions' default (0.1, the paper's value for short chains of thought)
+    alpha: Optional[float] = None        # weight of the token (or step) rewards; None = 1.0 for the toy lab, else 0.1
     omega: float = 0.6                   # redistribution strength
+    omega_neg: float = 0.0               # signed blame on a step's lowest-attribution tokens, weighted by (1 - R_s); 0 = the paper's formula
     attr_temperature: float = 1.0        # softmax temperature over a step's attributions
     standardize: bool = False            # standardize attributions within each step before the softmax
     normalize: str = "paper"             # paper | sum
-    attribution_method: str = "taylor"   # P2TScorer method
+    attribution_method: str = "taylor"   # P2TScorer method: taylor | taylor_per_step | integrated_gradients | exact
     fused_advantages: bool = True        # p2t mode ends in the fused p2t_advantages where the scorer can fuse
+    chunked_logprobs_vocab: int = 16384  # policy log-probs through TRL's chunked kernel (no [B, N, V] logits) for vocabularies at least this large, where TRL >= 1.16 is installed; smaller ones (the toy lab's) take the eager log-softmax
     # evaluation, output
     eval_every: int = 10
     eval_prompts: int = 200
@@ -98,19 +111,18 @@ class GRPOConfig:
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "GRPOConfig":
+        """Value checks that need nothing but the config. What depends on the policy being the toy lab's
+        (a PRM, train_data and a reward for a policy of one's own) is checked when the run is set up
+        (:func:`p2t.grpo.setup.check`), where a policy directory may be read."""
         def choice(name, allowed):
             v = getattr(self, name)
             if v not in allowed:
                 raise ValueError(f"unknown {name} {v!r}: choose one of {', '.join(allowed)}")
-        choice("mode", MODES)
+        self.p2t_options()  # mode, alpha, omega, omega_neg, attr_temperature, standardize, normalize, ...
         choice("loss_type", LOSS_TYPES)
-        choice("scale_rewards", SCALES)
-        choice("normalize", NORMALIZE)
         choice("prm_kind", PRM_KINDS)
-        choice("prm_judge_logits", ("all", "readout"))
+        choice("prm_judge_logits", JUDGE_LOGITS)
         choice("sampler", SAMPLERS)
-        if self.prm_null is not None:
-            choice("prm_null", NULLS)
         for name in ("num_updates", "prompts_per_update", "group_size", "max_new_tokens", "num_iterations",
                      "gradient_accumulation_steps", "eval_prompts", "eval_samples_per_prompt"):
             v = getattr(self, name)
@@ -132,21 +144,38 @@ class GRPOConfig:
             raise ValueError("temperature and eval_temperature must be > 0 (sampling)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.attr_temperature <= 0:
-            raise ValueError(f"attr_temperature must be > 0, got {self.attr_temperature}")
-        if self.mode != "outcome" and self.prm is None and not self.uses_lab:
-            raise ValueError(f"mode={self.mode!r} needs a process reward model: set prm (an HF id or a local path) "
-                             "or use mode='outcome'")
-        if self.train_data is None and not self.uses_lab:
-            raise ValueError("a policy of your own needs train_data (a JSONL of prompts) and a reward")
+        check_float("correct_threshold", self.correct_threshold)
+        if isinstance(self.chunked_logprobs_vocab, bool) or not isinstance(self.chunked_logprobs_vocab, int) \
+                or self.chunked_logprobs_vocab < 0:
+            raise ValueError(f"chunked_logprobs_vocab must be an integer >= 0, got {self.chunked_logprobs_vocab!r}")
         if self.train_data is not None and self.reward is None:
             raise ValueError("train_data needs reward='module:function' (the outcome reward)")
         return self
 
+    def p2t_options(self, lab: Optional[bool] = None) -> P2TOptions:
+        """The redistribution and advantage options of this config (the one place they are checked).
+
+        ``lab``: whether the run trains the toy lab's policy, which an unset ``alpha`` resolves by
+        (:data:`LAB_ALPHA`); default :attr:`uses_lab`. The set-up knows it for certain
+        (:func:`p2t.grpo.setup.uses_lab` also recognises a policy directory saved by a lab run)."""
+        lab = self.uses_lab if lab is None else lab
+        values = {opt: getattr(self, name) for name, opt in OPTION_FIELDS.items()}
+        if values["alpha"] is None and lab:
+            values["alpha"] = LAB_ALPHA
+        try:
+            return P2TOptions.build(**values)  # None: the option's default (alpha, null)
+        except (TypeError, ValueError) as e:  # the message names the option: name the config's field
+            msg = str(e)
+            head = msg.split(" ", 1)[0]
+            name = {opt: name for name, opt in OPTION_FIELDS.items()}.get(head, head)
+            raise type(e)(name + msg[len(head):]) from None
+
     @property
     def uses_lab(self) -> bool:
-        from .setup import uses_lab  # no policy, or a lab policy saved by an earlier run
-        return uses_lab(self)
+        """The config names no policy: the toy lab's SFT policy, PRM, reward, prompts and evaluation set
+        are used. (A policy directory saved by a lab run is the lab's too: :func:`p2t.grpo.setup.uses_lab`,
+        which reads it, is what a run goes by.)"""
+        return self.policy is None
 
     @property
     def clip_high(self) -> float:
@@ -215,13 +244,24 @@ def _parse_value(tp, text: str):
     return base(text)
 
 
+def field_comments(cls) -> Dict[str, str]:
+    """The comment after each field of a settings dataclass (its ``--help`` text); empty where the source
+    cannot be read."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^#\n]*#\s*(.+)$", source, re.M)}
+
+
 def add_arguments(parser: argparse.ArgumentParser):
-    """One flag per config field (defaults suppressed, so only given flags override the file)."""
+    """One flag per config field, its comment as help (defaults suppressed, so only given flags override
+    the file)."""
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file (flags override it)")
     groups = [(GRPOConfig, "", parser.add_argument_group("trainer options")),
               (LabConfig, "lab.", parser.add_argument_group("toy lab warm-up options"))]
     for cls, prefix, group in groups:
-        hints = get_type_hints(cls)
+        hints, comments = get_type_hints(cls), field_comments(cls)
         for f in fields(cls):
             if f.name == "lab":
                 continue
@@ -229,12 +269,13 @@ def add_arguments(parser: argparse.ArgumentParser):
             dest = prefix + f.name
             tp = hints[f.name]
             default = f.default if f.default is not dataclasses.MISSING else None
+            text = comments.get(f.name, "").replace("%", "%%")
             if _base_type(tp) is bool:
                 group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                   help=f"(default {default})")
+                                   help=f"{text} (default {default})".lstrip())
             else:
                 group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=_base_type(tp).__name__.upper(),
-                                   type=lambda s, tp=tp: _parse_value(tp, s), help=f"(default {default!r})")
+                                   type=lambda s, tp=tp: _parse_value(tp, s), help=f"{text} (default {default!r})".lstrip())
 
 
 def from_args(args: argparse.Namespace, **defaults) -> GRPOConfig:

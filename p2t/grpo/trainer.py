@@ -3,17 +3,20 @@
 One update:
   1. take ``prompts_per_update`` prompts, sample ``group_size`` responses each (:mod:`p2t.grpo.sampling`:
      a KV-cached decode loop for Qwen2/Llama-style policies, else HF ``generate``);
-  2. outcome rewards from the user's ``fn(prompts, responses, **columns) -> list[float]``;
-  3. (process, p2t) one scorer call (:func:`p2t.grpo.advantages.rollout_advantages`): step rewards (and, in
-     p2t mode, per-token attributions) aligned to the completion columns, on the policy's device;
+  2. outcome rewards, and which responses are correct, from the user's reward function (:func:`outcomes`);
+  3. (modes that read a PRM) one scorer call (:func:`p2t.grpo.advantages.rollout_advantages`): step rewards
+     (and, in p2t mode, per-token attributions) aligned to the completion columns, on the policy's device;
   4. token rewards (:func:`p2t.token_rewards`) and advantages (p2t mode: the fused :func:`p2t.p2t_advantages`
-     where the scorer can fuse);
+     where the scorer can fuse), under the config's :class:`p2t.P2TOptions`;
   5. ``num_iterations`` passes of the clipped surrogate over the batch (old log-probs stored when > 1),
-     ``gradient_accumulation_steps`` micro-batches per optimiser step, gradient clipping.
+     ``gradient_accumulation_steps`` micro-batches per optimiser step, gradient clipping; the policy's
+     log-probs from :func:`p2t.grpo.logprobs.completion_logprobs` (chunked for large vocabularies).
 
 Each update's prompts and sampling noise are seeded from (seed, update index), so a run resumed from a
 checkpoint continues exactly as an uninterrupted one would. What is trained and rewarded (models,
-tokenizer, scorer, reward, prompts) is resolved by :mod:`p2t.grpo.setup`.
+tokenizer, scorer, reward, prompts, extra metrics) comes in a resolved set-up (:mod:`p2t.grpo.setup`,
+whose :class:`~p2t.grpo.setup.GRPOTrainer` builds this loop from a config alone); this module knows
+neither the set-up nor the toy lab.
 """
 from __future__ import annotations
 
@@ -22,19 +25,40 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import advantages as adv_mod
 from . import loss as loss_mod
 from . import sampling
+from ..rewards import get_mode
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GRPOConfig
+from .logprobs import completion_logprobs
 from .metrics import MetricsLog, plot_curves
-from .setup import DatasetPrompts, LabPrompts, resolve  # noqa: F401  (re-exported)
 
-RewardFn = Callable[..., List[float]]
+__all__ = ["GRPOLoop", "Rollout", "outcomes"]
+
+RewardFn = Callable[..., Sequence[Any]]
+
+
+def outcomes(values, n: int, threshold: float) -> Tuple[List[float], List[bool]]:
+    """The reward function's contract: for ``n`` responses it returns ``n`` floats (a response is
+    correct when its reward ``>= threshold``, the config's ``correct_threshold``) or ``n``
+    ``(reward, correct)`` pairs (the function says which responses are correct). Returns (rewards,
+    correct) as lists."""
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"the reward function returned {len(values)} values for {n} responses")
+    pairs = [isinstance(v, (tuple, list)) for v in values]
+    if any(pairs):
+        if not all(pairs) or any(len(v) != 2 for v in values):
+            raise ValueError("the reward function must return a float per response or a (reward, correct) pair "
+                             "per response, not a mix")
+        return [float(r) for r, _ in values], [bool(ok) for _, ok in values]
+    rewards = [float(v) for v in values]
+    return rewards, [r >= threshold for r in rewards]
 
 
 @dataclass
@@ -48,9 +72,10 @@ class Rollout:
     prompt_len: int                 # P
     completion_mask: torch.Tensor   # [B, N] completion tokens up to and including EOS
     outcome_rewards: torch.Tensor   # [B]
+    correct: torch.Tensor           # [B] bool: the response is correct (the reward function's contract)
     advantages: torch.Tensor        # [B, N]
     token_rewards: torch.Tensor     # [B, N]
-    scored: Any = None              # the P2TScorer batch (process, p2t)
+    scored: Any = None              # the P2TScorer batch (modes that read a PRM)
     segment_ids: Optional[torch.Tensor] = None  # [B, N] aligned to the completion
     token_scores: Optional[torch.Tensor] = None     # [B, N] attributions aligned to the completion
     segment_rewards: Optional[torch.Tensor] = None  # [S]
@@ -58,51 +83,29 @@ class Rollout:
     ref_logp: Optional[torch.Tensor] = None
 
 
-def fill_step_holes(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Tokens with id -1 lying between two tokens of the same step join that step.
-
-    Such holes are tokens with no text of their own (a special token sampled mid-line): the PRM never
-    sees them, so they carry no attribution; filled, they get the step's share like any token with zero
-    attribution. The scorer's own segment ids need no filling (it puts such a token in the step it lies
-    inside); this is for segment ids from elsewhere."""
-    B, N = segment_ids.shape
-    pos = torch.arange(N).expand(B, N)
-    valid = segment_ids >= 0
-    last = torch.where(valid, pos, torch.full_like(pos, -1)).cummax(-1).values
-    nxt = torch.where(valid, pos, torch.full_like(pos, N)).flip(-1).cummin(-1).values.flip(-1)
-    prev_id = torch.where(last >= 0, segment_ids.gather(1, last.clamp(min=0)), torch.full_like(pos, -1))
-    next_id = torch.where(nxt < N, segment_ids.gather(1, nxt.clamp(max=N - 1)), torch.full_like(pos, -2))
-    hole = ~valid & (prev_id == next_id)
-    return torch.where(hole, prev_id, segment_ids)
-
-
-class GRPOTrainer:
-    """GRPO on a HF causal LM with outcome / process / P2T token advantages.
+class GRPOLoop:
+    """GRPO on a HF causal LM with token advantages of any registered mode, over a resolved set-up.
 
     Args:
         config: the settings (:class:`GRPOConfig`).
-        policy, tokenizer: a loaded causal LM and its tokenizer (default: loaded from ``config.policy``,
-            or the lab's SFT policy).
-        scorer: a :class:`p2t.P2TScorer` (default: built from ``config.prm``, or the lab's PRM).
-        reward_fn: outcome reward ``fn(prompts, responses, **columns) -> list[float]``.
-        prompt_source: ``fn(update, n) -> list of {"prompt": ..., other columns}``.
-        eval_rows: evaluation prompts (rows like the above).
+        setup: what is trained and rewarded, resolved (a :class:`p2t.grpo.setup.Setup`: device, policy,
+            tokenizer, scorer, reward function, prompt source, evaluation rows, whether it is the toy lab,
+            and ``metrics``: callables ``fn(rollout) -> dict`` whose entries join each update's record).
+
+    Most code builds it as :class:`p2t.grpo.GRPOTrainer` ``(config)``, which resolves the set-up first.
     """
 
-    def __init__(self, config: GRPOConfig, *, policy=None, tokenizer=None, scorer=None,
-                 reward_fn: Optional[RewardFn] = None, prompt_source=None, eval_rows: Optional[List[dict]] = None,
-                 log: Optional[Callable[[str], None]] = None):
+    def __init__(self, config: GRPOConfig, setup, *, log: Optional[Callable[[str], None]] = None):
         config.validate()
         self.config = c = config
         self.log = log or (lambda s: None)
-        threads = c.threads or (1 if c.uses_lab else None)  # see GRPOConfig.threads
-        if threads:
-            torch.set_num_threads(threads)
-        setup = resolve(c, policy=policy, tokenizer=tokenizer, scorer=scorer, reward_fn=reward_fn,
-                        prompt_source=prompt_source, eval_rows=eval_rows, log=self.log)
+        self.setup = setup
         self.device, self.policy, self.tokenizer = setup.device, setup.policy, setup.tokenizer
         self.scorer, self.reward_fn, self.prompt_source = setup.scorer, setup.reward_fn, setup.prompt_source
         self.eval_rows, self.lab = setup.eval_rows, setup.lab
+        self.metrics = list(setup.metrics)
+        self.options = c.p2t_options(lab=setup.lab)  # every advantage option, checked once
+        self.reads_prm = get_mode(self.options.mode).needs_prm
         self.ref_model = None
         if c.beta > 0:  # frozen copy of the starting policy; nothing is loaded when beta == 0
             self.ref_model = copy.deepcopy(self.policy).eval()
@@ -114,9 +117,16 @@ class GRPOTrainer:
         self.last_rollout: Optional[Rollout] = None
         self.history: List[dict] = []
 
+    @property
+    def run_config(self) -> GRPOConfig:
+        """The config with what the set-up resolved written in (``alpha``): what the run used."""
+        return self.config.replace(alpha=self.options.alpha)
+
     # ------------------------------------------------------------------ sampling
     def _generate(self, prompts: List[str], num_samples: int, temperature: float, seed: int):
-        """Sampled completions: (input_ids, attention_mask, prompt_len, completion_mask, response texts)."""
+        """Sampled completions of every prompt, ``num_samples`` each (rows grouped by prompt). Returns
+        ``(input_ids [B, P + N], attention_mask [B, P + N], P, completion_mask [B, N], response texts,
+        response token ids without the EOS (lists), prompt of each row)``."""
         tok = self.tokenizer
         expanded = [p for p in prompts for _ in range(num_samples)]
         enc = tok(expanded, return_tensors="pt", padding=True).to(self.device)
@@ -147,13 +157,14 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ log-probs
     def _logps(self, model, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
-        """Log-probabilities ``[B, N]`` of the completion tokens (logits divided by the sampling temperature)."""
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with self._autocast():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits
-        logits = logits[:, prompt_len - 1:-1].float() / self.config.temperature
-        target = input_ids[:, prompt_len:]
-        return torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        """Log-probabilities ``[B, N]`` of the completion tokens (logits divided by the sampling temperature;
+        TRL's chunked kernel for large vocabularies: :mod:`p2t.grpo.logprobs`)."""
+        return completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature=self.config.temperature,
+                                   chunked_vocab=self.config.chunked_logprobs_vocab, autocast=self._autocast())
+
+    def _outcomes(self, prompts: List[str], responses: List[str], columns: Dict[str, list]):
+        """(rewards, correct) lists of the responses: the reward function under its contract (:func:`outcomes`)."""
+        return outcomes(self.reward_fn(prompts, responses, **columns), len(responses), self.config.correct_threshold)
 
     # ------------------------------------------------------------------ rollout
     def rollout(self, update: int) -> Rollout:
@@ -163,26 +174,24 @@ class GRPOTrainer:
         ids, attn, P, cmask, responses, resp_ids, expanded = self._generate(
             prompts, c.group_size, c.temperature, seed=c.seed * 1_000_003 + update)
         columns = {k: [r[k] for r in rows for _ in range(c.group_size)] for k in rows[0] if k != "prompt"}
-        o = torch.tensor(self.reward_fn(expanded, responses, **columns), dtype=torch.float32, device=self.device)
-        if o.shape != (len(expanded),):
-            raise ValueError(f"the reward function returned {tuple(o.shape)} values for {len(expanded)} responses")
-        B, N = cmask.shape
+        rewards, correct = self._outcomes(expanded, responses, columns)
+        o = torch.tensor(rewards, dtype=torch.float32, device=self.device)
         if c.mask_truncated_completions:  # no EOS: cut at max_new_tokens, left out of the loss (TRL's meaning)
             cmask = cmask & (ids[:, P:] == self.tokenizer.eos_token_id).any(-1, keepdim=True)
         images = {}
-        if c.mode != "outcome" and c.prm_image_column is not None:  # a vision-language PRM reads each image
+        if self.reads_prm and c.prm_image_column is not None:  # a vision-language PRM reads each image
             if c.prm_image_column not in columns:
                 raise ValueError(f"prm_image_column={c.prm_image_column!r} is not a column of the prompts "
                                  f"(columns: {', '.join(sorted(columns)) or 'none'})")
             images = dict(images=columns[c.prm_image_column])
         # one scorer call, aligned to the completion columns, on the policy's device (p2t: the fused op)
-        adv, tr, scored = adv_mod.rollout_advantages(
-            self.scorer, c.mode, expanded, resp_ids, o, cmask, group_size=c.group_size, alpha=c.alpha,
-            scale=c.scale_rewards, omega=c.omega, temperature=c.attr_temperature, standardize=c.standardize,
-            normalize=c.normalize, method=c.attribution_method, fused=c.fused_advantages, device=self.device,
-            extra=images)
-        r = Rollout(expanded, responses, columns, ids, attn, P, cmask, o, adv, tr, scored,
-                    *((scored.segment_ids, scored.scores, scored.segment_rewards) if scored is not None else ()))
+        adv, tr, scored = adv_mod.rollout_advantages(self.scorer, self.options, expanded, resp_ids, o, cmask,
+                                                     group_size=c.group_size, fused=c.fused_advantages,
+                                                     device=self.device, extra=images)
+        r = Rollout(expanded, responses, columns, ids, attn, P, cmask, o,
+                    torch.tensor(correct, dtype=torch.bool, device=self.device), adv, tr, scored)
+        if scored is not None:
+            r.segment_ids, r.token_scores, r.segment_rewards = scored.segment_ids, scored.scores, scored.segment_rewards
         with torch.no_grad():
             if c.num_iterations > 1:
                 r.old_logp = self._logps(self.policy, ids, attn, P)
@@ -245,15 +254,14 @@ class GRPOTrainer:
         c = self.config
         lengths = r.completion_mask.sum(-1).float()
         rec = {"update": self.update, "mode": c.mode, "reward": r.outcome_rewards.mean().item(),
-               "accuracy": (r.outcome_rewards >= 1.0).float().mean().item(),
+               "accuracy": r.correct.float().mean().item(),
                "completion_length": lengths.mean().item(), **opt,
                "rollout_s": round(t_roll, 3), "update_s": round(time.time() - t0, 3)}
         if r.scored is not None:  # the scorer's results reach the CPU here, once, for the log
-            rec.update(adv_mod.scored_stats(r.scored, temperature=c.attr_temperature, standardize=c.standardize))
-        if self.lab:
-            from .lab import task
-            labels = [l for p, s in zip(r.prompts, r.responses) for l in task.step_labels(task.parse_prompt(p), s)]
-            rec["step_accuracy"] = sum(labels) / max(len(labels), 1)
+            rec.update(adv_mod.scored_stats(r.scored, temperature=self.options.temperature,
+                                            standardize=self.options.standardize))
+        for metric in self.metrics:  # the set-up's own (the toy lab: the true step accuracy)
+            rec.update(metric(r))
         return rec
 
     @torch.no_grad()
@@ -267,8 +275,8 @@ class GRPOTrainer:
                                                             seed=c.eval_seed)
         cols = {k: [r[k] for r in self.eval_rows for _ in range(c.eval_samples_per_prompt)]
                 for k in self.eval_rows[0] if k != "prompt"}
-        rew = self.reward_fn(expanded, responses, **cols)
-        return {"eval_accuracy": sum(x >= 1.0 for x in rew) / len(rew), "eval_reward": sum(rew) / len(rew)}
+        rew, correct = self._outcomes(expanded, responses, cols)
+        return {"eval_accuracy": sum(correct) / len(rew), "eval_reward": sum(rew) / len(rew)}
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -278,7 +286,7 @@ class GRPOTrainer:
     def save(self):
         save_checkpoint(self.checkpoint_path, {
             "update": self.update, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "config": self.config.to_dict()})
+            "config": self.run_config.to_dict()})
 
     def load(self, path: Optional[str] = None) -> bool:
         path = path or self.checkpoint_path
@@ -294,7 +302,7 @@ class GRPOTrainer:
     def train(self) -> List[dict]:
         c = self.config
         os.makedirs(c.output_dir, exist_ok=True)
-        c.save(os.path.join(c.output_dir, "config.json"))
+        self.run_config.save(os.path.join(c.output_dir, "config.json"))
         metrics = MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"))
         if c.resume and self.load():
             self.log(f"resumed from {self.checkpoint_path} after update {self.update}")
