@@ -261,7 +261,8 @@ def run(args, dtypes, shape, out, helper) -> int:
             one.append(c2 / cell[(rnd, "quiet", d, "cpp-1t")]["median_ms"])
             same.append(c2 / cell[(rnd, "busy", d, "cpp-1t")]["median_ms"])
             comp.append(cell[(rnd, "busy", d, "compile-2t")]["median_ms"] / c2)
-            comp1.append(cell[(rnd, "quiet", d, "compile-1t")]["median_ms"] / cell[(rnd, "quiet", d, "cpp-1t")]["median_ms"])
+            c1 = cell[(rnd, "quiet", d, "cpp-1t")]["median_ms"]
+            comp1.append(cell[(rnd, "quiet", d, "compile-1t")]["median_ms"] / c1)
         ok1 = all(x <= TOLERANCE for x in one)
         ok2, ok3 = all(x >= VS_COMPILE for x in comp), all(x >= VS_COMPILE for x in comp1)
         ok_all &= ok1 and ok2 and ok3

@@ -1,7 +1,7 @@
 """Recompilation check: 10 calls with 10 different sequence lengths.
 
-1. ``torch.compile(dynamic=True, fullgraph=True)``'d callers of every public op, for every backend usable
-   here: graphs compiled per call, counted with ``torch._dynamo.utils.counters``. After the first call
+1. ``torch.compile(dynamic=True, fullgraph=True)``'d callers of every public op (the redistribution with the
+   signed term, ``omega_neg=0.5``), for every backend usable here: graphs compiled per call, counted with ``torch._dynamo.utils.counters``. After the first call
    there must be none (the ops' fake implementations handle symbolic lengths). ``--auto`` adds the
    default ``dynamic=None`` (automatic dynamic shapes: one recompile at the second length is expected).
 2. The Triton backend's kernels: on a GPU, compilations counted at Triton's JIT (each in-memory cache miss);
@@ -58,11 +58,11 @@ def caller(op: str, backend: str):
     if op == "token_attribution":
         return lambda g, e, null, mask: p2t.token_attribution(g, e, null, mask=mask, backend=backend)
     if op == "segment_redistribute":
-        return lambda s, ids, r: p2t.segment_redistribute(s, ids, r, validate=False, backend=backend)
+        return lambda s, ids, r: p2t.segment_redistribute(s, ids, r, omega_neg=0.5, validate=False, backend=backend)
     if op == "token_advantages":
         return lambda o, tr, mask: p2t.token_advantages(o, tr, group_size=2, mask=mask, backend=backend)
     return lambda g, e, null, ids, r, o, mask: p2t.p2t_advantages(g, e, null, ids, r, o, group_size=2, mask=mask,
-                                                                   validate=False, backend=backend)
+                                                                   omega_neg=0.5, validate=False, backend=backend)
 
 
 def graphs_compiled() -> int:

@@ -181,7 +181,8 @@ def launch_segment(x, ids, mask, rewards, outcome, pos, out, B, N, group_size, o
     _segment_kernel[grid](
         x, ids, mask if mask is not None else ids, rewards, outcome if has_adv else rewards, pos, out,
         R, N, S, B, group_size, n_chunks, float(omega), float(temperature), float(alpha), float(eps),
-        float(omega_neg), HAS_MASK=mask is not None, SIGNED=float(omega_neg) != 0.0, HAS_ADV=has_adv, STANDARDIZE=bool(standardize),
+        float(omega_neg), HAS_MASK=mask is not None, SIGNED=float(omega_neg) != 0.0,
+        HAS_ADV=has_adv, STANDARDIZE=bool(standardize),
         NORMALIZE_SUM=bool(normalize_sum), SCALE=int(scale),
         BLOCK=block, FILL_BLOCK=fill_block, BLOCK_G=group_block(group_size, B, scale),
         CONST_RTOL=CONST_RTOL[x.dtype], num_warps=warps)

@@ -11,7 +11,8 @@
 //               segment runs over [pos[s], -pos[S+s]), skipping the tokens of other ids: (standardise),
 //               / temperature, max, sum of exp, write r_i = R_s (1 + omega w_i) [/ (n_s + omega)], or
 //               A^_b + alpha r_i. With omega_neg > 0 the same passes take the max of -x and the sum of
-//               exp(-x - max) too, and r_i gets - omega_neg (1 - R_s) softmax(-x)_i (before the division). Extra blocks, one per (row, chunk), write the tokens in no segment.
+//               exp(-x - max) too, and r_i gets - omega_neg (1 - R_s) softmax(-x)_i (before the division).
+//               Extra blocks, one per (row, chunk), write the tokens in no segment.
 //               That path serves segment_redistribute beyond kRowStageMaxFlat tokens (its ids have no
 //               rows); up to it, and in p2t_advantages, the row stage does it all in one launch.
 // row stage:    one block per row: the row's steps in shared-memory slots by shared-memory atomics
@@ -756,7 +757,8 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
   if (R == 0) return out;
   const Ids id = make_ids(ids, nullptr, S);
   if (R <= kRowStageMaxFlat) {  // one row, one block, one launch
-    SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false, omega_neg};
+    SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false,
+                omega_neg};
     launch_row_stage(x, id, rewards, nullptr, out, p);
     return out;
   }
@@ -767,7 +769,8 @@ at::Tensor segment_redistribute_cuda(const at::Tensor& scores_in, const at::Tens
                pos.data_ptr<int32_t>(), R, R);
     P2T_LAUNCH_CHECK();
   }
-  SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false, omega_neg};
+  SegParams p{R, R, S, 1, 1, 0, kNone, omega, temperature, 0.0, 0.0, standardize, normalize_sum, false,
+              omega_neg};
   launch_segment(x, id, rewards, nullptr, pos, out, p);
   return out;
 }
@@ -877,7 +880,8 @@ void p2t_advantages_into(const at::Tensor& grad, const at::Tensor& embeds, const
   const Ids id = make_ids(ids, m.defined() ? &m : nullptr, S);
   // reshape: a view for the usual contiguous layouts; rows_unit_stride inside copies only when needed
   attribution_into(grad.reshape({R, D}), embeds.reshape({R, D}), null_embed, id.mask, scores);
-  SegParams p{R, N, S, B, group_size, 0, scale, omega, temperature, alpha, eps, standardize, normalize_sum, true, omega_neg};
+  SegParams p{R, N, S, B, group_size, 0, scale, omega, temperature, alpha, eps, standardize, normalize_sum, true,
+              omega_neg};
   auto flat = out.view({R});
   launch_row_stage(scores, id, rewards, &outcome, flat, p);
 }

@@ -8,8 +8,9 @@ register_autograd), the Triton registration (``_triton``), the dispatch table's 
 
 Tensors are the normalised ones ``p2t.ops`` passes: grad/embeds ``[R, D]`` for token_attribution and
 ``[B, N, D]`` for p2t_advantages; ``scale`` 0 group, 1 batch, 2 none. Outputs are float32, float64 when
-every floating input is float64 (``reference.compute_dtype``). ``omega_neg`` (the blame term's weight) is the
-last scalar of segment_redistribute and p2t_advantages (appended, so calls written before it keep their order). The ``*_out`` twins write into ``out``
+every floating input is float64 (``reference.compute_dtype``). ``omega_neg`` (the blame term's weight) is
+the last scalar of segment_redistribute and p2t_advantages (appended: calls written before it keep their
+order). The ``*_out`` twins write into ``out``
 (it may alias token_rewards) and are not differentiable.
 """
 from __future__ import annotations
