@@ -22,6 +22,7 @@
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #define P2T_X86_CLONES 1
 #define P2T_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #if defined(__clang__)

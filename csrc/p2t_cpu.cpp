@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common.h"
 #include "cpu_isa.h"
@@ -80,15 +81,81 @@ template <typename g_t, typename e_t, typename acc_t, typename n_t>
 P2T_TARGET_AVX2 acc_t row_dot_avx2(const g_t* gr, const e_t* er, const n_t* nul, int64_t D) {
   return row_dot<g_t, e_t, acc_t, n_t, true>(gr, er, nul, D);
 }
+// The two common cases in intrinsics: all bf16 (null in bf16) and all fp32. Four accumulators (64 bf16 or 32 fp32
+// values per step), the row's tail through masked loads (no scalar remainder loop). bf16 -> fp32 is one unpack
+// with zeros per 32 values (each 32-bit lane gets bf16 << 16), in the unpack's interleaved order, the same for
+// grad, embeds and null: a dot product does not see the order.
+P2T_TARGET_AVX512 inline __m512 bf16_lo(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v));
+}
+P2T_TARGET_AVX512 inline __m512 bf16_hi(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v));
+}
+
+// acc_lo / acc_hi += (e - n) * g over the 32 bf16 values of each vector
+P2T_TARGET_AVX512 inline void bf16_step(__m512i g, __m512i e, __m512i n, __m512& lo, __m512& hi) {
+  lo = _mm512_fmadd_ps(_mm512_sub_ps(bf16_lo(e), bf16_lo(n)), bf16_lo(g), lo);
+  hi = _mm512_fmadd_ps(_mm512_sub_ps(bf16_hi(e), bf16_hi(n)), bf16_hi(g), hi);
+}
+
+P2T_TARGET_AVX512 inline __m512i load32(const c10::BFloat16* p) {
+  return _mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+P2T_TARGET_AVX512 inline float row_dot_bf16_avx512(const c10::BFloat16* gr, const c10::BFloat16* er,
+                                                  const c10::BFloat16* nul, int64_t D) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    bf16_step(load32(gr + d), load32(er + d), load32(nul + d), a0, a1);
+    bf16_step(load32(gr + d + 32), load32(er + d + 32), load32(nul + d + 32), a2, a3);
+  }
+  for (; d < D; d += 32) {
+    const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << (D - d)) - 1);
+    bf16_step(_mm512_maskz_loadu_epi16(m, gr + d), _mm512_maskz_loadu_epi16(m, er + d),
+              _mm512_maskz_loadu_epi16(m, nul + d), a0, a1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+P2T_TARGET_AVX512 inline __m512 f32_step(const float* g, const float* e, const float* n, __m512 acc) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(e), _mm512_loadu_ps(n)), _mm512_loadu_ps(g), acc);
+}
+
+P2T_TARGET_AVX512 inline float row_dot_f32_avx512(const float* gr, const float* er, const float* nul, int64_t D) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    a0 = f32_step(gr + d, er + d, nul + d, a0);
+    a1 = f32_step(gr + d + 16, er + d + 16, nul + d + 16, a1);
+    a2 = f32_step(gr + d + 32, er + d + 32, nul + d + 32, a2);
+    a3 = f32_step(gr + d + 48, er + d + 48, nul + d + 48, a3);
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = D - d >= 16 ? ~__mmask16(0) : static_cast<__mmask16>((1u << (D - d)) - 1);
+    a0 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, er + d), _mm512_maskz_loadu_ps(m, nul + d)),
+                         _mm512_maskz_loadu_ps(m, gr + d), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 template <typename g_t, typename e_t, typename acc_t, typename n_t>
 P2T_TARGET_AVX512 acc_t row_dot_avx512(const g_t* __restrict__ gr, const e_t* __restrict__ er,
                                        const n_t* __restrict__ nul, int64_t D) {
-  acc_t acc = 0;
+  if constexpr (std::is_same_v<g_t, c10::BFloat16> && std::is_same_v<e_t, c10::BFloat16> &&
+                std::is_same_v<n_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    return row_dot_bf16_avx512(gr, er, nul, D);
+  } else if constexpr (std::is_same_v<g_t, float> && std::is_same_v<e_t, float> && std::is_same_v<n_t, float> &&
+                       std::is_same_v<acc_t, float>) {
+    return row_dot_f32_avx512(gr, er, nul, D);
+  } else {
+    acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < D; ++d) {
-    acc = std::fma(load_as<acc_t>(er, d) - load_as<acc_t>(nul, d), load_as<acc_t>(gr, d), acc);
+    for (int64_t d = 0; d < D; ++d) {
+      acc = std::fma(load_as<acc_t>(er, d) - load_as<acc_t>(nul, d), load_as<acc_t>(gr, d), acc);
+    }
+    return acc;
   }
-  return acc;
 }
 #endif
 
