@@ -54,7 +54,7 @@ def padded_tokens(scorer, rows, method="taylor") -> int:
             bins = packing.split([rows[i].length for i in g], cap)
             total += len(bins) * max(sum(rows[g[i]].length for i in b) for b in bins)
         return total
-    return sum(len(g) * max(rows[i].length for i in g) for g in scorer._groups(rows, lambda r: r.length))
+    return sum(len(g) * max(rows[i].length for i in g) for g in scorer.engine.groups(rows, lambda r: r.length))
 
 
 def main(argv=None) -> int:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
         def step(s=s):
             sb = s.score_ids(prompts, ids, length=N, device=device)
-            return sb.token_rewards("p2t")
+            return sb.token_rewards(mode="p2t")
         jobs.append((name, step))
     diff = (results["packed"]["out"].scores - results["padded"]["out"].scores).abs().max().item()
     scale = results["padded"]["out"].scores.abs().max().item()

@@ -266,7 +266,7 @@ def make_engine_step(model, batch: Batch, device: str, budget: int, tok=None, fu
         if fused:
             return scorer.advantages_ids(prompts, ids, o, group_size=group, length=N, device=device).advantages
         sb = scorer.score_ids(prompts, ids, length=N, device=device)
-        return p2t.token_advantages(o, sb.token_rewards("p2t"), group_size=group, mask=sb.response_mask)
+        return p2t.token_advantages(o, sb.token_rewards(mode="p2t"), group_size=group, mask=sb.response_mask)
     step.scorer, step.inputs = scorer, (prompts, ids, N)
     return step
 
@@ -440,6 +440,36 @@ def liger_runs(model, table, rows_out, device, args, budget, tok):
                     torch.cuda.empty_cache()
 
 
+def target_lines(rows: list) -> list:
+    """The targets of the full-size run, each PASS or MISS from the measured rows (or not measured): 8x2048
+    engine >= 1.8x naive tokens/s and <= 1/3 of its peak memory; mixed64 engine >= 2.5x naive tokens/s; the
+    host work outside the PRM (score_ids and the fused advantages_ids) <= 5 ms per 16k tokens (2% of a
+    ~290 ms H100 1.5B-shape step)."""
+    by = {(r.mode, r.provider, r.metric): r.y50 for r in rows}
+    verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731
+    lines = []
+    for batch, speedup, memory in (("8x2048", 1.8, 1 / 3), ("mixed64", 2.5, None)):
+        eng, nv = by.get((batch, "engine", "throughput")), by.get((batch, "naive", "throughput"))
+        if eng is None or nv is None:
+            lines.append(f"{batch} engine >= {speedup}x naive tokens/s: not measured (--methods engine,naive)")
+        else:
+            lines.append(f"{batch} engine {eng / nv:.2f}x naive tokens/s (>= {speedup}) -> "
+                         f"{verdict(eng / nv >= speedup)}")
+        if memory is not None:
+            pe, pn = by.get((batch, "engine", "peak_memory")), by.get((batch, "naive", "peak_memory"))
+            if pe is None or pn is None or not pn > 0:
+                lines.append(f"{batch} engine peak <= 1/3 of naive: not measured")
+            else:
+                lines.append(f"{batch} engine peak {pe / pn:.2f} of naive (<= 0.33) -> {verdict(pe / pn <= memory)}")
+    for batch in dict.fromkeys(r.mode for r in rows if r.metric == "host_time"):
+        for provider, what in (("host", "score_ids"), ("host_fused", "fused advantages_ids")):
+            ms = by.get((batch, provider, "host_time"))
+            if ms is not None:
+                lines.append(f"{batch} host work outside the PRM, {what}: {ms:.2f} ms per 16k tokens (<= 5) -> "
+                             f"{verdict(ms <= 5)}")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -482,7 +512,7 @@ def main(argv=None) -> int:
           f"Qwen2 {'tiny' if args.tiny else '1.5B'} shape, {str(dtype).replace('torch.', '')}, sdpa, "
           f"{weights_gib:.2f} GiB of weights; backends {p2t.available_backends(device.split(':')[0])}")
     tok = id_tokenizer(shape["vocab_size"]) if ({"engine", "host"} & set(methods) or args.liger) else None
-    host = {}
+    host_rows = []  # the host work outside the PRM, per 16k tokens (metric "host_time")
     out = args.out or os.path.join(HERE, "results", f"e2e{'_tiny' if args.tiny else ''}_{bench.device_tag(device)}.csv")
     rows_out, table = [], []
     for batch in batches(args.tiny, shape["vocab_size"], args.batches.split(","),
@@ -521,8 +551,13 @@ def main(argv=None) -> int:
             eng = res.get("engine", {}).get("t", (float("nan"),))[0] * 1e3
             out_u, out_f = h["total"] - h["prm_total"], h["fused"] - h["prm_fused"]
             k_u, k_f = h.get("kernels_total", float("nan")), h.get("kernels_fused", float("nan"))
-            host[batch.name] = (out_u * per16k, out_f * per16k, h["layout"] * per16k, eng * per16k, k_u * per16k,
-                                k_f * per16k, h["lead_total"] * per16k, h["lead_fused"] * per16k)
+            for name, ms in (("host", out_u), ("host_fused", out_f), ("host_layout", h["layout"]),
+                             ("host_kernels", k_u), ("host_fused_kernels", k_f), ("host_lead", h["lead_total"]),
+                             ("host_fused_lead", h["lead_fused"]), ("engine", eng)):
+                host_rows.append(bench.BenchmarkRow.measured(
+                    env, kernel="p2t_reward_step", provider=name, mode=batch.name, metric="host_time",
+                    unit="ms/16k tokens", x=batch.tokens, y50=ms * per16k, y20=ms * per16k, y80=ms * per16k,
+                    x_name="tokens", layout="padded", host_ms=ms))
             print(f"  host (outside the PRM): score_ids path {out_u * per16k:.2f} ms per 16k tokens (call "
                   f"{h['total'] * per16k:.2f} - null PRM {h['prm_total'] * per16k:.2f}), fused advantages_ids "
                   f"{out_f * per16k:.2f} (call {h['fused'] * per16k:.2f} - null PRM {h['prm_fused'] * per16k:.2f}); "
@@ -567,14 +602,17 @@ def main(argv=None) -> int:
             xf = f"{r['t'][0] / fw['t'][0]:.2f}x" if fw else ""
             print(f"{batch.name:<8} {name:<16} {r['t'][0] * 1e3:10.1f} {r['tps']:12.0f} {r['peak']:9.3f} {sp:>14} "
                   f"{mem:>13} {xf:>15}")
-    for name, (tot, fus, lay, eng, k_u, k_f, l_u, l_f) in host.items():
-        print(f"host work outside the PRM, {name}: {tot:.2f} ms per 16k tokens (fused advantages_ids {fus:.2f}; "
-              f"input layout {lay:.2f} ms; before the PRM's first forward {l_u:.2f} / {l_f:.2f} ms; p2t's op kernels "
-              f"{k_u:.2f} / {k_f:.2f} ms, device work on a GPU); the engine step is {eng:.1f} ms per 16k tokens here")
+    for name in dict.fromkeys(r.mode for r in host_rows):
+        h = {r.provider: r.y50 for r in host_rows if r.mode == name}
+        print(f"host work outside the PRM, {name}: {h['host']:.2f} ms per 16k tokens (fused advantages_ids "
+              f"{h['host_fused']:.2f}; input layout {h['host_layout']:.2f} ms; before the PRM's first forward "
+              f"{h['host_lead']:.2f} / {h['host_fused_lead']:.2f} ms; p2t's op kernels {h['host_kernels']:.2f} / "
+              f"{h['host_fused_kernels']:.2f} ms, device work on a GPU); the engine step is {h['engine']:.1f} ms per "
+              "16k tokens here")
     if not args.tiny:
-        print("targets: 8x2048 engine >= 1.8x naive tokens/s and <= 1/3 of its peak; mixed64 >= 2.5x naive tokens/s; "
-              "host work outside the PRM <= 5 ms per 16k tokens (2% of a ~290 ms H100 1.5B-shape step)")
-    bench.write_csv(rows_out, out)
+        for line in target_lines(rows_out + host_rows):
+            print("TARGET " + line)
+    bench.write_csv(rows_out + host_rows, out)
     print(f"wrote {out}")
     return 0
 
