@@ -1,18 +1,16 @@
 """The layout's oracle: each response's PRM input built on its own, step by step, with list-based step
-assignment (:func:`assign_steps`) and the overlap map, as the engine first defined it. The engine's batch
+assignment (:func:`assign_steps`) and the overlap map, as the engine first defined it (the policy tokens'
+offsets and the truncation messages are the layout's own). The engine's batch
 layout (:meth:`p2t.attribution.layout.Layout.rows`, NumPy) and its native twin (``p2t_host::layout_ids``)
 are tested against it: rows, warnings and errors."""
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
-import torch
 
-from p2t.attribution.align import Span, encode_with_offsets, offsets_of, overlap, overlap_map, split_steps
+from p2t.attribution.align import Span, encode_with_offsets, overlap, overlap_map, split_steps
 from p2t.attribution.layout import Row
-from p2t.attribution.warn import AttributionWarning
 
 __all__ = ["assign_steps", "reference_row", "reference_rows"]
 
@@ -60,58 +58,10 @@ def assign_steps(token_spans: Sequence[Span], steps: Sequence[Span],
     return out
 
 
-def steps_that_fit(self, i: int, total: int, keep: int, num_steps: int, first: int, stacklevel: int) -> int:
-    """``keep``, the number of leading steps of ``responses[i]`` whose PRM input fits in ``max_length``
-    (the input, ``total`` tokens with all ``num_steps`` steps, is longer; the cumulative length grows, so
-    the steps that fit are a prefix), checked: ``first`` is the input's length with its first step only.
-    Raises under ``truncation="error"`` or when not even the first step fits; warns otherwise
-    (``stacklevel``: that of the warning, counted from this method)."""
-    if self.truncation == "error":
-        raise ValueError(f"responses[{i}]: the PRM input has {total} tokens, more than max_length="
-                         f"{self.max_length}; shorten it or pass truncation='steps'")
-    if keep == 0:
-        raise ValueError(f"responses[{i}]: not even its first step fits in the PRM's max_length="
-                         f"{self.max_length} ({first} tokens with the prompt)")
-    warnings.warn(f"responses[{i}]: the PRM input has {total} tokens, more than max_length={self.max_length}; "
-                  f"kept the first {keep} of {num_steps} steps (the rest get segment id -1 and score 0)",
-                  AttributionWarning, stacklevel=stacklevel)
-    return keep
-
-
-def policy_offsets(self, i, response, ids, hint: bool, skip_empty: bool, stacklevel: int):
-    """The policy side of one response: (text, ids, spans), ``None`` for a skipped empty one."""
-    ptok = self.policy_tokenizer
-    if ids is None:
-        if not response:
-            if skip_empty:
-                return None
-            raise ValueError(f"responses[{i}] is empty")
-        ids, spans = encode_with_offsets(ptok, response)
-        return response, np.asarray(ids, dtype=np.int64), spans
-    ids = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        if skip_empty:
-            return None
-        raise ValueError(f"response_token_ids[{i}] is empty")
-    bad = (ids < 0) | (ids >= self.policy_vocab)
-    if bad.any():
-        raise ValueError(f"response_token_ids[{i}] holds the id {int(ids[bad.argmax()])}, outside the policy "
-                         f"tokenizer's vocabulary [0, {self.policy_vocab})")
-    text, spans = offsets_of(ptok, ids.tolist(), ids, response if hint else None)
-    if response is not None and text != response:
-        warnings.warn(f"responses[{i}] differs from the decoded response_token_ids[{i}]; steps are taken "
-                      "from the decoded tokens", AttributionWarning, stacklevel=stacklevel)
-    if not text:
-        if skip_empty:
-            return text, ids, spans
-        raise ValueError(f"response_token_ids[{i}] decodes to an empty response")
-    return text, ids, spans
-
-
 def reference_row(self, i: int, parts, response: Optional[str], policy_ids, *, hint: bool = True,
                   skip_empty: bool = False, stacklevel: int = 5) -> Optional[Row]:
     """The row of ``responses[i]`` built on its own, step by step (``self``: the :class:`Layout`)."""
-    got = policy_offsets(self, i, response, policy_ids, hint, skip_empty, stacklevel + 1)
+    got = self._policy_offsets(i, response, policy_ids, hint, skip_empty, stacklevel + 1)  # its decode, its checks
     if got is None:
         return None
     text, ids, pspans = got
@@ -144,7 +94,7 @@ def reference_row(self, i: int, parts, response: Optional[str], policy_ids, *, h
         if total > self.max_length:
             fits = len(head) + np.cumsum(per_step) + len(tail) <= self.max_length
             first = len(head) + int(per_step[0]) + len(tail)
-            keep = steps_that_fit(self, i, total, int(fits.sum()), len(steps), first, stacklevel + 1)
+            keep = self._steps_that_fit(i, total, int(fits.sum()), len(steps), first, stacklevel + 1)  # its messages
     steps = steps[:keep]
     policy_step = np.where(policy_step < keep, policy_step, -1)
     counts = counts[:keep]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-__all__ = ["Head", "StepClassifierHead", "ValueHead", "LMJudgeHead", "CallableHead", "HEADS", "KINDS", "PRESETS",
+__all__ = ["forward_takes", "model_logits", "Head", "StepClassifierHead", "ValueHead", "LMJudgeHead", "CallableHead", "HEADS", "KINDS", "PRESETS",
            "QWEN_PRM_SYSTEM", "JUDGE_LOGITS"]
 
 # lm_judge logits: at every position ("all") or at the readout positions only ("readout", logits_to_keep)
@@ -28,6 +28,14 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 def _precise(t: torch.Tensor) -> torch.Tensor:
     """float64 stays float64 (a float64 PRM keeps its precision); anything else becomes float32."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def forward_takes(model, name: str) -> bool:
+    """Whether the model's forward has a parameter ``name`` (``False`` where its signature cannot be read)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def model_logits(model, x: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids=None,
@@ -162,11 +170,7 @@ class LMJudgeHead(Head):
             if not 0 <= t < (vocab or t + 1):
                 raise ValueError(f"judge_tokens: token id {t} is outside the PRM's output vocabulary [0, {vocab})")
         if self.judge_logits == "readout":
-            try:
-                params = inspect.signature(model.forward).parameters
-            except (TypeError, ValueError):
-                params = {}
-            if "logits_to_keep" not in params:
+            if not forward_takes(model, "logits_to_keep"):
                 raise ValueError(f"judge_logits='readout' but the PRM ({type(model).__name__}) takes no "
                                  "logits_to_keep: its logits cannot be restricted to the readout positions; use "
                                  "judge_logits='all'")

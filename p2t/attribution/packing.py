@@ -27,14 +27,13 @@ path does) and asks for the same outputs, with positions from 0 or from ``paddin
 """
 from __future__ import annotations
 
-import inspect
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import methods as M
-from .heads import model_logits
+from .heads import forward_takes, model_logits
 from .layout import Row
 
 __all__ = ["check", "position_offset", "row_length", "plan", "split", "tensors", "attribute"]
@@ -54,11 +53,7 @@ def check(model, kind: str, pack_length: Optional[int]) -> int:
     if pack_length is not None and (isinstance(pack_length, bool) or not isinstance(pack_length, int)
                                     or pack_length < 1):
         raise ValueError(f"pack_length must be a positive int or None, got {pack_length!r}")
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "position_ids" not in params:
+    if not forward_takes(model, "position_ids"):
         raise ValueError(f"packing=True but the PRM ({type(model).__name__}) takes no position_ids: packed inputs "
                          "could not restart their positions")
     try:
