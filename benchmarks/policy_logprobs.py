@@ -2,8 +2,8 @@
 ``[B, N, V]`` logits against TRL's chunked kernel (:mod:`p2t.grpo.logprobs`), on a random-init policy of
 Qwen2.5-0.5B's shape (hidden 896, vocabulary 151,936, tied embeddings; 2 layers instead of 24).
 
-    python benchmarks/policy_logprobs.py                       # 4x128, 4x256, 4x512 completions, CPU
-    python benchmarks/policy_logprobs.py --lengths 1024 --rows 4
+    python benchmarks/policy_logprobs.py                       # 4x64, 4x128, 4x256 completions, CPU (~4 min)
+    python benchmarks/policy_logprobs.py --lengths 512,1024    # longer (eager: ~5 and ~10 GB)
     python benchmarks/policy_logprobs.py --dry-run             # tiny shapes, both paths checked equal
 
 One update = the policy's forward on prompt + completion, the completion log-probs
@@ -125,7 +125,7 @@ def worker(a) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4)
-    ap.add_argument("--lengths", default="128,256,512", help="completion lengths N (comma-separated)")
+    ap.add_argument("--lengths", default="64,128,256", help="completion lengths N (comma-separated)")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--paths", default="eager,chunked")
     ap.add_argument("--vocab", type=int, default=151936)
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "policy_logprobs_cpu.csv"))
+    ap.add_argument("--append", action="store_true", help="add the rows to --out instead of replacing it")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes (a smoke run, not a measurement)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -182,9 +183,11 @@ def main(argv=None) -> int:
                   f"({c.peak_mib / e.peak_mib:.2f}x), time {e.time_s:.2f} -> {c.time_s:.2f} s "
                   f"({c.time_s / e.time_s:.2f}x)")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w", newline="") as f:
+    new = not (a.append and os.path.exists(a.out))
+    with open(a.out, "w" if new else "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Row)])
-        w.writeheader()
+        if new:
+            w.writeheader()
         for r in rows:
             w.writerow(dataclasses.asdict(r))
     print(f"wrote {a.out}")

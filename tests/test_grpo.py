@@ -72,14 +72,6 @@ def test_task_labels_and_reward():
     assert len(task.char_labels(p, good)) == len(good) + 1
 
 
-def test_lab_cache_is_reused(cache, monkeypatch):
-    from p2t.grpo.lab import models
-    monkeypatch.setattr(models, "train_sft", lambda *a, **k: pytest.fail("the cached SFT policy was retrained"))
-    monkeypatch.setattr(models, "train_prm", lambda *a, **k: pytest.fail("the cached PRM was retrained"))
-    paths = ensure_lab(TINY_LAB, str(cache))
-    assert os.path.exists(os.path.join(paths["prm"], "config.json"))
-
-
 # ---------------------------------------------------------------- one training step per mode
 @pytest.mark.parametrize("mode", ["outcome", "process", "p2t"])
 def test_one_training_step(tmp_path, cache, mode):
@@ -398,19 +390,6 @@ def test_lab_rebuild_is_identical(tmp_path, cache, prm_kind):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
-def test_packaged_lab_is_used_when_settings_match(tmp_path, monkeypatch):
-    from p2t.grpo.lab import models
-    monkeypatch.setattr(models, "train_sft", lambda *a, **k: pytest.fail("trained although checkpoints ship"))
-    monkeypatch.setattr(models, "PACKAGED_DIR", str(tmp_path / "pkg"))
-    paths = models._lab_paths(str(tmp_path / "pkg"), TINY_LAB)
-    for part in ("policy", "prm"):
-        os.makedirs(paths[part])
-        open(os.path.join(paths[part], "config.json"), "w").write("{}")
-    assert ensure_lab(TINY_LAB, str(tmp_path / "cache")) == paths
-    with pytest.raises(pytest.fail.Exception):
-        ensure_lab(TINY_LAB, str(tmp_path / "cache"), packaged=False)
-
-
 def test_truncated_completions_are_masked(tmp_path, cache):
     tr = make(tmp_path, cache, mode="p2t", mask_truncated_completions=True, max_new_tokens=6)
     r = tr.rollout(0)
@@ -437,16 +416,6 @@ def test_attribution_stats_entropy():
 
 
 # ---------------------------------------------------------------- lab warm-up, localisation, compare statistics
-def test_lr_factor_warms_up_then_decays_to_the_floor():
-    from p2t.grpo.lab.models import lr_factor
-    assert lr_factor(0, 100, 10, 1e-3, 1e-5) == pytest.approx(0.1, rel=1e-3)
-    assert lr_factor(9, 100, 10, 1e-3, 1e-5) == pytest.approx(0.5 * (1 + __import__("math").cos(0.09 * 3.141592653589793)) * 0.99 + 0.01)
-    assert lr_factor(100, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01)
-    assert lr_factor(500, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01)  # stays at the floor
-    vals = [lr_factor(s, 100, 10, 1e-3, 1e-5) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(vals, vals[1:]))
-
-
 def test_wrong_step_kinds():
     from p2t.grpo.lab.models import wrong_step_kinds
     p = task.Problem([17, 25, 33])
@@ -532,21 +501,6 @@ def test_token_truth_marks_the_wrong_digits():
     line_of, wrong = token_truth(task.Problem([17, 25]), "17+25=52\n#52")
     assert [i for i, w in enumerate(wrong) if w] == [6, 7]  # from the first wrong character to the line's end
     assert not any(token_truth(p, "17+25=42\n42+33=75\n#75")[1])
-
-
-def test_auroc_and_spearman_against_brute_force():
-    import numpy as np
-    from p2t.grpo.lab.localisation import auroc, spearman
-    rng = np.random.default_rng(0)
-    pos, neg = rng.integers(0, 5, 13).astype(float), rng.integers(0, 5, 17).astype(float)
-    brute = np.mean([[1.0 if a > b else 0.5 if a == b else 0.0 for b in neg] for a in pos])
-    assert auroc(pos, neg) == pytest.approx(brute)
-    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
-    assert np.isnan(auroc(np.array([]), np.array([1.0])))
-    x = rng.normal(size=20)
-    assert spearman(x, np.exp(x)) == pytest.approx(1.0)
-    assert spearman(x, -x) == pytest.approx(-1.0)
-    assert np.isnan(spearman(x, np.zeros(20)))
 
 
 def test_localisation_on_the_tiny_lab(cache):

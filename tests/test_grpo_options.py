@@ -308,3 +308,21 @@ def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     p = subprocess.run([sys.executable, "-c", code, *mods], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the set-up hands the loop its pieces
+def test_setup_metrics_reach_the_record(tmp_path, cache, keep_threads):
+    from p2t.grpo import GRPOLoop, resolve
+    from p2t.grpo.lab import task
+    tr = make(tmp_path, cache, mode="outcome")
+    rec = tr.step()
+    r = tr.last_rollout
+    labels = [ok for p, s in zip(r.prompts, r.responses) for ok in task.step_labels(task.parse_prompt(p), s)]
+    assert labels and rec["step_accuracy"] == sum(labels) / len(labels)  # the lab's metric, from the set-up
+    cfg = tiny_config(tmp_path, cache, mode="outcome")
+    mine = GRPOTrainer(cfg, reward_fn=digit_reward, metrics=[lambda ro: {"rows": len(ro.responses)}]).step()
+    assert mine["rows"] == 8 and "step_accuracy" not in mine
+    setup = resolve(cfg, reward_fn=digit_reward)
+    assert isinstance(GRPOTrainer(cfg, setup), GRPOLoop) and GRPOLoop(cfg, setup).step()["update"] == 1
+    with pytest.raises(TypeError, match="not both"):
+        GRPOTrainer(cfg, setup, reward_fn=digit_reward)

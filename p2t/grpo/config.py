@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hi
 from ..attribution import KINDS as PRM_KINDS
 from ..options import MODES, SCALES, P2TOptions, check_float  # noqa: F401  (MODES, SCALES re-exported: defined once)
 from .lab import LabConfig
+from .logprobs import CHUNKED_VOCAB
 from .sampling import SAMPLERS
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -85,7 +86,7 @@ class GRPOConfig:
     normalize: str = "paper"             # paper | sum
     attribution_method: str = "taylor"   # P2TScorer method: taylor | taylor_per_step | integrated_gradients | exact
     fused_advantages: bool = True        # p2t mode ends in the fused p2t_advantages where the scorer can fuse
-    chunked_logprobs_vocab: int = 16384  # policy log-probs through TRL's chunked kernel (no [B, N, V] logits) for vocabularies at least this large, where TRL >= 1.16 is installed; smaller ones (the toy lab's) take the eager log-softmax
+    chunked_logprobs_vocab: int = CHUNKED_VOCAB  # policy log-probs through TRL's chunked kernel (no [B, N, V] logits) for vocabularies at least this large, where TRL >= 1.16 is installed; smaller ones (the toy lab's) take the eager log-softmax
     # evaluation, output
     eval_every: int = 10
     eval_prompts: int = 200

@@ -138,7 +138,7 @@ def scorer_options(config: GRPOConfig, policy_tokenizer, lab: bool) -> dict:
 def lab_metrics(lab_config) -> List[Callable[[Any], Dict[str, float]]]:
     """The toy lab's per-update metrics: the true step accuracy of the training samples (the task's own
     step labels, which the PRM only estimates)."""
-    ops = getattr(lab_config, "ops_per_step", 1)
+    ops = lab_config.ops_per_step
 
     def step_accuracy(rollout) -> Dict[str, float]:
         labels = [ok for p, s in zip(rollout.prompts, rollout.responses)
