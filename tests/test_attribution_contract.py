@@ -470,3 +470,37 @@ def test_batch_layout_equals_the_row_by_row_layout(tmp_path, which, path, monkey
                 continue
             assert got[1] == want[1]
             assert len(got[0]) == B and all(_same_row(a, b) for a, b in zip(got[0], want[0])), (kw, prompts, ids)
+
+
+def test_advantages_options_reach_the_fused_op(toy, monkeypatch):
+    """advantages_ids takes a P2TOptions (its field names as overrides): the fused op receives every
+    redistribution and advantage option (omega_neg included) and equals the unfused path, the mode registry
+    decides what fuses, and the default alpha is P2TOptions'."""
+    tok = toy.tokenizer
+    ids = [tok.encode(r, add_special_tokens=False) for r in RESPONSES]
+    o = torch.tensor([1.0, 0.0])
+    seen = []
+    real = p2t.ops.p2t_advantages
+    monkeypatch.setattr(p2t.ops, "p2t_advantages", lambda *a, **k: seen.append(k) or real(*a, **k))
+    opts = p2t.P2TOptions(omega=0.8, omega_neg=0.3, temperature=0.7, standardize=True, normalize="sum", alpha=0.4)
+    f = toy.advantages_ids(PROMPTS, ids, o, group_size=2, options=opts)
+    assert seen and all(k["omega_neg"] == 0.3 and k["omega"] == 0.8 and k["alpha"] == 0.4 for k in seen)
+    sb = toy.score_ids(PROMPTS, ids)
+    want = p2t.rewards.token_advantages_of(sb, o, opts, group_size=2)
+    torch.testing.assert_close(f.advantages, want.float(), rtol=0, atol=1e-5)
+    assert torch.equal(toy.advantages_ids(PROMPTS, ids, o, group_size=2, **opts.as_dict()).advantages, f.advantages)
+    seen.clear()
+    default = toy.advantages_ids(PROMPTS, ids, o, group_size=2)
+    assert seen[0]["alpha"] == p2t.P2TOptions().alpha == 0.1
+    torch.testing.assert_close(default.advantages, p2t.rewards.token_advantages_of(sb, o, group_size=2).float(),
+                               rtol=0, atol=1e-5)
+    seen.clear()
+    for mode in ("process", "outcome"):  # not fusable: the registry's token rewards, no fused op
+        assert toy.unfused_reason(mode=mode) is not None
+        got = toy.advantages_ids(PROMPTS, ids, o, group_size=2, options=opts, mode=mode)
+        torch.testing.assert_close(got.advantages, p2t.rewards.token_advantages_of(sb, o, opts, group_size=2,
+                                                                                     mode=mode).float(),
+                                   rtol=0, atol=1e-6)
+    assert not seen
+    with pytest.raises(TypeError, match="unknown P2T option"):
+        toy.advantages_ids(PROMPTS, ids, o, group_size=2, omgea=1.0)

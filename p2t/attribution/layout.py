@@ -17,9 +17,11 @@ Policy tokens and steps:
   attribution is split over the policy tokens in proportion to the characters they share (mass
   preserved); a policy token spanning two steps keeps the mass of both.
 
-Everything here is host work on NumPy arrays, vectorised over tokens; the batch path from policy ids
-(:meth:`Layout.rows` with ``skip_empty``, same tokenizer) runs as one native pass where the compiled
-extension has it (:func:`p2t.ops.host.layout_ids`), tested equal to the NumPy one.
+Everything here is host work on NumPy arrays, vectorised over tokens, for a whole batch at once: one
+Python path (:meth:`Layout.rows`; :meth:`Layout.row` is that path with a batch of one). Policy ids with
+the PRM's own tokenizer (``skip_empty``: the ids-in entry points) run as one native pass where the
+compiled extension has it (:func:`p2t.ops.host.layout_ids`, the fast twin). Both are tested against the
+step-by-step oracle of the tests (``tests/reference_layout.py``).
 """
 from __future__ import annotations
 

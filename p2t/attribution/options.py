@@ -1,7 +1,10 @@
-"""The resolved options of a :class:`~p2t.attribution.P2TScorer`: the constructor's arguments checked,
-the kind's preset filled in (:data:`~p2t.attribution.heads.PRESETS`), the PRM input :class:`Layout`
-and the head built, and the null embedding taken from the model. :func:`resolve` does it once per
-scorer; every bad argument is a ``ValueError`` or ``TypeError`` naming it.
+"""The resolved options of a :class:`~p2t.attribution.P2TScorer`: the constructor's arguments
+(:data:`DEFAULTS`, one declaration of every option and its default) checked, the kind's preset filled in
+(:data:`~p2t.attribution.heads.PRESETS`), the PRM input :class:`Layout` and the head built, and the null
+embedding taken from the model. :func:`resolve` does it once per scorer and returns the options
+(:class:`ScorerOptions`) and the engine state (:class:`~p2t.attribution.engine.Engine`); every bad argument
+is a ``ValueError`` or ``TypeError`` naming it. The redistribution and advantage options are not the
+scorer's: they are a :class:`p2t.P2TOptions` per call (:meth:`P2TScorer.advantages_ids`).
 """
 from __future__ import annotations
 
