@@ -25,7 +25,7 @@ JUDGE_LOGITS = ("all", "readout")
 # the toy lab's alpha (see GRPOConfig.alpha): its PRM's step rewards are the lab's own verified signal,
 # and at 1.0 they move the tiny policy within the short runs of `p2t train` / `p2t compare`
 LAB_ALPHA = 1.0
-# GRPOConfig field -> P2TOptions field, where the names differ (the config keeps TRL's / its YAML's names)
+# GRPOConfig field -> P2TOptions field (the config keeps its YAML's and TRL's names: attr_temperature, ...)
 OPTION_FIELDS = {"mode": "mode", "alpha": "alpha", "omega": "omega", "omega_neg": "omega_neg",
                  "attr_temperature": "temperature", "standardize": "standardize", "normalize": "normalize",
                  "scale_rewards": "scale", "attribution_method": "method", "prm_null": "null"}
@@ -35,8 +35,10 @@ OPTION_FIELDS = {"mode": "mode", "alpha": "alpha", "omega": "omega", "omega_neg"
 class GRPOConfig:
     """GRPO with outcome, process or P2T token advantages. Options follow TRL's meanings."""
     # what is trained and rewarded
-    mode: str = "p2t"                    # a registered mode (p2t.rewards): outcome (A^ only) | process (A^ + alpha*R_s) | p2t (A^ + alpha*r_i)
-    policy: Optional[str] = None         # HF id or local path; None = the lab's SFT policy (so is a policy directory saved by a lab run)
+    mode: str = "p2t"                    # a registered mode (p2t.rewards): outcome (A^ only) | process
+                                         # (A^ + alpha*R_s) | p2t (A^ + alpha*r_i)
+    policy: Optional[str] = None         # HF id or local path; None = the lab's SFT policy (as is a directory
+                                         # saved by a lab run)
     prm: Optional[str] = None            # HF id or local path; None = the lab's PRM when training the lab policy
     prm_kind: str = "step_classifier"    # step_classifier | value_head | lm_judge
     step_separator: Optional[str] = None  # PRM step separator; None = the kind's convention (the lab: newline)
@@ -47,8 +49,12 @@ class GRPOConfig:
     prm_judge_logits: str = "all"         # lm_judge logits at every position (all) or at the step tags only (readout)
     prm_image_column: Optional[str] = None  # train-data column of each prompt's image file: a vision-language PRM
     prm_null: Optional[str] = None       # null embedding: pad | eos | vocab_mean | zero; None = the scorer's (pad)
-    reward: Optional[str] = None         # outcome reward "module:function", fn(prompts, responses, **columns) -> a float per response, or a (reward, correct) pair per response; None = the lab's
-    correct_threshold: float = 1.0       # a response counts as correct (accuracy, eval_accuracy) when its reward >= this; a reward function returning (reward, correct) pairs decides itself
+    reward: Optional[str] = None         # outcome reward "module:function", fn(prompts, responses, **columns)
+                                         # -> a float per response, or a (reward, correct) pair per response;
+                                         # None = the lab's
+    correct_threshold: float = 1.0       # a response counts as correct (accuracy, eval_accuracy) when its
+                                         # reward >= this; a reward function returning (reward, correct)
+                                         # pairs decides itself
     train_data: Optional[str] = None     # JSONL of {"prompt": ..., other columns}; None = the lab's generated task
     eval_data: Optional[str] = None      # JSONL for evaluation; None = held-out lab prompts
     trust_remote_code: bool = False
@@ -80,13 +86,17 @@ class GRPOConfig:
     # `p2t compare`), else P2TOptions' default (0.1, the paper's value for short chains of thought)
     alpha: Optional[float] = None        # weight of the token (or step) rewards; None = 1.0 for the toy lab, else 0.1
     omega: float = 0.6                   # redistribution strength
-    omega_neg: float = 0.0               # signed blame on a step's lowest-attribution tokens, weighted by (1 - R_s); 0 = the paper's formula
+    omega_neg: float = 0.0               # signed blame on a step's lowest-attribution tokens, weighted by
+                                         # (1 - R_s); 0 = the paper's formula
     attr_temperature: float = 1.0        # softmax temperature over a step's attributions
     standardize: bool = False            # standardize attributions within each step before the softmax
     normalize: str = "paper"             # paper | sum
     attribution_method: str = "taylor"   # P2TScorer method: taylor | taylor_per_step | integrated_gradients | exact
     fused_advantages: bool = True        # p2t mode ends in the fused p2t_advantages where the scorer can fuse
-    chunked_logprobs_vocab: int = CHUNKED_VOCAB  # policy log-probs through TRL's chunked kernel (no [B, N, V] logits) for vocabularies at least this large, where TRL >= 1.16 is installed; smaller ones (the toy lab's) take the eager log-softmax
+    chunked_logprobs_vocab: int = CHUNKED_VOCAB  # policy log-probs through TRL's chunked kernel (no
+                                                 # [B, N, V] logits) for vocabularies at least this large,
+                                                 # where TRL >= 1.16 is installed; smaller ones (the toy
+                                                 # lab's) take the eager log-softmax
     # evaluation, output
     eval_every: int = 10
     eval_prompts: int = 200
@@ -246,13 +256,23 @@ def _parse_value(tp, text: str):
 
 
 def field_comments(cls) -> Dict[str, str]:
-    """The comment after each field of a settings dataclass (its ``--help`` text); empty where the source
-    cannot be read."""
+    """The comment after each field of a settings dataclass, with the comment lines aligned under it (its
+    ``--help`` text); empty where the source cannot be read."""
     try:
-        source = inspect.getsource(cls)
+        lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
         return {}
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^#\n]*#\s*(.+)$", source, re.M)}
+    out, name, col = {}, None, -1
+    for line in lines:
+        m = re.match(r"^    (\w+): [^#]*?(#\s*)(.+)$", line)
+        if m:
+            name, col = m.group(1), m.start(2)
+            out[name] = m.group(3).strip()
+        elif name is not None and line.find("#") == col and not line[:col].strip():
+            out[name] += " " + line[col + 1:].strip()
+        else:
+            name = None
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -276,7 +296,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                                    help=f"{text} (default {default})".lstrip())
             else:
                 group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=_base_type(tp).__name__.upper(),
-                                   type=lambda s, tp=tp: _parse_value(tp, s), help=f"{text} (default {default!r})".lstrip())
+                                   type=lambda s, tp=tp: _parse_value(tp, s),
+                                   help=f"{text} (default {default!r})".lstrip())
 
 
 def from_args(args: argparse.Namespace, **defaults) -> GRPOConfig:

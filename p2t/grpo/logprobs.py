@@ -47,7 +47,8 @@ def _chunked_fn():
 
 def _parts(model):
     """(backbone, head) of a causal LM whose logits are ``head(backbone(...).last_hidden_state)``, else None."""
-    backbone = getattr(model, "base_model", None)
+    get_decoder = getattr(model, "get_decoder", None)  # the backbone (also through a PEFT wrapper)
+    backbone = get_decoder() if callable(get_decoder) else None
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if backbone is None or backbone is model or not isinstance(head, torch.nn.Linear):
