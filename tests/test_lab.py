@@ -285,3 +285,73 @@ def test_lab_modules_import_no_circle():
     circles = sorted(m for m in graph if m != "models" and m in reach(m))
     assert circles == [], circles
     assert "models" not in set().union(*(graph[m] for m in graph if m != "__init__"))
+
+
+# ---------------------------------------------------------------- build pieces, localisation statistics
+def test_lr_factor_warms_up_then_decays_to_the_floor():
+    import math
+    from p2t.grpo.lab.sft import lr_factor
+    assert lr_factor(0, 100, 10, 1e-3, 1e-5) == pytest.approx(0.1, rel=1e-3)
+    assert lr_factor(9, 100, 10, 1e-3, 1e-5) == pytest.approx(0.5 * (1 + math.cos(0.09 * math.pi)) * 0.99 + 0.01)
+    assert lr_factor(100, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01)
+    assert lr_factor(500, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01)  # stays at the floor
+    vals = [lr_factor(s, 100, 10, 1e-3, 1e-5) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_cached_lab_is_reused(tmp_path, monkeypatch):
+    from p2t.grpo.lab import cache
+    lab = dataclasses.replace(TINY, prm_kind="verifier")
+    paths = ensure_lab(lab, str(tmp_path), packaged=False)
+    monkeypatch.setattr(cache, "build_policy", lambda *a, **k: pytest.fail("the cached SFT policy was rebuilt"))
+    monkeypatch.setattr(cache, "build_lab_prm", lambda *a, **k: pytest.fail("the cached PRM was rebuilt"))
+    assert ensure_lab(lab, str(tmp_path), packaged=False) == paths
+    pol = json.load(open(os.path.join(paths["policy"], "lab_metrics.json")))
+    assert {"sampled_accuracy", "greedy_accuracy", "wrong_step_share", "wrong_step_kinds"} <= set(pol)
+    prm = json.load(open(os.path.join(paths["prm"], "lab_metrics.json")))
+    assert {"step_accuracy", "wrong_step_recall", "right_step_recall", "step_auroc", "samples"} <= set(prm)
+
+
+def test_auroc_and_spearman_against_brute_force():
+    import numpy as np
+    from p2t.grpo.lab.metrics import auroc, spearman
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 13).astype(float), rng.integers(0, 5, 17).astype(float)
+    brute = np.mean([[1.0 if a > b else 0.5 if a == b else 0.0 for b in neg] for a in pos])
+    assert auroc(pos, neg) == pytest.approx(brute)
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert np.isnan(auroc(np.array([]), np.array([1.0])))
+    x = rng.normal(size=20)
+    assert spearman(x, np.exp(x)) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert np.isnan(spearman(x, np.zeros(20)))
+
+
+@pytest.mark.parametrize("ops", [1, 2])
+def test_step_records_align_attributions_with_truth(ops):
+    from types import SimpleNamespace
+    from p2t.grpo.lab.localisation import step_records, summarise
+    p = task.Problem([17, 25, 33, 48])
+    resp = {1: "17+25=42\n42+33=85\n85+48=133\n#133", 2: "17+25=42 42+33=85\n85+48=133\n#133"}[ops]
+    lines = resp.split("\n")
+    n = len(resp)
+    seg = torch.full((1, n), -1)
+    start = 0
+    for s, line in enumerate(lines):
+        seg[0, start:start + len(line)] = s
+        start += len(line) + 1
+    wrong_at = resp.index("85")
+    bad = resp[:wrong_at].count("\n")  # the wrong line
+    col = wrong_at - (resp[:wrong_at].rfind("\n") + 1)
+    scores = torch.zeros(1, n)
+    scores[0, wrong_at] = -1.0  # the wrong digit has the lowest attribution
+    batch = SimpleNamespace(scores=scores, segment_ids=seg,
+                            segment_rewards=torch.tensor([0.1 if s == bad else 0.9 for s in range(len(lines))]),
+                            steps_per_response=[len(lines)])
+    steps = step_records(batch, [p], [resp], ops)
+    assert [s["step_ok"] for s in steps] == [s != bad for s in range(len(lines))]
+    assert steps[bad]["wrong"].tolist() == [False] * col + [True, True]
+    res = summarise(steps)
+    assert res["top1"] == 1.0 and res["wrong_steps"] == 1 and res["mixed_steps"] == 1 and res["flagged_steps"] == 1
+    # the 8 beats every right token, the 5 ties them
+    assert res["auroc_step"] == pytest.approx(0.75) and res["auroc_flagged"] == pytest.approx(0.75)
