@@ -19,9 +19,10 @@ Targets, per round: the ``cpp-2t`` median (busy) is no slower than the ``cpp-1t`
 the same round (within 5 %, the spread of medians between quiet rounds); C++ at least as fast as torch.compile
 with 1 thread quietly (``cpp-1t`` vs ``compile-1t``) and with 2 threads and a busy core (``cpp-2t`` vs
 ``compile-2t``). The verdicts also give 2 threads against 1 thread measured in the same busy phase. Every
-cell also gives GB/s: the bytes of grad and embeds read per call over the median time. The C++ kernels run
-the ISA clone ``p2t.ops.cpu_isa()`` names (``--isa`` / ``P2T_CPU_ISA`` force one; the CSV's ``isa`` column).
-``uptime``'s load is printed and stored with each phase: on a shared machine the "quiet" phases are not quiet.
+cell also gives GB/s: the bytes of grad and embeds read per call over the median time. The verdicts compare
+medians, and also the fastest call of each cell (on a loaded machine the median measures the machine, the
+fastest call the kernel). The C++ kernels run the ISA clone ``p2t.ops.cpu_isa()`` names (``--isa`` /
+``P2T_CPU_ISA`` force one; the CSV's ``isa`` column). ``uptime``'s load is printed and stored with each phase: on a shared machine the "quiet" phases are not quiet.
 """
 from __future__ import annotations
 
@@ -255,8 +256,11 @@ def run(args, dtypes, shape, out, helper) -> int:
     print()
     ok_all = True
     for d in dtypes:
-        one, same, comp, comp1 = [], [], [], []
+        one, same, comp, comp1, best2, best1 = [], [], [], [], [], []
         for rnd in range(args.rounds):
+            # the fastest call of each cell: what the kernels do when the shared machine lets them run
+            best2.append(cell[(rnd, "busy", d, "compile-2t")]["min_ms"] / cell[(rnd, "busy", d, "cpp-2t")]["min_ms"])
+            best1.append(cell[(rnd, "quiet", d, "compile-1t")]["min_ms"] / cell[(rnd, "quiet", d, "cpp-1t")]["min_ms"])
             c2 = cell[(rnd, "busy", d, "cpp-2t")]["median_ms"]
             one.append(c2 / cell[(rnd, "quiet", d, "cpp-1t")]["median_ms"])
             same.append(c2 / cell[(rnd, "busy", d, "cpp-1t")]["median_ms"])
@@ -270,9 +274,11 @@ def run(args, dtypes, shape, out, helper) -> int:
               f"{'met' if ok1 else 'NOT met'} (2t busy / 1t quiet = {', '.join(f'{x:.2f}' for x in one)}; "
               f"2t busy / 1t busy = {', '.join(f'{x:.2f}' for x in same)})")
         print(f"TARGET {d} busy: C++ 2 threads >= {VS_COMPILE:.1f}x torch.compile (2 threads): "
-              f"{'met' if ok2 else 'NOT met'} (speed vs compile = {', '.join(f'{x:.2f}x' for x in comp)})")
+              f"{'met' if ok2 else 'NOT met'} (speed vs compile = {', '.join(f'{x:.2f}x' for x in comp)}; "
+              f"fastest calls: {', '.join(f'{x:.2f}x' for x in best2)})")
         print(f"TARGET {d} quiet: C++ 1 thread >= {VS_COMPILE:.1f}x torch.compile (1 thread): "
-              f"{'met' if ok3 else 'NOT met'} (speed vs compile = {', '.join(f'{x:.2f}x' for x in comp1)})")
+              f"{'met' if ok3 else 'NOT met'} (speed vs compile = {', '.join(f'{x:.2f}x' for x in comp1)}; "
+              f"fastest calls: {', '.join(f'{x:.2f}x' for x in best1)})")
     print("all targets met in every round:", "yes" if ok_all else "NO")
     print("end:", uptime())
     print("csv:", out)
