@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import p2t  # noqa: E402
 from p2t.ops import _backends, reference as ref  # noqa: E402
 from p2t.ops._spec import SPECS  # noqa: E402
-from _op_helpers import _err, check, oracle_p2t, pipeline, segments  # noqa: E402
+from _op_helpers import _err, check, check_golden, oracle_p2t, pipeline, segments  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -584,6 +584,14 @@ def test_row_stage_sets_windows_and_edges(backend, device, standardize, normaliz
                         normalize_sum=normalize == "sum", scale=s, omega_neg=omega_neg)
     check(out, p2t.p2t_advantages(g, e, n, ids, R, o, backend="reference", **kw), oracle)
     assert (out[~mask] == 0).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the recorded outputs are the host emulation's")
+def test_emulated_omega_neg_zero_is_bitwise_unchanged():
+    """omega_neg=0 through the CUDA kernels (host emulation) gives the outputs recorded before the signed term
+    existed, bit for bit (test_ops checks the other backends)."""
+    emu = _Emulated()
+    check_golden("emu", emu.segment_redistribute, emu.p2t_advantages)
 
 
 @pytest.mark.parametrize("backend,device", ROW_BACKENDS)
