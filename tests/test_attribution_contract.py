@@ -504,3 +504,23 @@ def test_advantages_options_reach_the_fused_op(toy, monkeypatch):
     assert not seen
     with pytest.raises(TypeError, match="unknown P2T option"):
         toy.advantages_ids(PROMPTS, ids, o, group_size=2, omgea=1.0)
+
+
+def test_scorer_state_is_declared_and_read_only(toy):
+    """The scorer's resolved state is one frozen engine (plus its run state) and one frozen set of options,
+    read through read-only attributes; an unknown option is refused by name."""
+    import dataclasses
+
+    from p2t.attribution.engine import Engine, RunState
+    e = toy.engine
+    assert isinstance(e, Engine) and isinstance(e.state, RunState) and e.state.vmap_ok in (True, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.micro_batch_tokens = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        toy.settings.null = "zero"
+    with pytest.raises(AttributeError):
+        toy.packing = True
+    assert toy.model is e.model and toy.layout is e.layout and toy.micro_batch_tokens == e.micro_batch_tokens
+    assert torch.equal(toy.null_embedding, e.null_embed) and toy.null == toy.settings.null
+    with pytest.raises(TypeError, match="unknown option.*'micro_batch'"):
+        P2TScorer(toy.model, toy.tokenizer, micro_batch=4)

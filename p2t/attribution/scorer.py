@@ -104,7 +104,7 @@ class P2TScorer:
     default).
 
     Where the work lives: :mod:`.options` (these arguments checked and resolved, with the kind's preset,
-    into :attr:`options` and the :class:`~.engine.Engine` :attr:`engine` that every room receives),
+    into :attr:`settings` and the :class:`~.engine.Engine` :attr:`engine` that every room receives),
     :mod:`.layout` (PRM inputs and the map onto policy tokens), :mod:`.heads` (how each kind reads its step
     log-odds), :mod:`.methods` (the attribution methods), :mod:`.plan` (micro-batches), :mod:`.packing`,
     :mod:`.fused` (the fused advantages) and :mod:`.batch` (the output contract).
@@ -142,8 +142,9 @@ class P2TScorer:
         return self._engine
 
     @property
-    def options(self) -> ScorerOptions:
-        """The scorer's options, checked and with the kind's preset filled in."""
+    def settings(self) -> ScorerOptions:
+        """The scorer's options, checked and with the kind's preset filled in (the per-call redistribution
+        and advantage options are a :class:`p2t.P2TOptions`)."""
         return self._options
 
     model = property(lambda self: self._engine.model, doc="The PRM.")
