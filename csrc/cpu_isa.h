@@ -70,6 +70,12 @@ inline Isa best_isa() {
   return best;
 }
 
+// Whether P2T_CPU_ISA names a clone (then every kernel runs that clone, as asked).
+inline bool cpu_isa_forced() {
+  const char* v = std::getenv("P2T_CPU_ISA");
+  return v != nullptr && *v != '\0' && std::strcmp(v, "auto") != 0;
+}
+
 // The clone to run now: P2T_CPU_ISA when set (checked), else the best one.
 inline Isa cpu_isa() {
   const char* v = std::getenv("P2T_CPU_ISA");

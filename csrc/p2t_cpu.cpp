@@ -205,6 +205,12 @@ void attribution_into(const at::Tensor& grad_in, const at::Tensor& embeds_in, co
     });
     return;
   }
+  // Rows read at 4 or 8 bytes per element are bound by memory bandwidth, not by instructions: measured on a
+  // 2-core AMD EPYC with AVX-512 (benchmarks/NOTES.md, 2026-12-07), the AVX-512 clone was no faster than the
+  // AVX2 one on fp32 rows (fastest call 3.39 vs 2.77 ms at 8x1024x1000) while it wins on bf16 rows (the
+  // widening is compute: 1.06 vs 1.31 ms). So the automatic choice runs these rows with the AVX2 clone, which
+  // also rounds exactly as before the AVX-512 clone existed; P2T_CPU_ISA=avx512 still forces the wide one.
+  if (isa == Isa::kAvx512 && !cpu_isa_forced()) isa = Isa::kAvx2;
   auto nul = null_in.to(cd).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "p2t_attribution_grad", [&] {
     using g_t = scalar_t;
