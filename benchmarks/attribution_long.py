@@ -11,7 +11,7 @@ response of each length in ``--lengths`` through :class:`p2t.P2TScorer` (``score
 Per length: time of one scoring call (median of ``--reps``) and peak memory (CUDA:
 ``max_memory_allocated`` above the weights; CPU: the allocations the profiler records over one call).
 Then the fits ``peak = a + b L`` (bytes per token) and ``time = c L + d L^2``, and, with ``--predict``,
-the 7B shape at 16k tokens from the per-token costs measured on an H100 (``../shared/PERF.md``).
+the 7B shape at 16k tokens from the per-token costs measured on an H100 (``docs/performance.md``: NVIDIA H100 80GB HBM3, 2026-11-26).
 
     python benchmarks/attribution_long.py --threads 1                     # CPU, tiny model, 1k-16k
     python benchmarks/attribution_long.py --lengths 1024,2048 --configs bounded
@@ -38,7 +38,7 @@ TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_atte
             vocab_size=8192, max_position_embeddings=1 << 16, tie_word_embeddings=False)
 CONFIGS = {"full": dict(), "bounded": dict(judge_logits="readout", gradient_checkpointing=True)}
 
-# Qwen2-7B shape and its measured costs on an H100 (bf16, sdpa; ../shared/PERF.md, 2026-11-26):
+# Qwen2-7B shape and its measured costs on an H100 (bf16, sdpa; docs/performance.md, 2026-11-26):
 # 1 x 4096 tokens, forward without grad 122 ms / 14.3 GiB, forward + input-embedding backward 269 ms / 31.1 GiB
 Q7B = dict(hidden=3584, intermediate=18944, layers=28, kv_dim=512, vocab=152064, weights_gib=14.2)
 PERF_7B = dict(tokens=4096, fwd_ms=122.0, step_ms=269.0, step_gib=31.1)
