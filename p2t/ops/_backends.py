@@ -23,8 +23,9 @@ from ._spec import PUBLIC_OPS
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 OPS = PUBLIC_OPS  # the ops of the spec table that the dispatch table serves
 
-# What "auto" picks, per device type and op, first available wins. On CUDA the order is the
-# measured winner per op (benchmarks/NOTES.md gives the card and the numbers behind it).
+# What "auto" picks, per device type and op, first available wins. On CUDA the order is a design choice,
+# not a measurement: no GPU run of these kernels exists yet (docs/performance.md says how to run the GPU
+# check that would decide it); the CUDA C++ kernels come first because they need no JIT compilation.
 AUTO = {
     "cpu": {op: ("cpu", "reference") for op in OPS},
     "cuda": {op: ("cuda", "triton", "reference") for op in OPS},
