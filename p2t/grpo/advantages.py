@@ -13,7 +13,7 @@ the mode's registration: no call for a mode that needs no PRM; the forward-only
 :meth:`p2t.P2TScorer.rewards_ids` for one that needs step rewards but no attributions (``process``);
 :meth:`~p2t.P2TScorer.score_ids` otherwise. A fusable mode (``p2t``) ends in the fused
 :func:`p2t.p2t_advantages` wherever the scorer can fuse (:meth:`p2t.P2TScorer.advantages_ids`: the
-policy's own tokens in the PRM input, the ``taylor`` method, no packing, no images). The fused op takes
+policy's own tokens in the PRM input, the ``taylor`` method, no packing). The fused op takes
 the ``[B, N, D]`` gradient and embeddings that the scorer only ever holds one micro-batch at a time, so
 it runs once per micro-batch: ``A^_b`` depends on the outcome rewards alone and is computed once for the
 whole batch, the op returns ``alpha * r_i`` (each row in a group of its own) and ``A^_b`` is added as its
@@ -55,21 +55,21 @@ def rollout_advantages(scorer, options: P2TOptions, prompts, response_ids, outco
                        extra: Optional[dict] = None):
     """(advantages ``[B, N]``, token rewards ``[B, N]``, scored batch or ``None``) of one rollout whose
     completions are ``response_ids`` (policy ids, ``mask``'s columns), on ``device``: one scorer call
-    (none for a mode that needs no PRM). ``extra``: more scorer arguments (a vision-language PRM's
-    ``images``; they keep the call on :meth:`~p2t.P2TScorer.score_ids`)."""
+    (none for a mode that needs no PRM). ``extra``: more arguments of every scorer call (a vision-language
+    PRM's ``images``: :class:`~p2t.attribution.MultimodalP2TScorer` takes them on each call, fused or not)."""
     mode = get_mode(options.mode)
     N = mask.shape[1]
     if not mode.needs_prm:
         return (*advantages_from_scored(None, outcome_rewards, mask, options, group_size=group_size), None)
-    if mode.fusable and fused and not extra and scorer.fuses(options.method, options):
+    extra = extra or {}
+    if mode.fusable and fused and scorer.fuses(options.method, options):
         sb = scorer.advantages_ids(prompts, response_ids, outcome_rewards, group_size=group_size, options=options,
-                                   mask=mask, device=device)
+                                   mask=mask, device=device, **extra)
         return sb.advantages, token_rewards(sb, options).float(), sb
-    if mode.needs_attributions or extra:
-        scored = scorer.score_ids(prompts, response_ids, method=options.method, length=N, device=device,
-                                  **(extra or {}))
+    if mode.needs_attributions:
+        scored = scorer.score_ids(prompts, response_ids, method=options.method, length=N, device=device, **extra)
     else:  # step rewards alone: the scorer's forward, no gradient
-        scored = scorer.rewards_ids(prompts, response_ids, length=N, device=device)
+        scored = scorer.rewards_ids(prompts, response_ids, length=N, device=device, **extra)
     adv, tr = advantages_from_scored(scored, outcome_rewards, mask, options, group_size=group_size)
     return adv, tr, scored
 
