@@ -355,3 +355,69 @@ def test_step_records_align_attributions_with_truth(ops):
     assert res["top1"] == 1.0 and res["wrong_steps"] == 1 and res["mixed_steps"] == 1 and res["flagged_steps"] == 1
     # the 8 beats every right token, the 5 ties them
     assert res["auroc_step"] == pytest.approx(0.75) and res["auroc_flagged"] == pytest.approx(0.75)
+
+
+def test_one_addition_prm_example_and_token_truth():
+    tok = CharTokenizer()
+    sep = tok.convert_tokens_to_ids(task.STEP_SEPARATOR)
+    p = task.Problem([17, 25, 33])
+    for resp in ["17+25=42\n42+33=75\n#75", "17+25=43\n43+33=76\n#76", "17+25=42\n42+33=85\n#85",
+                 "17+25=42\n42+3=45\n#45\n1", "17+25=42\n#42", "17+25=52\n52+33=85\n#86"]:
+        ids, labels = prm_example(tok, p, resp)
+        assert labels[:1 + len(p.prompt)] == [-100] * (1 + len(p.prompt))
+        at_sep = [lab for i, lab in zip(ids, labels) if i == sep and lab != -100]
+        assert at_sep == [int(ok) for ok in task.step_labels(p, resp)], resp
+    ids, labels = prm_example(tok, p, "17+25=43\n43+33=76\n#76")
+    assert [j for j, lab in enumerate(labels[1 + len(p.prompt):]) if lab == 0] == [7, 8]  # the 3 of 43, its separator
+    line_of, wrong = token_truth(p, "17+25=43\n43+33=76\n#76")
+    assert line_of == [0] * 9 + [1] * 9 + [2] * 3
+    assert [i for i, w in enumerate(wrong) if w] == [7]  # the next lines are right given 43
+    assert [i for i, w in enumerate(token_truth(task.Problem([17, 25]), "17+25=52\n#52")[1]) if w] == [6, 7]
+
+
+def test_one_addition_verifier_flags_what_the_policy_ranks_below_a_rival():
+    """The flag channel (after the first layer on top) is > 0 on every checked token some rival beat by
+    more than 0.5 logits in the policy's own prediction, and <= 0 on every one that beat all rivals by more
+    than 0.5."""
+    from transformers import Qwen2ForCausalLM
+    from p2t.grpo.lab import lab_tokenizer
+    from p2t.grpo.lab.layout import pad, prm_text, token_ids
+    from p2t.grpo.lab.prm import verifier_prm, verifier_tokens
+    lab, tok = LabConfig(), lab_tokenizer()
+    policy = Qwen2ForCausalLM.from_pretrained(packaged_lab(lab)["policy"]).eval()
+    prm = verifier_prm(policy, tok, lab).eval()
+    rng = random.Random(0)
+    texts = [prm_text(p.prompt, task.solution(p, rng, error_rate=0.4)) for p in task.problems(5, 48)]
+    ids = pad([token_ids(tok, t) for t in texts], tok.pad_token_id)
+    am = ids != tok.pad_token_id
+    seen = {}
+    hook = prm.model.layers[lab.num_layers].register_forward_hook(
+        lambda m, i, o: seen.__setitem__("h", (o[0] if isinstance(o, tuple) else o).detach()))
+    with torch.no_grad():
+        prm(input_ids=ids, attention_mask=am)
+        logits = policy(input_ids=ids, attention_mask=am).logits[:, :-1]
+    hook.remove()
+    flag = seen["h"][:, 1:, lab.hidden_size + 2 * len(tok) + 1]
+    checked, rivals = (torch.tensor(tok.convert_tokens_to_ids(list(t))) for t in verifier_tokens(lab))
+    written = ids[:, 1:]
+    own = logits.gather(-1, written[..., None])[..., 0]
+    best_rival = logits[..., rivals].masked_fill(rivals == written[..., None], float("-inf")).max(-1).values
+    gap = best_rival - own
+    on = am[:, 1:] & torch.isin(written, checked)
+    beaten, clear = on & (gap > 0.5), on & (gap < -0.5)
+    assert beaten.sum() > 50 and clear.sum() > 500
+    assert bool((flag[beaten] > 0).all()), flag[beaten].min()
+    assert bool((flag[clear] <= 1e-6).all()), flag[clear].max()
+
+
+def test_measure_checks_its_arguments(tmp_path):
+    from p2t.grpo.lab.localisation import measure
+    paths = packaged_lab(LabConfig())
+    with pytest.raises(ValueError, match="method"):
+        measure(paths["policy"], paths["prm"], samples=2, methods=["gradcam"])
+    with pytest.raises(ValueError, match="null"):
+        measure(paths["policy"], paths["prm"], samples=2, nulls=["unk"])
+    with pytest.raises(ValueError, match="samples"):
+        measure(paths["policy"], paths["prm"], samples=0)
+    with pytest.raises(ValueError, match="ops_per_step"):
+        measure(paths["policy"], paths["prm"], samples=2, ops_per_step=0)
