@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
 from ..attribution import KINDS as PRM_KINDS
-from ..options import MODES, SCALES, P2TOptions, check_float  # noqa: F401  (MODES, SCALES re-exported: defined once)
+from ..options import DEFAULTS, MODES, SCALES, P2TOptions, check_float  # noqa: F401  (MODES, SCALES re-exported: defined once)
 from .lab import LabConfig
 from .logprobs import CHUNKED_VOCAB
 from .sampling import SAMPLERS
@@ -76,7 +76,7 @@ class GRPOConfig:
     epsilon: float = 0.2                 # lower clip range of the ratio
     epsilon_high: Optional[float] = None  # upper clip range; None = epsilon
     beta: float = 0.0                    # k3 KL to a frozen reference; 0 = no reference model loaded
-    scale_rewards: str = "group"         # group (std, as TRL) | batch | none (Dr. GRPO)
+    scale_rewards: str = DEFAULTS.scale  # group (std, as TRL) | batch | none (Dr. GRPO)
     num_iterations: int = 1              # optimisation passes per batch (mu); >1 stores old log-probs
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
@@ -85,13 +85,13 @@ class GRPOConfig:
     # alpha: None = the toy lab's 1.0 when the run trains the lab's policy (the figures of `p2t train` and
     # `p2t compare`), else P2TOptions' default (0.1, the paper's value for short chains of thought)
     alpha: Optional[float] = None        # weight of the token (or step) rewards; None = 1.0 for the toy lab, else 0.1
-    omega: float = 0.6                   # redistribution strength
-    omega_neg: float = 0.0               # signed blame on a step's lowest-attribution tokens, weighted by
-                                         # (1 - R_s); 0 = the paper's formula
-    attr_temperature: float = 1.0        # softmax temperature over a step's attributions
-    standardize: bool = False            # standardize attributions within each step before the softmax
-    normalize: str = "paper"             # paper | sum
-    attribution_method: str = "taylor"   # P2TScorer method: taylor | taylor_per_step | integrated_gradients | exact
+    omega: float = DEFAULTS.omega        # redistribution strength
+    omega_neg: float = DEFAULTS.omega_neg  # signed blame on a step's lowest-attribution tokens, weighted by
+                                           # (1 - R_s); 0 = the paper's formula
+    attr_temperature: float = DEFAULTS.temperature  # softmax temperature over a step's attributions
+    standardize: bool = DEFAULTS.standardize  # standardize attributions within each step before the softmax
+    normalize: str = DEFAULTS.normalize  # paper | sum
+    attribution_method: str = DEFAULTS.method  # P2TScorer method: taylor | taylor_per_step | integrated_gradients | exact
     fused_advantages: bool = True        # p2t mode ends in the fused p2t_advantages where the scorer can fuse
     chunked_logprobs_vocab: int = CHUNKED_VOCAB  # policy log-probs through TRL's chunked kernel (no
                                                  # [B, N, V] logits) for vocabularies at least this large,
