@@ -446,51 +446,6 @@ def test_prm_example_labels_line_up_with_the_steps():
     assert text[len(p.prompt) + 7] == "3"
 
 
-def test_verifier_prm_flags_what_the_policy_ranks_below_a_rival():
-    """The lab's verifier PRM, built on the shipped SFT policy: its flag channel (after the first layer on
-    top) is > 0 on every checked token some rival beat by more than 0.5 logits in the policy's own prediction
-    at the token before, and <= 0 on every one that beat all rivals by more than 0.5. The shipped PRM is this
-    verifier with its calibrated head."""
-    import random
-    from transformers import Qwen2ForCausalLM
-    from p2t.grpo.lab import models as M
-    lab, tok = M.LabConfig(), M.lab_tokenizer()
-    paths = M.packaged_lab(lab)
-    assert paths is not None, "the packaged lab is missing"
-    torch.manual_seed(0)
-    policy = Qwen2ForCausalLM.from_pretrained(paths["policy"]).eval()
-    prm = M.verifier_prm(policy, tok, lab).eval()
-    rng = random.Random(0)
-    texts = [M.prm_text(p.prompt, task.solution(p, rng, error_rate=0.4)) for p in task.problems(5, 48)]
-    ids = M._pad([M._ids(tok, t) for t in texts], tok.pad_token_id)
-    am = ids != tok.pad_token_id
-    seen = {}
-    hook = prm.model.layers[lab.num_layers].register_forward_hook(
-        lambda m, i, o: seen.__setitem__("h", (o[0] if isinstance(o, tuple) else o).detach()))
-    with torch.no_grad():
-        prm(input_ids=ids, attention_mask=am)
-        logits = policy(input_ids=ids, attention_mask=am).logits[:, :-1]
-    hook.remove()
-    flag = seen["h"][:, 1:, lab.hidden_size + 2 * len(tok) + 1]
-    checked = torch.tensor(tok.convert_tokens_to_ids(list(M.VERIFIER_CHECKED)))
-    rivals = torch.tensor(tok.convert_tokens_to_ids(list(M.VERIFIER_RIVALS)))
-    written = ids[:, 1:]
-    own = logits.gather(-1, written[..., None])[..., 0]
-    best_rival = logits[..., rivals].masked_fill(rivals == written[..., None], float("-inf")).max(-1).values
-    gap = best_rival - own
-    on = am[:, 1:] & torch.isin(written, checked)
-    beaten, clear = on & (gap > 0.5), on & (gap < -0.5)
-    assert beaten.sum() > 50 and clear.sum() > 500  # both kinds are present in numbers
-    assert bool((flag[beaten] > 0).all()), flag[beaten].min()
-    assert bool((flag[clear] <= 1e-6).all()), flag[clear].max()
-    from transformers import Qwen2ForTokenClassification
-    shipped = Qwen2ForTokenClassification.from_pretrained(paths["prm"]).state_dict()
-    built = prm.state_dict()
-    assert shipped.keys() == built.keys()
-    assert [k for k in built if k != "score.weight" and not torch.equal(built[k], shipped[k])] == []
-
-
-
 def test_token_truth_marks_the_wrong_digits():
     from p2t.grpo.lab.localisation import token_truth
     p = task.Problem([17, 25, 33])
