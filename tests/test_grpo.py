@@ -425,39 +425,6 @@ def test_wrong_step_kinds():
     assert wrong_step_kinds(p, "17+25=42\n42+3=45\n#45\n1") == ["malformed", "extra"]
 
 
-def test_prm_example_labels_line_up_with_the_steps():
-    """The PRM's training labels: -100 on BOS and the prompt, at every separator (the step read-out) the
-    step's own correctness, and on each character whether its line is still right so far."""
-    from p2t.grpo.lab.models import prm_example
-    tok = CharTokenizer()
-    sep = tok.convert_tokens_to_ids(task.STEP_SEPARATOR)
-    p = task.Problem([17, 25, 33])
-    for resp in ["17+25=42\n42+33=75\n#75", "17+25=43\n43+33=76\n#76", "17+25=42\n42+33=85\n#85",
-                 "17+25=42\n42+3=45\n#45\n1", "17+25=42\n#42", "17+25=52\n52+33=85\n#86"]:
-        ids, labels = prm_example(tok, p, resp)
-        assert ids == [tok.bos_token_id] + tok.convert_tokens_to_ids(list(p.prompt + resp + "\n"))
-        assert len(labels) == len(ids) and labels[:1 + len(p.prompt)] == [-100] * (1 + len(p.prompt))
-        at_sep = [lab for i, lab in zip(ids, labels) if i == sep and lab != -100]
-        assert at_sep == [int(ok) for ok in task.step_labels(p, resp)], resp
-    ids, labels = prm_example(tok, p, "17+25=43\n43+33=76\n#76")
-    text = p.prompt + "17+25=43\n43+33=76\n#76\n"
-    wrong_chars = [j for j, lab in enumerate(labels[1 + len(p.prompt):]) if lab == 0]
-    assert wrong_chars == [7, 8]  # the 3 of 43 and the separator after it; the later lines are right given 43
-    assert text[len(p.prompt) + 7] == "3"
-
-
-def test_token_truth_marks_the_wrong_digits():
-    from p2t.grpo.lab.localisation import token_truth
-    p = task.Problem([17, 25, 33])
-    resp = "17+25=43\n43+33=76\n#76"
-    line_of, wrong = token_truth(p, resp)
-    assert line_of == [0] * 9 + [1] * 9 + [2] * 3
-    assert [i for i, w in enumerate(wrong) if w] == [7]  # the 3 of 43; the next lines are right given 43
-    line_of, wrong = token_truth(task.Problem([17, 25]), "17+25=52\n#52")
-    assert [i for i, w in enumerate(wrong) if w] == [6, 7]  # from the first wrong character to the line's end
-    assert not any(token_truth(p, "17+25=42\n42+33=75\n#75")[1])
-
-
 def test_localisation_on_the_tiny_lab(cache):
     from p2t.grpo.lab.localisation import measure, table
     paths = ensure_lab(TINY_LAB, str(cache))

@@ -364,15 +364,19 @@ def test_one_addition_prm_example_and_token_truth():
     for resp in ["17+25=42\n42+33=75\n#75", "17+25=43\n43+33=76\n#76", "17+25=42\n42+33=85\n#85",
                  "17+25=42\n42+3=45\n#45\n1", "17+25=42\n#42", "17+25=52\n52+33=85\n#86"]:
         ids, labels = prm_example(tok, p, resp)
-        assert labels[:1 + len(p.prompt)] == [-100] * (1 + len(p.prompt))
+        assert ids == [tok.bos_token_id] + tok.convert_tokens_to_ids(list(p.prompt + resp + "\n"))
+        assert len(labels) == len(ids) and labels[:1 + len(p.prompt)] == [-100] * (1 + len(p.prompt))
         at_sep = [lab for i, lab in zip(ids, labels) if i == sep and lab != -100]
         assert at_sep == [int(ok) for ok in task.step_labels(p, resp)], resp
     ids, labels = prm_example(tok, p, "17+25=43\n43+33=76\n#76")
+    text = p.prompt + "17+25=43\n43+33=76\n#76\n"
     assert [j for j, lab in enumerate(labels[1 + len(p.prompt):]) if lab == 0] == [7, 8]  # the 3 of 43, its separator
+    assert text[len(p.prompt) + 7] == "3"
     line_of, wrong = token_truth(p, "17+25=43\n43+33=76\n#76")
     assert line_of == [0] * 9 + [1] * 9 + [2] * 3
     assert [i for i, w in enumerate(wrong) if w] == [7]  # the next lines are right given 43
     assert [i for i, w in enumerate(token_truth(task.Problem([17, 25]), "17+25=52\n#52")[1]) if w] == [6, 7]
+    assert not any(token_truth(p, "17+25=42\n42+33=75\n#75")[1])
 
 
 def test_one_addition_verifier_flags_what_the_policy_ranks_below_a_rival():
