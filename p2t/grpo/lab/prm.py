@@ -155,6 +155,24 @@ def verifier_prm(policy, tok: CharTokenizer, lab: LabConfig):
 LINE_CHANNELS = 18  # F_k, S_k (k < 4), block sum, block separator, G_m, H_m (m < 4)
 
 
+def _gather_back(layer, src, src_norm, dst, offsets, const: int, one, hd: int, sharp: float, theta: float):
+    """The attention half of a line layer: head k copies the two channels ``src`` (read by the input norm with
+    weights ``src_norm``) from ``offsets[k]`` tokens back into channels ``dst[0] + k`` and ``dst[1] + k``; the
+    post-attention norm passes those 8 channels (``dst[1] == dst[0] + 4``) and the constant as ``1 / rms``."""
+    assert dst[1] == dst[0] + 4 and len(offsets) == 4
+    for ch, w in zip(src, src_norm):
+        layer.input_layernorm.weight[ch] = w
+    heads = layer.self_attn.q_proj.weight.shape[0] // hd
+    _offset_heads(layer.self_attn, hd, list(offsets) + [0.0] * (heads - 4), sharp, theta)
+    for k in range(4):
+        layer.self_attn.v_proj.weight[k * hd, src[0]] = 1.0
+        layer.self_attn.v_proj.weight[k * hd + 1, src[1]] = 1.0
+        layer.self_attn.o_proj.weight[dst[0] + k, k * hd] = 1.0
+        layer.self_attn.o_proj.weight[dst[1] + k, k * hd + 1] = 1.0
+    layer.post_attention_layernorm.weight[dst[0]:dst[0] + 8] = 1.0
+    layer.post_attention_layernorm.weight[const] = one
+
+
 def _line_layers(prm, L: int, base: int, flag: int, const: int, line_flag: int, sep_code: int, c, hd: int,
                  theta: float):
     """Layers ``L+1`` and ``L+2`` of the verifier of several-additions lines: ``line_flag`` at a separator
@@ -168,17 +186,7 @@ def _line_layers(prm, L: int, base: int, flag: int, const: int, line_flag: int, 
     one = 1.0 / c  # norm weight that turns the constant channel into 1 / rms
     # layer L+1: flags and separators 0..3 tokens back; sums of the flags after the last separator
     a = prm.model.layers[L + 1]
-    a.input_layernorm.weight[flag] = 1.0
-    a.input_layernorm.weight[sep_code] = one
-    _offset_heads(a.self_attn, hd, [0.0, 1.0, 2.0, 3.0] + [0.0] * (a.self_attn.q_proj.weight.shape[0] // hd - 4),
-                  sharp, theta)
-    for k in range(4):
-        a.self_attn.v_proj.weight[k * hd, flag] = 1.0
-        a.self_attn.v_proj.weight[k * hd + 1, sep_code] = 1.0
-        a.self_attn.o_proj.weight[F + k, k * hd] = 1.0
-        a.self_attn.o_proj.weight[S + k, k * hd + 1] = 1.0
-    a.post_attention_layernorm.weight[F:F + 8] = 1.0
-    a.post_attention_layernorm.weight[const] = one
+    _gather_back(a, (flag, sep_code), (1.0, one), (F, S), [0.0, 1.0, 2.0, 3.0], const, one, hd, sharp, theta)
     for k in range(4):
         a.mlp.gate_proj.weight[k, const] = M
         a.mlp.gate_proj.weight[k, S:S + k + 1] = -B
@@ -189,17 +197,7 @@ def _line_layers(prm, L: int, base: int, flag: int, const: int, line_flag: int, 
     a.mlp.down_proj.weight[h1, 4] = 1.0
     # layer L+2: block sums 1, 5, 9, 13 tokens back, each kept while no later block holds a separator
     b = prm.model.layers[L + 2]
-    b.input_layernorm.weight[g1] = 1.0
-    b.input_layernorm.weight[h1] = 1.0
-    _offset_heads(b.self_attn, hd, [1.0, 5.0, 9.0, 13.0] + [0.0] * (b.self_attn.q_proj.weight.shape[0] // hd - 4),
-                  sharp, theta)
-    for m in range(4):
-        b.self_attn.v_proj.weight[m * hd, g1] = 1.0
-        b.self_attn.v_proj.weight[m * hd + 1, h1] = 1.0
-        b.self_attn.o_proj.weight[G + m, m * hd] = 1.0
-        b.self_attn.o_proj.weight[Hs + m, m * hd + 1] = 1.0
-    b.post_attention_layernorm.weight[G:G + 8] = 1.0
-    b.post_attention_layernorm.weight[const] = one
+    _gather_back(b, (g1, h1), (1.0, 1.0), (G, Hs), [1.0, 5.0, 9.0, 13.0], const, one, hd, sharp, theta)
     for m in range(4):
         b.mlp.gate_proj.weight[m, const] = M
         b.mlp.gate_proj.weight[m, Hs:Hs + m] = -B2
