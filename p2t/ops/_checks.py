@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from p2t.options import NORMALIZE, SCALES, check_float as finite  # noqa: F401  (one declaration of each)
+# one declaration of each: the option values and their checks live in p2t.options
+from p2t.options import NORMALIZE, SCALES, check_float as finite, choice as check_choice  # noqa: F401
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -60,9 +61,8 @@ def positive_int(name, v):
 
 
 def choice(name, v, options):
-    if v not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
-    return options.index(v)
+    """The index of ``v`` in ``options`` (the kernels take the index), checked by :func:`p2t.options.choice`."""
+    return options.index(check_choice(name, v, options))
 
 
 def group(outcome_rewards, group_size):
